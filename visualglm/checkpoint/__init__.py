@@ -1,0 +1,1 @@
+"""Checkpoint formats: key maps (data), loading into a model built on the meta device, conversion."""

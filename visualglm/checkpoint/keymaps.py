@@ -1,0 +1,73 @@
+"""Source checkpoint key -> our parameter name, as data.
+
+One dict per source format. ``{}`` stands for a layer index; ``None`` means the key is dropped on load
+(for example ChatGLM's ``rotary_emb.inv_freq``, which the reference itself ignores and recomputes).
+The inverse (ours -> source) is derived, so conversion back to a source layout cannot drift.
+"""
+
+from __future__ import annotations
+
+import re
+
+KeyMap = dict[str, str | None]
+
+# THUDM/chatglm-6b, Hugging Face layout. Our module names equal the official ones, so apart from the
+# dropped rotary buffer this map is the identity; it is still written out so that unknown keys are errors.
+CHATGLM_HF: KeyMap = {
+    "transformer.word_embeddings.weight": "transformer.word_embeddings.weight",
+    "transformer.layers.{}.input_layernorm.weight": "transformer.layers.{}.input_layernorm.weight",
+    "transformer.layers.{}.input_layernorm.bias": "transformer.layers.{}.input_layernorm.bias",
+    "transformer.layers.{}.attention.query_key_value.weight": "transformer.layers.{}.attention.query_key_value.weight",
+    "transformer.layers.{}.attention.query_key_value.bias": "transformer.layers.{}.attention.query_key_value.bias",
+    "transformer.layers.{}.attention.dense.weight": "transformer.layers.{}.attention.dense.weight",
+    "transformer.layers.{}.attention.dense.bias": "transformer.layers.{}.attention.dense.bias",
+    "transformer.layers.{}.attention.rotary_emb.inv_freq": None,
+    "transformer.layers.{}.post_attention_layernorm.weight": "transformer.layers.{}.post_attention_layernorm.weight",
+    "transformer.layers.{}.post_attention_layernorm.bias": "transformer.layers.{}.post_attention_layernorm.bias",
+    "transformer.layers.{}.mlp.dense_h_to_4h.weight": "transformer.layers.{}.mlp.dense_h_to_4h.weight",
+    "transformer.layers.{}.mlp.dense_h_to_4h.bias": "transformer.layers.{}.mlp.dense_h_to_4h.bias",
+    "transformer.layers.{}.mlp.dense_4h_to_h.weight": "transformer.layers.{}.mlp.dense_4h_to_h.weight",
+    "transformer.layers.{}.mlp.dense_4h_to_h.bias": "transformer.layers.{}.mlp.dense_4h_to_h.bias",
+    "transformer.final_layernorm.weight": "transformer.final_layernorm.weight",
+    "transformer.final_layernorm.bias": "transformer.final_layernorm.bias",
+    "lm_head.weight": "lm_head.weight",
+}
+
+# Keymaps by (family, source format).
+KEYMAPS: dict[tuple[str, str], KeyMap] = {("chatglm", "hf"): CHATGLM_HF}
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+class UnknownKeyError(KeyError):
+    """A checkpoint key that the key map does not describe."""
+
+
+def _template(key: str) -> tuple[str, str | None]:
+    """``a.3.b`` -> (``a.{}.b``, ``"3"``); keys without a layer index come back unchanged."""
+    match = _LAYER_INDEX.search(key)
+    if match is None:
+        return key, None
+    return key[: match.start()] + ".{}." + key[match.end():], match.group(1)
+
+
+def map_key(key: str, keymap: KeyMap) -> str | None:
+    """Our name for a source ``key`` (None when it is dropped); UnknownKeyError when not in the map."""
+    template, index = _template(key)
+    if template not in keymap:
+        raise UnknownKeyError(key)
+    target = keymap[template]
+    if target is None or index is None:
+        return target
+    return target.replace("{}", index, 1)
+
+
+def invert(keymap: KeyMap) -> KeyMap:
+    """Our name -> source key (dropped keys have no inverse)."""
+    inverse: KeyMap = {}
+    for source, target in keymap.items():
+        if target is not None:
+            if target in inverse:
+                raise ValueError(f"key map is not invertible: {target!r} has two sources")
+            inverse[target] = source
+    return inverse

@@ -1,0 +1,202 @@
+"""Load an official checkpoint directory into our model classes.
+
+Build on the meta device (no memory), then stream tensor by tensor from memory-mapped safetensors or
+``torch.load(mmap=True, weights_only=True)`` pickles, cast to the target dtype/device, and assign. Peak
+memory stays near the size of the loaded weights: when the stored dtype is already the target dtype on
+CPU, the parameter *is* the memory-mapped file region (no copy at all).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from visualglm.checkpoint.hub import resolve_checkpoint_dir
+from visualglm.checkpoint.keymaps import KEYMAPS, UnknownKeyError, map_key
+from visualglm.config import AnyConfig, ConfigError, read_config
+from visualglm.models.chatglm import ChatGLMForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM}
+
+# Weight file layouts of the HF format, in order of preference.
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(sorted(_DTYPES))})")
+    return _DTYPES[dtype]
+
+
+def default_dtype(config: AnyConfig, device: torch.device) -> torch.dtype:
+    """The checkpoint's own dtype, except float16 on CPU, which becomes bfloat16 (CPU fp16 math is slow
+    and bf16 keeps fp16's values within its wider range)."""
+    dtype = _DTYPES.get(config.torch_dtype, torch.float32)
+    if dtype == torch.float16 and device.type == "cpu":
+        return torch.bfloat16
+    return dtype
+
+
+def build_model(config: AnyConfig, device: torch.device | str = "meta") -> nn.Module:
+    """An empty model of the config's family (on the meta device by default: no memory)."""
+    cls = MODEL_CLASSES.get(config.family)
+    if cls is None:
+        raise ConfigError(f"no model class for the {config.family!r} family")
+    with torch.device(device):
+        return cls(config)
+
+
+def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
+         device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
+    """Load a checkpoint directory (official HF layout), a known name or a hub id into an eval-mode model.
+
+    ``dtype`` defaults to the checkpoint's (float16 becomes bfloat16 on CPU). The model has ``.config``
+    and ``.checkpoint_dir`` attributes; its parameters do not require grad.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' requested but CUDA is not available on this machine")
+    directory = resolve_checkpoint_dir(path_or_name)
+    try:
+        config = read_config(directory)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: {exc}") from None
+    target_dtype = parse_dtype(dtype) or default_dtype(config, device)
+    model = build_model(config)
+    keymap = KEYMAPS[(config.family, "hf")]
+    load_weights(model, weight_files(directory), keymap, target_dtype, device, progress)
+    model.config = config
+    model.checkpoint_dir = directory
+    return model.eval()
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory (sharded with an index, or a single file)."""
+    for index_name in _INDEX_FILES:
+        index_path = directory / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index_path}: not a valid shard index ({exc})") from None
+            missing = [n for n in names if not (directory / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index_path} lists shard(s) that are missing: {', '.join(missing)}")
+            return [directory / n for n in names]
+    for single in _SINGLE_FILES:
+        if (directory / single).is_file():
+            return [directory / single]
+    raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(_INDEX_FILES + _SINGLE_FILES)}")
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of one weight file, memory-mapped (CPU tensors)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(handle.keys())
+        except Exception as exc:  # SafetensorError and OS errors: a truncated or corrupt file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        for key in keys:
+            try:
+                yield key, handle.get_tensor(key)
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc})") from None
+        return
+    state = _torch_load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        yield key, tensor
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` that only accepts tensors and never runs code from the file."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # old (non-zip) pickles cannot be memory-mapped
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains pickled objects other than tensors, which could run "
+            f"code when loaded ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
+
+
+def load_weights(model: nn.Module, files: list[Path], keymap: dict, dtype: torch.dtype,
+                 device: torch.device, progress: bool = True) -> None:
+    """Assign every tensor of ``files`` to ``model`` (built on meta) with strict key and shape checks."""
+    tied = model.tied_parameters() if hasattr(model, "tied_parameters") else {}
+    expected = {name: p for name, p in model.named_parameters(remove_duplicate=False) if name not in tied}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
+    for path in files:
+        for key, tensor in iter_tensors(path):
+            try:
+                name = map_key(key, keymap)
+            except UnknownKeyError:
+                unexpected.append(key)
+                continue
+            if name is None or name in tied:
+                continue
+            if name not in expected:
+                unexpected.append(key)
+                continue
+            param = expected[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects "
+                                      f"{tuple(param.shape)}")
+            value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+            _assign(model, name, value)
+            loaded.add(name)
+            bar.update(1)
+    bar.close()
+    missing = sorted(set(expected) - loaded)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_preview(sorted(unexpected))}")
+        raise CheckpointError(f"checkpoint does not match the model ({files[0].parent}): " + "; ".join(parts))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

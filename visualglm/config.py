@@ -1,0 +1,171 @@
+"""Model configurations: typed dataclasses read from and written to the official ``config.json``.
+
+Standard library only (no torch): every layer of the package may import this module.
+
+Rules:
+- ``config.json`` always wins over the class defaults; fields we do not model are kept in ``extra`` and
+  written back unchanged, so a config survives a read/write round trip.
+- The class defaults are the values of the released checkpoint (THUDM/chatglm-6b after its "slim" update),
+  not the stale defaults of the reference ``ChatGLMConfig`` class (vocab 150528 and friends).
+- A model family is chosen from config.json's fields, never from a file name. All three official
+  checkpoints say ``model_type: "chatglm"``; VisualGLM-6B adds ``eva_config``/``qformer_config`` and
+  GLM-4(V) uses the ChatGLM2+ field set (``padded_vocab_size``, ``multi_query_attention``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a supported model."""
+
+
+@dataclass
+class ChatGLMConfig:
+    """ChatGLM-6B (first generation) decoder. Field names are those of the official config.json."""
+
+    model_type: ClassVar[str] = "chatglm"  # what config.json says
+    family: ClassVar[str] = "chatglm"  # which of our model classes it describes
+
+    vocab_size: int = 130528
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_attention_heads: int = 32
+    inner_hidden_size: int = 16384
+    layernorm_epsilon: float = 1e-5
+    max_sequence_length: int = 2048
+    position_encoding_2d: bool = True
+    bos_token_id: int = 130004  # <sop>
+    eos_token_id: int = 130005  # <eop>
+    mask_token_id: int = 130000  # [MASK]
+    gmask_token_id: int = 130001  # [gMASK]
+    pad_token_id: int = 3  # <pad>
+    tie_word_embeddings: bool = True  # transformers' default; lm_head shares the embedding matrix
+    torch_dtype: str = "float16"
+    use_cache: bool = True
+    quantization_bit: int = 0
+    pre_seq_len: int | None = None
+    prefix_projection: bool = False
+    # Fields of config.json that are not modelled above (architectures, auto_map, ...), kept verbatim.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise ConfigError when the numbers cannot form this architecture."""
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
+                    "max_sequence_length")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
+        # 2D rotary splits each head in two halves, each rotated in pairs: head_dim must divide by 4.
+        if self.head_dim % (4 if self.position_encoding_2d else 2):
+            raise ConfigError(f"head_dim {self.head_dim} does not fit the rotary layout")
+        for name in ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{name} {getattr(self, name)} is outside the vocabulary "
+                                  f"(vocab_size {self.vocab_size})")
+
+
+CONFIG_CLASSES: dict[str, type] = {cls.family: cls for cls in (ChatGLMConfig,)}
+
+AnyConfig = ChatGLMConfig
+
+# Families we recognise; the ones without a config class are announced but not implemented yet.
+FAMILY_NAMES = {"chatglm": "ChatGLM-6B", "visualglm": "VisualGLM-6B", "glm4": "GLM-4", "glm4v": "GLM-4V"}
+
+
+def detect_family(data: dict[str, Any]) -> str:
+    """Our family name for a config.json dict (see the module docstring for the rules)."""
+    model_type = data.get("model_type")
+    if model_type != "chatglm":
+        raise ConfigError(f"unknown model_type {model_type!r} (supported: 'chatglm' checkpoints of "
+                          "ChatGLM-6B, VisualGLM-6B and GLM-4V-9B)")
+    if "eva_config" in data or "qformer_config" in data:
+        return "visualglm"
+    if "padded_vocab_size" in data or "multi_query_attention" in data:
+        return "glm4v" if "vision_config" in data else "glm4"
+    return "chatglm"
+
+
+def config_from_dict(data: dict[str, Any]) -> AnyConfig:
+    """Build the config of the family ``detect_family`` finds; unknown fields go to ``extra``."""
+    family = detect_family(data)
+    cls = CONFIG_CLASSES.get(family)
+    if cls is None:
+        raise ConfigError(f"{FAMILY_NAMES[family]} checkpoints are not supported yet")
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known_values = {k: v for k, v in data.items() if k in names}
+    extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
+    try:
+        config = cls(**known_values, extra=extra)
+    except TypeError as exc:  # pragma: no cover - dataclass with all defaults; kept for clarity
+        raise ConfigError(str(exc)) from exc
+    config.validate()
+    return config
+
+
+def config_to_dict(config: AnyConfig) -> dict[str, Any]:
+    """The official config.json fields (``extra`` merged back in, ``model_type`` included)."""
+    data = dict(config.extra)
+    data["model_type"] = config.model_type
+    for f in dataclasses.fields(config):
+        if f.name != "extra":
+            data[f.name] = getattr(config, f.name)
+    return data
+
+
+def read_config(path: str | Path) -> AnyConfig:
+    """Read ``config.json`` (a file or a directory containing one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return config_from_dict(data)
+
+
+def write_config(config: AnyConfig, path: str | Path) -> None:
+    """Write ``config.json`` into a directory (or to the given file path)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    path.write_text(json.dumps(config_to_dict(config), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# Named configurations: full sizes of the released models and tiny ones for tests.
+NAMED_CONFIGS: dict[str, AnyConfig] = {
+    "chatglm-6b": ChatGLMConfig(),
+    # Same special-token layout as the golden tiny model (ids 1000..1007 inside a 1024 vocab).
+    "chatglm-tiny": ChatGLMConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_attention_heads=4,
+                                  inner_hidden_size=256, bos_token_id=1004, eos_token_id=1005,
+                                  mask_token_id=1000, gmask_token_id=1001, torch_dtype="float32"),
+}
+
+# Where a named model's official weights live on the Hugging Face hub.
+HUB_IDS: dict[str, str] = {"chatglm-6b": "THUDM/chatglm-6b"}
+
+
+def get_config(name: str) -> AnyConfig:
+    """A fresh copy of a named config (see ``NAMED_CONFIGS``)."""
+    if name not in NAMED_CONFIGS:
+        raise KeyError(f"unknown config name {name!r} (known: {', '.join(sorted(NAMED_CONFIGS))})")
+    base = NAMED_CONFIGS[name]
+    return dataclasses.replace(base, extra=dict(base.extra))

@@ -1,0 +1,1 @@
+"""Generation: token streams from a model (engine), sampling, detokenisation and chat sessions."""

@@ -1,0 +1,1 @@
+"""Model code: a function of config and weights (imports torch and ``visualglm.config`` only)."""

@@ -1,0 +1,258 @@
+"""ChatGLM-6B (first generation) decoder, numerically faithful to THUDM's reference code.
+
+What makes it ChatGLM-6B rather than a generic GPT:
+- post-LN blocks whose residual branch is the *normalised* input scaled by alpha = sqrt(56) (see
+  RESIDUAL_ALPHA);
+- 2D rotary encoding: the first half of each head is rotated by the token position, the second half by
+  the block position (0 inside the prompt, 1, 2, ... from ``<sop>`` on), with the reference's
+  float16-rounded inverse frequencies;
+- a prefix-LM mask: everything before ``<sop>`` (the prompt, ``[gMASK]`` included) is visible to every
+  token; from ``<sop>`` on attention is causal;
+- the fused QKV projection is laid out per head: ``[q_h | k_h | v_h]`` for each head h.
+
+Positions and the KV cache slots are explicit inputs; ``chatglm_prompt_inputs`` derives them from prompt
+ids exactly like the reference tokenizer/model do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visualglm.config import ChatGLMConfig
+from visualglm.models.kv_cache import KVCache
+from visualglm.models.layers import apply_rotary_halves, attention, blocked_to_bias, rotary_cos_sin, rotary_inv_freq
+
+
+class ChatGLMAttention(nn.Module):
+    """Multi-head self-attention with the fused, per-head-interleaved QKV projection."""
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
+                cache_positions: torch.Tensor | None, kv_length: int) -> torch.Tensor:
+        """x ``[B, T, hidden]``; cos/sin ``[B, T, 1, head_dim]``; bias ``[B, 1, T, kv_length]`` or None.
+
+        With a cache the new keys/values go to slots ``cache_positions`` ``[T]`` and the queries attend to
+        slots ``[0, kv_length)``; without one they attend to the T tokens themselves.
+        """
+        batch, length, _ = x.shape
+        qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        q = apply_rotary_halves(q, cos, sin, chunks=2).transpose(1, 2)
+        k = apply_rotary_halves(k, cos, sin, chunks=2).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if cache_positions is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
+            k_all, v_all = self.kv_cache.update(cache_positions, k, v)
+            k, v = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
+        out = attention(q, k, v, bias)  # [B, H, T, D]
+        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class ChatGLMMLP(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU (the reference calls it GLU, but it has no gate)."""
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size, bias=True)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+# DeepNorm residual scale. The reference computes sqrt(2 * num_layers) with GLMBlock's default
+# num_layers=28, which its model never overrides: alpha is sqrt(56) for every config (checked against the
+# golden 2-layer model, whose logits match only with this constant).
+RESIDUAL_ALPHA = math.sqrt(2 * 28)
+
+
+class GLMBlock(nn.Module):
+    """Post-LN block: ``y = alpha * LN1(x) + Attn(LN1(x))``; ``out = alpha * LN2(y) + MLP(LN2(y))``."""
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        self.alpha = RESIDUAL_ALPHA
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = ChatGLMAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = ChatGLMMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
+                cache_positions: torch.Tensor | None, kv_length: int) -> torch.Tensor:
+        attn_in = self.input_layernorm(x)
+        x = attn_in * self.alpha + self.attention(attn_in, cos, sin, bias, cache_positions, kv_length)
+        mlp_in = self.post_attention_layernorm(x)
+        return mlp_in * self.alpha + self.mlp(mlp_in)
+
+
+class ChatGLMTransformer(nn.Module):
+    """Embedding, the stack of blocks and the final LayerNorm (checkpoint prefix ``transformer.``)."""
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class ChatGLMForCausalLM(nn.Module):
+    """ChatGLM-6B with its LM head. Module names equal the official checkpoint's key names."""
+
+    def __init__(self, config: ChatGLMConfig) -> None:
+        super().__init__()
+        if not config.position_encoding_2d:
+            raise NotImplementedError("position_encoding_2d=false is not supported: every released "
+                                      "ChatGLM-6B checkpoint uses the 2D rotary encoding")
+        self.config = config
+        self.transformer = ChatGLMTransformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    # Checkpoint keys that are aliases of another parameter when embeddings are tied.
+    def tied_parameters(self) -> dict[str, str]:
+        """``{alias: source}`` parameter names that share storage (empty when untied)."""
+        if self.config.tie_word_embeddings:
+            return {"lm_head.weight": "transformer.word_embeddings.weight"}
+        return {}
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    # --- KV cache -------------------------------------------------------------------------------------
+    def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> None:
+        """Preallocate a ``[batch_size, heads, max_length, head_dim]`` cache in every layer."""
+        ref = self.transformer.word_embeddings.weight
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.bfloat16)
+        device = device or ref.device
+        for block in self.transformer.layers:
+            block.attention.kv_cache = KVCache(batch_size, self.config.num_attention_heads, max_length,
+                                               self.config.head_dim, dtype, device)
+
+    def delete_kv_cache(self) -> None:
+        for block in self.transformer.layers:
+            block.attention.kv_cache = None
+
+    # --- positions (the generation engine is model-agnostic and asks the model) ---------------------------
+    def prompt_inputs(self, input_ids: torch.Tensor, num_pad: Sequence[int] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids ``[B, 2, T]`` and mask ``[B, 1, T, T]`` of left-padded prompts (see below)."""
+        return chatglm_prompt_inputs(input_ids, self.config, num_pad)
+
+    @staticmethod
+    def next_position_ids(last: torch.Tensor) -> torch.Tensor:
+        """Positions ``[B, 2, 1]`` of the token after one at ``last`` ``[B, 2, 1]``: the token position
+        stays at ``[gMASK]``, the block position advances by one."""
+        return last + torch.tensor([0, 1], dtype=last.dtype, device=last.device).view(1, 2, 1)
+
+    # --- forward --------------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[B, T, hidden]`` for ids ``[B, T]``."""
+        return self.transformer.word_embeddings(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits ``[B, T', vocab]`` (T' = T, or the last ``logits_to_keep`` positions when > 0).
+
+        input_ids ``[B, T]`` or inputs_embeds ``[B, T, hidden]``; position_ids ``[B, 2, T]``;
+        attention_mask bool ``[B, 1, T, S]`` with True = may attend, where S = T without a cache and the
+        number of cache slots to attend to with one; cache_positions ``[T]`` = the slots the new keys and
+        values are written to. Without a cache, positions and mask may be omitted: they are then derived
+        from ``input_ids`` as for a prompt. With a cache and no mask (a decode step without padding), the
+        queries see every slot up to the last written one.
+        """
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm output ``[B, T, hidden]``; arguments as in ``forward``."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids)
+        x = inputs_embeds
+        length = x.shape[1]
+        if position_ids is None or (attention_mask is None and cache_positions is None):
+            if cache_positions is not None or input_ids is None:
+                raise ValueError("position_ids (and a mask for prompts) are required with a KV cache "
+                                 "or inputs_embeds")
+            derived_positions, derived_mask = chatglm_prompt_inputs(input_ids, self.config)
+            position_ids = derived_positions if position_ids is None else position_ids
+            attention_mask = derived_mask if attention_mask is None else attention_mask
+        if attention_mask is not None:
+            kv_length = attention_mask.shape[-1]
+        elif cache_positions is not None:
+            kv_length = int(cache_positions[-1]) + 1
+        else:
+            kv_length = length
+        bias = None if attention_mask is None else blocked_to_bias(attention_mask, x.dtype)
+
+        inv_freq = rotary_inv_freq(self.config.head_dim // 2, device=x.device, round_to_fp16=True)
+        cos, sin = rotary_cos_sin(position_ids, inv_freq, x.dtype)  # [B, 2, T, head_dim / 2]
+        cos = torch.cat((cos[:, 0], cos[:, 1]), dim=-1).unsqueeze(2)  # [B, T, 1, head_dim]
+        sin = torch.cat((sin[:, 0], sin[:, 1]), dim=-1).unsqueeze(2)
+        for block in self.transformer.layers:
+            x = block(x, cos, sin, bias, cache_positions, kv_length)
+        return self.transformer.final_layernorm(x)
+
+
+def chatglm_prompt_inputs(input_ids: torch.Tensor, config: ChatGLMConfig,
+                          num_pad: Sequence[int] | torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids ``[B, 2, T]`` and the prefix-LM mask ``[B, 1, T, T]`` (True = may attend) of prompts.
+
+    ``input_ids`` ``[B, T]`` are left-padded by ``num_pad[b]`` tokens (default: none). For each row the
+    context is everything before ``<sop>``; ``mpos`` is the index of ``[gMASK]`` (or ``[MASK]``).
+    Row 0 of the positions counts tokens and stays at ``mpos`` from ``<sop>`` on; row 1 is 0 in the
+    context and 1, 2, ... from ``<sop>`` on. Padding gets position 0 and is blocked as key and as query.
+    """
+    batch, length = input_ids.shape
+    pads = [0] * batch if num_pad is None else [int(p) for p in num_pad]
+    positions = torch.zeros(batch, 2, length, dtype=torch.long)
+    allowed = torch.zeros(batch, 1, length, length, dtype=torch.bool)
+    causal = torch.ones(length, length, dtype=torch.bool).tril_()
+    for row, (ids, pad) in enumerate(zip(input_ids.tolist(), pads, strict=True)):
+        seq = ids[pad:]
+        context = _index_of(seq, config.bos_token_id, "<sop> (bos)", row)
+        if config.gmask_token_id in seq:
+            mask_pos = seq.index(config.gmask_token_id)
+        else:
+            mask_pos = _index_of(seq, config.mask_token_id, "[gMASK] or [MASK]", row)
+        n = len(seq)
+        token_pos = torch.arange(n)
+        token_pos[context:] = mask_pos
+        block_pos = torch.zeros(n, dtype=torch.long)
+        block_pos[context:] = torch.arange(1, n - context + 1)
+        positions[row, 0, pad:] = token_pos
+        positions[row, 1, pad:] = block_pos
+        visible = causal[:n, :n].clone()
+        visible[:, :context] = True
+        allowed[row, 0, pad:, pad:] = visible
+    return positions.to(input_ids.device), allowed.to(input_ids.device)
+
+
+def _index_of(seq: list[int], token_id: int, what: str, row: int) -> int:
+    try:
+        return seq.index(token_id)
+    except ValueError:
+        raise ValueError(f"prompt row {row} has no {what} token (id {token_id}); ChatGLM prompts end with "
+                         "[gMASK] <sop> - was the prompt truncated?") from None

@@ -1,0 +1,64 @@
+"""Building blocks shared by the decoders: rotary position encodings and the attention core."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Additive bias for blocked attention positions. ChatGLM-6B fills masked scores with -10000 (not -inf):
+# a fully blocked row (a left-padding query) then stays finite instead of turning into NaN, which would
+# otherwise leak into every later layer through the padded keys/values.
+MASK_FILL = -10000.0
+
+
+def rotary_inv_freq(rot_dim: int, base: float = 10000.0, device: torch.device | str | None = None,
+                    round_to_fp16: bool = False) -> torch.Tensor:
+    """Inverse frequencies ``[rot_dim // 2]`` (fp32) of a rotary table over ``rot_dim`` dimensions.
+
+    ``round_to_fp16`` reproduces ChatGLM-6B, which stores its ``inv_freq`` as float16 whatever the model dtype.
+    """
+    exponents = torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim
+    inv_freq = 1.0 / (base ** exponents)
+    return inv_freq.half().float() if round_to_fp16 else inv_freq
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[*positions.shape, 2 * len(inv_freq)]`` in the "rotate half" layout (freqs repeated twice).
+
+    Angles are computed in float16 when the model runs in float16 (the reference builds its table from a
+    float16 position vector, so this is what the released fp16 checkpoints were trained and evaluated
+    with) and in float32 otherwise; the result is cast to ``dtype``.
+    """
+    compute_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+    angles = positions.to(compute_dtype).unsqueeze(-1) * inv_freq.to(compute_dtype)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Rotate ``x`` ``[..., D]`` by cos/sin ``[..., D]`` (broadcastable), "rotate half" inside each of ``chunks``.
+
+    With ``chunks=2`` this is ChatGLM's 2D encoding: dims ``[0, D/2)`` and ``[D/2, D)`` are two independent
+    rotary groups, each pairing dim ``j`` with ``j + D/4``.
+    """
+    shape = x.shape
+    halves = x.reshape(*shape[:-1], chunks, 2, shape[-1] // (2 * chunks))
+    rotated = torch.stack((-halves[..., 1, :], halves[..., 0, :]), dim=-2).reshape(shape)
+    return x * cos + rotated * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention. q ``[B, H, T, D]``, k/v ``[B, H, S, D]``, bias ``[B, 1, T, S]`` or None.
+
+    Returns ``[B, H, T, D]``. The scale is 1/sqrt(D); the reference's extra (layer_id + 1) division and
+    multiplication only guards fp16 overflow in its unfused kernel and cancels out mathematically.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def blocked_to_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (True = may attend) -> additive bias with ``MASK_FILL`` at blocked positions."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, MASK_FILL)
