@@ -24,3 +24,36 @@ def _offline_hub(monkeypatch):
     """No test may reach the network: the hub client is told it is offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
+
+
+def random_chatglm(config_name: str = "chatglm-tiny", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A ChatGLM model with random weights large enough to make every part of the network matter."""
+    import dataclasses
+
+    from visualglm.checkpoint.load import build_model
+    from visualglm.config import get_config
+
+    config = dataclasses.replace(get_config(config_name), **overrides)
+    torch.manual_seed(seed)
+    model = build_model(config, device="cpu")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.normal_(1.0, 0.3)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.05)
+            else:
+                param.normal_(0.0, 1.0 / param.shape[-1] ** 0.5 * 2)
+    config.extra = {}
+    model.config = config
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random ChatGLM-6B-layout checkpoint (config.json + model.safetensors), written once."""
+    from visualglm.checkpoint.save import save_checkpoint
+
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny-chatglm"
+    save_checkpoint(random_chatglm(), directory)
+    return directory

@@ -114,15 +114,19 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open
 
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            keys = list(handle.keys())
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                keys = list(handle.keys())
         except Exception as exc:  # SafetensorError and OS errors: a truncated or corrupt file
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         for key in keys:
+            # One short-lived handle per tensor: a handle keeps every page it has touched mapped (and so
+            # counted in RSS) until it closes, which costs up to a whole shard when tensors are converted.
             try:
-                yield key, handle.get_tensor(key)
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    tensor = handle.get_tensor(key)
             except Exception as exc:
                 raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc})") from None
+            yield key, tensor
         return
     state = _torch_load(path)
     if not isinstance(state, dict):

@@ -25,7 +25,13 @@ from torch import nn
 
 from visualglm.config import ChatGLMConfig
 from visualglm.models.kv_cache import KVCache
-from visualglm.models.layers import apply_rotary_halves, attention, blocked_to_bias, rotary_cos_sin, rotary_inv_freq
+from visualglm.models.layers import (
+    apply_rotary_halves,
+    attention,
+    blocked_to_bias,
+    rotary_cos_sin,
+    rotary_inv_freq,
+)
 
 
 class ChatGLMAttention(nn.Module):

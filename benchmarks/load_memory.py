@@ -1,0 +1,172 @@
+"""Peak memory of loading a full-size checkpoint, compared with the bytes of the loaded weights.
+
+Writes a random ChatGLM-6B checkpoint in the official HF layout (safetensors shards + index + config.json)
+to a temporary directory, then loads it with ``visualglm.load`` in a fresh process and prints:
+- the loaded weights' bytes,
+- peak RSS right after loading (memory-mapped weights are not all touched yet),
+- peak RSS after one forward pass over a short prompt (every weight page touched): the honest figure,
+- the ratio of that peak to the weights' bytes (target <= 1.2).
+
+Usage: python -m benchmarks.load_memory [--config chatglm-6b] [--store-dtype bfloat16] [--dtype bfloat16]
+                                         [--shard-gb 2] [--dir DIR] [--keep] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 1024**3
+
+
+def write_random_checkpoint(directory: Path, config_name: str, store_dtype: str, shard_bytes: int) -> int:
+    """Write config.json + ``model-XXXXX-of-YYYYY.safetensors`` shards + index; return the bytes written."""
+    import torch
+    from safetensors.torch import save_file
+
+    from visualglm.checkpoint.keymaps import KEYMAPS, invert
+    from visualglm.checkpoint.load import build_model, parse_dtype
+    from visualglm.config import get_config, write_config
+
+    config = get_config(config_name)
+    config.torch_dtype = str(parse_dtype(store_dtype)).removeprefix("torch.")
+    dtype = parse_dtype(store_dtype)
+    to_source = invert(KEYMAPS[(config.family, "hf")])
+    model = build_model(config)  # meta: only shapes
+    shapes = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        template = _template(name)
+        source = to_source[template[0]].replace("{}", template[1], 1) if template[1] else to_source[name]
+        shapes[source] = tuple(param.shape)
+    # Group keys into shards of about shard_bytes.
+    shards: list[list[str]] = [[]]
+    size = 0
+    element = torch.tensor([], dtype=dtype).element_size()
+    for key, shape in shapes.items():
+        nbytes = element * _numel(shape)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    generator = torch.Generator().manual_seed(0)
+    for i, keys in enumerate(shards):
+        file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {k: (torch.randn(shapes[k], generator=generator) * 0.02).to(dtype) for k in keys}
+        save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({k: file_name for k in keys})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_config(config, directory)
+    return total
+
+
+def _template(name: str) -> tuple[str, str | None]:
+    from visualglm.checkpoint.keymaps import _template as template
+
+    return template(name)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _vm(field: str) -> int:
+    """A /proc/self/status figure in bytes (VmHWM = peak RSS of this process image; unlike ru_maxrss it
+    does not inherit the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_load(directory: Path, dtype: str) -> dict:
+    """Runs in a fresh process: load, forward once, report RSS figures (bytes)."""
+    import torch
+
+    import visualglm
+
+    baseline = _vm("VmHWM")
+    start = time.perf_counter()
+    model = visualglm.load(directory, dtype=dtype, progress=False)
+    load_s = time.perf_counter() - start
+    peak_after_load = _vm("VmHWM")
+    seen, weight_bytes = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            weight_bytes += p.numel() * p.element_size()
+    config = model.config
+    prompt = [5, 6, 7, config.gmask_token_id, config.bos_token_id]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), logits_to_keep=1)
+    forward_s = time.perf_counter() - start
+    peak_after_forward = _vm("VmHWM")
+    return {"weight_bytes": weight_bytes, "baseline_rss": baseline, "peak_rss_after_load": peak_after_load,
+            "peak_rss_after_forward": peak_after_forward, "load_seconds": load_s, "forward_seconds": forward_s,
+            "ratio": peak_after_forward / weight_bytes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="chatglm-6b", help="named config to write (default: chatglm-6b)")
+    parser.add_argument("--store-dtype", default="bfloat16", help="dtype of the written checkpoint")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype to load into")
+    parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GiB (default 2)")
+    parser.add_argument("--dir", type=Path, help="write the checkpoint here (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child-process mode
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure_load(args.measure, args.dtype)))
+        return 0
+
+    directory = args.dir or Path(tempfile.mkdtemp(prefix="visualglm-loadmem-"))
+    try:
+        start = time.perf_counter()
+        written = write_random_checkpoint(directory, args.config, args.store_dtype, int(args.shard_gb * GIB))
+        write_s = time.perf_counter() - start
+        child = subprocess.run([sys.executable, "-m", "benchmarks.load_memory", "--measure", str(directory),
+                                "--dtype", args.dtype], capture_output=True, text=True, check=False,
+                               cwd=Path(__file__).resolve().parent.parent, env={**os.environ})
+        if child.returncode != 0:
+            print(child.stderr, file=sys.stderr)
+            return 1
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        result.update({"config": args.config, "store_dtype": args.store_dtype, "dtype": args.dtype,
+                       "checkpoint_bytes": written, "write_seconds": write_s})
+    finally:
+        if not args.keep and args.dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        print(f"checkpoint: {args.config}, stored {args.store_dtype} ({gib(written)}), loaded as {args.dtype}")
+        print(f"loaded weights:           {gib(result['weight_bytes'])}")
+        print(f"peak RSS after imports:   {gib(result['baseline_rss'])}")
+        print(f"peak RSS after load:      {gib(result['peak_rss_after_load'])}  ({result['load_seconds']:.1f} s)")
+        print(f"peak RSS after a forward: {gib(result['peak_rss_after_forward'])}  "
+              f"({result['forward_seconds']:.1f} s)")
+        print(f"peak RSS / weights:       {result['ratio']:.3f}  (target <= 1.2)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

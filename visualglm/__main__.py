@@ -1,0 +1,7 @@
+"""``python -m visualglm`` = the ``visualglm`` command."""
+
+import sys
+
+from visualglm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""Write a model in the official HF layout: config.json + safetensors shards (+ index when sharded).
+
+Writes go to a temporary directory beside the target that is renamed into place at the end, so an
+interrupted save never leaves a half-written checkpoint under the target name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from visualglm.checkpoint.keymaps import KEYMAPS, invert, map_key
+from visualglm.config import write_config
+
+
+def source_state_dict(model: nn.Module, fmt: str = "hf") -> dict[str, torch.Tensor]:
+    """The model's tensors under the source format's key names (tied aliases written like the original)."""
+    config = model.config
+    to_source = invert(KEYMAPS[(config.family, fmt)])
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        source = map_key(name, to_source)
+        if source is None:
+            continue
+        out[source] = tensor
+    return out
+
+
+def save_checkpoint(model: nn.Module, directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3,
+                    dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Save ``model`` to ``directory`` (created; must not exist unless ``overwrite``). Returns the path."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
+    state = source_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # safetensors refuses tensors that share storage (tied weights): give each its own contiguous copy.
+    seen: set[int] = set()
+    for key, value in state.items():
+        ptr = value.untyped_storage().data_ptr()
+        state[key] = value.contiguous() if ptr not in seen else value.clone()
+        seen.add(ptr)
+
+    shards = _split(state, max_shard_bytes)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        stored = dtype or next(v.dtype for v in state.values() if v.is_floating_point())
+        config = dataclasses.replace(model.config, torch_dtype=str(stored).removeprefix("torch."),
+                                     extra=dict(model.config.extra))
+        write_config(config, staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _split(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    return shards

@@ -1,0 +1,1 @@
+"""The ``visualglm`` command: thin subcommands over importable functions."""
