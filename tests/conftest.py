@@ -57,3 +57,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("ckpt") / "tiny-chatglm"
     save_checkpoint(random_chatglm(), directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random checkpoint with its own ChatGLM-style tokenizer (ice_text.model)."""
+    from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
+
+    return write_tiny_random_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-chat")

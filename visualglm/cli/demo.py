@@ -10,7 +10,6 @@ positions, KV-cache decoding) runs end to end.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -25,37 +24,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     import visualglm
-    from visualglm.checkpoint.load import build_model
-    from visualglm.checkpoint.save import save_checkpoint
-    from visualglm.config import get_config
+    from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
     from visualglm.generation.engine import generate_steps
-    from visualglm.tokenizers.chatglm import ChatGLMTokenizer
-    from visualglm.tokenizers.tiny import train_chatglm_sentencepiece
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
     print("NOTE: no trained model ships yet. This demo uses a tiny RANDOM model of the ChatGLM-6B\n"
           "architecture, so the generated text is meaningless; it shows the whole pipeline working.\n")
     with tempfile.TemporaryDirectory(prefix="visualglm-demo-") as tmp:
-        directory = Path(tmp) / "tiny-chatglm"
-        torch.manual_seed(0)
-        vocab_file = train_chatglm_sentencepiece(Path(tmp) / "vocab")
-        vocab = ChatGLMTokenizer(vocab_file)
-        # The model's special ids are the tokenizer's, as in the real checkpoint.
-        config = dataclasses.replace(
-            get_config("chatglm-tiny"), vocab_size=vocab.vocab_size, bos_token_id=vocab.bos_token_id,
-            eos_token_id=vocab.eos_token_id, mask_token_id=vocab.mask_token_id,
-            gmask_token_id=vocab.gmask_token_id, pad_token_id=vocab.pad_token_id, extra={})
-        model = build_model(config, device="cpu")
-        save_checkpoint(model, directory)
-        (directory / "ice_text.model").write_bytes(vocab_file.read_bytes())
-        print(f"1. wrote a random {config.num_layers}-layer checkpoint in the official layout: "
+        directory = write_tiny_random_checkpoint(Path(tmp) / "tiny-chatglm")
+        print("1. wrote a tiny random checkpoint in the official layout: "
               f"{', '.join(sorted(p.name for p in directory.iterdir()))}")
 
         model = visualglm.load(directory, progress=False)
+        config = model.config
         tokenizer = visualglm.load_tokenizer(directory)
         print(f"2. loaded it with visualglm.load ({sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{next(model.parameters()).dtype}) and its tokenizer ({tokenizer.vocab_size} pieces)")

@@ -1,16 +1,20 @@
 """Prefill + decode on the model's static KV cache, yielding one token per row per step.
 
 The engine knows nothing of a model family: the model supplies ``prompt_inputs`` (positions and mask of
-left-padded prompts) and ``next_position_ids`` (how positions advance while decoding).
+left-padded prompts), ``next_position_ids`` (how positions advance while decoding) and its config's
+``max_sequence_length``. Every front end (CLI, HTTP API, web UI) reads the same token stream.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from visualglm.generation.sampling import SamplingParams, make_generator, next_tokens
 
 # (logits [B, vocab] float32, tokens so far [B, T]) -> token ids [B]
 TokenChooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -21,11 +25,44 @@ def greedy(logits: torch.Tensor, _tokens: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class GenerationParams:
+    """When to stop and how to choose tokens.
+
+    ``max_length`` is the reference's total length (prompt + answer); ``max_new_tokens`` counts answer
+    tokens only; the tighter one wins, and the model's context always bounds both.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    stop_ids: tuple[int, ...] = ()
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(do_sample=False))
+
+    def budget(self, prompt_length: int, context: int) -> int:
+        """How many tokens may be generated after a prompt of ``prompt_length`` tokens."""
+        if prompt_length >= context:
+            raise ValueError(f"the prompt has {prompt_length} tokens but the model's context is {context} "
+                             "tokens: shorten the prompt or the chat history")
+        limits = [context - prompt_length]
+        if self.max_new_tokens is not None:
+            if self.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            limits.append(self.max_new_tokens)
+        if self.max_length is not None:
+            if self.max_length <= prompt_length:
+                raise ValueError(f"max_length {self.max_length} leaves no room to answer a prompt of "
+                                 f"{prompt_length} tokens: raise max_length or shorten the prompt/history")
+            limits.append(self.max_length - prompt_length)
+        return min(limits)
+
+
+@dataclass
 class Step:
-    """One decoding step: the chosen ``tokens`` ``[B]`` and the ``logits`` ``[B, vocab]`` they came from."""
+    """One decoding step: chosen ``tokens`` ``[B]``, the ``logits`` ``[B, vocab]`` they came from, and
+    ``finished`` ``[B]`` (True for rows that emitted a stop id now or earlier; their tokens are padding)."""
 
     tokens: torch.Tensor
     logits: torch.Tensor
+    finished: torch.Tensor
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, list[int]]:
@@ -38,37 +75,108 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return torch.tensor(rows, dtype=torch.long), num_pad
 
 
-@torch.inference_mode()
-def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   choose: TokenChooser = greedy, pad_id: int | None = None) -> Iterator[Step]:
-    """Yield ``max_new_tokens`` steps for a batch of prompts (no stopping rule: callers decide).
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
-    The cache is sized to the prompt plus ``max_new_tokens``. Each decode step attends through the last
-    prompt row of the mask extended by the generated tokens, which keeps left padding blocked.
+
+class DecodeState:
+    """Per-generation decode inputs kept at fixed shapes: the positions of the next token and a mask
+    row over every cache slot (slots not written yet are blocked)."""
+
+    def __init__(self, prompt_mask_row: torch.Tensor, position: torch.Tensor, cache_length: int) -> None:
+        batch, _, _, length = prompt_mask_row.shape
+        self.mask = torch.zeros(batch, 1, 1, cache_length, dtype=torch.bool, device=prompt_mask_row.device)
+        self.mask[..., :length] = prompt_mask_row
+        self.position = position
+        self.length = length  # slots written so far
+
+    def advance(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for one more token: returns its cache slot ``[1]`` and positions ``[B, P, 1]``."""
+        self.position = model.next_position_ids(self.position)
+        self.mask[..., self.length] = True
+        slot = torch.tensor([self.length], device=self.mask.device)
+        self.length += 1
+        return slot, self.position
+
+
+@torch.inference_mode()
+def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int | None = None,
+                   choose: TokenChooser | None = None, pad_id: int | None = None, *,
+                   params: GenerationParams | None = None, generator: torch.Generator | None = None,
+                   reuse_prefix: int = 0, keep_cache: bool = False, compiled: Callable | None = None
+                   ) -> Iterator[Step]:
+    """Generate for a batch of prompts; one ``Step`` per new token until every row stops.
+
+    ``params`` gives stop ids, length limits and sampling (default: greedy, no stop ids, which with
+    ``max_new_tokens`` reproduces a fixed number of steps). ``choose`` overrides token choice entirely.
+    ``reuse_prefix`` > 0 (single prompt only) keeps the cache slots ``[0, reuse_prefix)`` from an earlier
+    call with ``keep_cache=True`` that held the same tokens there; the caller vouches that they are valid
+    (see ``ChatSession``). ``compiled`` is an optional compiled forward used for decode steps.
     """
     config = model.config
+    params = params or GenerationParams()
+    if max_new_tokens is not None:
+        params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
     pad_id = config.pad_token_id if pad_id is None else pad_id
-    device = next(model.parameters()).device
+    device = _model_device(model)
     input_ids, num_pad = left_pad(prompts, pad_id)
     input_ids = input_ids.to(device)
     batch, length = input_ids.shape
+    budget = params.budget(length, config.max_sequence_length)
     positions, mask = model.prompt_inputs(input_ids, num_pad)
-    model.setup_kv_cache(batch, length + max_new_tokens)
-    logits = model(input_ids, positions, mask, cache_positions=torch.arange(length, device=device),
-                   logits_to_keep=1)[:, -1].float()
+    cache_length = length + budget
+
+    if reuse_prefix and (batch != 1 or not _cache_fits(model, batch, cache_length) or reuse_prefix >= length):
+        reuse_prefix = 0
+    if not reuse_prefix:
+        if compiled is not None or not _cache_fits(model, batch, cache_length):
+            # Compiled decoding wants one cache shape for the whole session: size it to the context.
+            size = config.max_sequence_length if compiled is not None else cache_length
+            model.setup_kv_cache(batch, size)
+    cache_length = _cache_capacity(model)
+    start = reuse_prefix
+    logits = model(input_ids[:, start:], positions[..., start:], mask[:, :, start:, :],
+                   cache_positions=torch.arange(start, length, device=device), logits_to_keep=1)[:, -1].float()
+
+    state = DecodeState(mask[:, :, -1:, :], positions[..., -1:], cache_length)
+    sampling = params.sampling
+    if choose is None:
+        sampling.validate()
+        generator = generator or make_generator(sampling.seed, device)
+    valid = torch.tensor([[i >= n for i in range(length)] for n in num_pad], device=device)
     tokens = input_ids
-    # Without padding the last prompt row sees every slot, so decode steps need no mask at all.
-    row_mask = mask[:, :, -1:, :] if any(num_pad) else None
-    position = positions[..., -1:]
-    for step in range(max_new_tokens):
-        next_tokens = choose(logits, tokens)
-        yield Step(next_tokens, logits)
-        if step == max_new_tokens - 1:
-            break
-        tokens = torch.cat((tokens, next_tokens[:, None]), dim=1)
-        position = model.next_position_ids(position)
-        if row_mask is not None:
-            row_mask = torch.cat((row_mask, row_mask.new_ones(batch, 1, 1, 1)), dim=-1)
-        slot = torch.tensor([length + step], device=device)
-        logits = model(next_tokens[:, None], position, row_mask, cache_positions=slot)[:, -1].float()
-    model.delete_kv_cache()
+    stop = torch.tensor(list(params.stop_ids) or [-1], device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    forward = compiled or model
+    try:
+        for step in range(budget):
+            if choose is not None:
+                chosen = choose(logits, tokens)
+            else:
+                chosen = next_tokens(logits, tokens, sampling, generator, valid=valid)
+            chosen = torch.where(finished, torch.full_like(chosen, pad_id), chosen)
+            finished = finished | torch.isin(chosen, stop)
+            yield Step(chosen, logits, finished.clone())
+            if bool(finished.all()) or step == budget - 1:
+                break
+            tokens = torch.cat((tokens, chosen[:, None]), dim=1)
+            valid = torch.cat((valid, ~finished[:, None]), dim=1)
+            slot, position = state.advance(model)
+            if compiled is not None:
+                row_mask = state.mask
+            else:  # eager: attend to the written slots only; unpadded rows see all of them (no mask)
+                row_mask = state.mask[..., :state.length] if any(num_pad) else None
+            logits = forward(chosen[:, None], position, row_mask, cache_positions=slot)[:, -1].float()
+    finally:
+        if not keep_cache:
+            model.delete_kv_cache()
+
+
+def _cache_capacity(model: nn.Module) -> int:
+    size = model.kv_cache_size()
+    return 0 if size is None else size[1]
+
+
+def _cache_fits(model: nn.Module, batch: int, length: int) -> bool:
+    size = model.kv_cache_size()
+    return size is not None and size[0] == batch and size[1] >= length

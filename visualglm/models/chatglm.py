@@ -149,6 +149,11 @@ class ChatGLMForCausalLM(nn.Module):
             block.attention.kv_cache = KVCache(batch_size, self.config.num_attention_heads, max_length,
                                                self.config.head_dim, dtype, device)
 
+    def kv_cache_size(self) -> tuple[int, int] | None:
+        """(batch_size, max_length) of the allocated cache, or None."""
+        cache = self.transformer.layers[0].attention.kv_cache
+        return None if cache is None else (cache.k.shape[0], cache.max_length)
+
     def delete_kv_cache(self) -> None:
         for block in self.transformer.layers:
             block.attention.kv_cache = None
@@ -164,6 +169,32 @@ class ChatGLMForCausalLM(nn.Module):
         """Positions ``[B, 2, 1]`` of the token after one at ``last`` ``[B, 2, 1]``: the token position
         stays at ``[gMASK]``, the block position advances by one."""
         return last + torch.tensor([0, 1], dtype=last.dtype, device=last.device).view(1, 2, 1)
+
+    def reusable_prefix(self, cached_ids: Sequence[int], new_ids: Sequence[int]) -> int:
+        """How many leading cache slots computed for ``cached_ids`` stay exact for ``new_ids``.
+
+        Tokens before ``<sop>`` attend to the whole context in both directions, so their keys/values
+        (from layer 1 on) depend on every context token: the cache is reusable only when the context
+        (everything up to ``<sop>``) is identical, and then up to the common prefix. At least one token is
+        always left to prefill, because its logits are needed.
+        """
+        bos = self.config.bos_token_id
+        if bos not in cached_ids or bos not in new_ids:
+            return 0
+        context = list(new_ids).index(bos)
+        if list(cached_ids).index(bos) != context:
+            return 0
+        common = 0
+        for old, new in zip(cached_ids, new_ids, strict=False):
+            if old != new:
+                break
+            common += 1
+        if common <= context:
+            return 0
+        return min(common, len(new_ids) - 1)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.word_embeddings
 
     # --- forward --------------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
