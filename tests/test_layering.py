@@ -16,8 +16,8 @@ RANKS = {
     "peft": 2, "distributed": 2,
     "checkpoint": 3,
     "generation": 4,
-    "finetune": 5,
-    "serving": 6,
+    "finetune": 5, "bench": 5,
+    "serving": 6, "compat": 6,
     "__init__": 6.5,  # the public API (load, ...): only the command line sits above it
     "cli": 7, "demo": 7, "__main__": 8,
 }

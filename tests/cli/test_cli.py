@@ -42,3 +42,52 @@ def test_demo_runs_offline_and_says_it_is_random() -> None:
     assert result.returncode == 0, result.stderr
     assert "RANDOM" in result.stdout
     assert "greedy decoding with the KV cache" in result.stdout
+
+
+def _interactive(checkpoint: Path, stdin: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "visualglm", "chat", "--model", str(checkpoint), *flags],
+                          input=stdin, capture_output=True, text=True, timeout=120, check=False,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_chat_turns_clear_and_stop(tiny_chat_checkpoint: Path) -> None:
+    result = _interactive(tiny_chat_checkpoint, "hello\nclear\nworld\nstop\nnever read\n", "--greedy",
+                          "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ChatGLM: ") == 2  # two answers, nothing after stop
+    assert result.stdout.count("'clear' clears the history") == 2  # welcome again after clear
+
+
+def test_chat_ends_on_end_of_input(tiny_chat_checkpoint: Path) -> None:
+    result = _interactive(tiny_chat_checkpoint, "hello\n", "--max-new-tokens", "3", "--seed", "1")
+    assert result.returncode == 0 and result.stdout.count("ChatGLM: ") == 1
+
+
+def test_chat_too_long_prompt_is_reported_and_the_session_goes_on(tiny_chat_checkpoint: Path) -> None:
+    long_text = "the quick brown fox jumps over the lazy dog " * 10
+    result = _interactive(tiny_chat_checkpoint, f"{long_text}\nhi\nstop\n", "--max-length", "40",
+                          "--max-new-tokens", "3")
+    assert result.returncode == 0
+    assert "error: max_length 40 leaves no room" in result.stderr
+    assert result.stdout.count("ChatGLM: ") == 2
+
+
+def test_ask_prints_only_the_answer(tiny_chat_checkpoint: Path) -> None:
+    args = ["ask", "--model", str(tiny_chat_checkpoint), "--greedy", "--max-new-tokens", "6"]
+    by_arg = _run(*args, "hello")
+    by_stdin = subprocess.run([sys.executable, "-m", "visualglm", *args], input="hello", capture_output=True,
+                              text=True, timeout=120, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert by_arg.returncode == 0 and by_stdin.returncode == 0, by_arg.stderr
+    assert by_arg.stdout == by_stdin.stdout and by_arg.stdout.endswith("\n")
+    assert "Loading" not in by_arg.stdout
+
+
+def test_ask_errors(tmp_path: Path) -> None:
+    missing = _run("ask", "--model", str(tmp_path / "none"), "hi")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    no_model = _run("ask", "hi")
+    assert no_model.returncode == 2 and "pass --model" in no_model.stderr
+    bad = _run("ask", "--model", str(tmp_path), "--top-p", "0", "hi")
+    assert bad.returncode == 2 and "top_p" in bad.stderr
+    bad_flag = _run("ask", "--temperature", "hot", "hi")
+    assert bad_flag.returncode == 2 and "invalid float value" in bad_flag.stderr

@@ -11,9 +11,9 @@ import os
 import sys
 
 from visualglm import __version__
-from visualglm.cli import demo, info
+from visualglm.cli import ask, bench, chat, demo, info
 
-SUBCOMMANDS = (demo, info)
+SUBCOMMANDS = (demo, chat, ask, info, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,148 @@
+"""Speed benchmark: prefill and decode throughput against this machine's memory-bandwidth limit.
+
+Decoding one token reads every weight once (plus the KV cache), so on CPU the ceiling is
+``memory bandwidth / bytes read per step``; the benchmark measures the bandwidth in the same run and
+reports the ratio actually reached.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visualglm.checkpoint.load import build_model, load, parse_dtype
+from visualglm.config import get_config
+from visualglm.generation.engine import GenerationParams, generate_steps
+
+
+@dataclass
+class BenchResult:
+    model: str
+    dtype: str
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    threads: int
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_rss_gib: float
+    bandwidth_gb_s: float
+    bytes_per_step_gb: float
+    decode_limit_tokens_per_s: float
+    ratio_to_limit: float
+
+
+def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: median time of an fp32 sum over a buffer far larger than the caches."""
+    buffer = torch.ones(megabytes * 1024 * 1024 // 4, dtype=torch.float32)
+    buffer.sum()  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    return buffer.numel() * 4 / statistics.median(times) / 1e9
+
+
+def random_model(config_name: str, dtype: torch.dtype) -> nn.Module:
+    """A model of a named config with random weights (small values), allocated directly in ``dtype``."""
+    config = get_config(config_name)
+    model = build_model(config).to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32).mul_(0.02))
+    model.config = config
+    return model.eval()
+
+
+def bytes_per_decode_step(model: nn.Module, context: int, batch: int) -> int:
+    """Weights read per decode step (every parameter but the input embedding rows, which are gathered)
+    plus the KV cache read at ``context`` tokens."""
+    embedding = model.get_input_embeddings().weight
+    seen, total = set(), 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            is_input_embedding = param is embedding and not getattr(model.config, "tie_word_embeddings", False)
+            if not is_input_embedding:
+                total += param.numel() * param.element_size()
+    config = model.config
+    kv = 2 * config.num_layers * batch * context * config.hidden_size * next(model.parameters()).element_size()
+    return total + kv
+
+
+def _peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def run_bench(model_path: str | None, config_name: str | None, dtype: str, batch: int, prompt_tokens: int,
+              new_tokens: int) -> BenchResult:
+    if batch < 1 or prompt_tokens < 2 or new_tokens < 2:
+        raise ValueError("--batch must be >= 1, --prompt-tokens and --new-tokens >= 2")
+    torch_dtype = parse_dtype(dtype)
+    if model_path:
+        model = load(model_path, dtype=torch_dtype, progress=False)
+        name = str(model_path)
+    else:
+        model = random_model(config_name or "chatglm-6b", torch_dtype)
+        name = f"{config_name} (random weights)"
+    config = model.config
+    # Prompts of distinct ordinary tokens ending in [gMASK] <sop>, like a real ChatGLM prompt.
+    body = [100 + (i % 1000) for i in range(prompt_tokens - 2)]
+    prompts = [body + [config.gmask_token_id, config.bos_token_id] for _ in range(batch)]
+    params = GenerationParams(max_new_tokens=new_tokens)  # greedy, no stop ids: exactly new_tokens steps
+    bandwidth = measure_bandwidth()
+    # Warm-up on a short run so one-time costs (allocations, kernel selection) are not timed.
+    for _ in generate_steps(model, [p[-4:] for p in prompts], params=GenerationParams(max_new_tokens=2)):
+        pass
+    start = time.perf_counter()
+    stamps = []
+    for _ in generate_steps(model, prompts, params=params):
+        stamps.append(time.perf_counter())
+    ttft = stamps[0] - start
+    decode_s = stamps[-1] - stamps[0]
+    decode_tps = batch * (len(stamps) - 1) / decode_s
+    per_step = bytes_per_decode_step(model, prompt_tokens + new_tokens // 2, batch)
+    limit = batch * bandwidth * 1e9 / per_step
+    return BenchResult(
+        model=name, dtype=str(torch_dtype).removeprefix("torch."), batch=batch, prompt_tokens=prompt_tokens,
+        new_tokens=len(stamps), threads=torch.get_num_threads(), time_to_first_token_s=ttft,
+        prefill_tokens_per_s=batch * prompt_tokens / ttft, decode_tokens_per_s=decode_tps,
+        peak_rss_gib=_peak_rss_gib(), bandwidth_gb_s=bandwidth, bytes_per_step_gb=per_step / 1e9,
+        decode_limit_tokens_per_s=limit, ratio_to_limit=decode_tps / limit)
+
+
+def format_result(result: BenchResult, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(asdict(result))
+    r = result
+    return "\n".join([
+        f"model: {r.model}, {r.dtype}, batch {r.batch}, prompt {r.prompt_tokens} tokens, "
+        f"{r.new_tokens} new tokens, {r.threads} threads",
+        f"time to first token: {r.time_to_first_token_s:.2f} s",
+        f"prefill:             {r.prefill_tokens_per_s:.1f} tok/s",
+        f"decode:              {r.decode_tokens_per_s:.2f} tok/s",
+        f"peak RSS:            {r.peak_rss_gib:.2f} GiB",
+        f"memory bandwidth:    {r.bandwidth_gb_s:.1f} GB/s (measured now)",
+        f"bytes per step:      {r.bytes_per_step_gb:.2f} GB",
+        f"decode limit:        {r.decode_limit_tokens_per_s:.2f} tok/s (bandwidth / bytes per step)",
+        f"ratio to limit:      {r.ratio_to_limit:.0%}",
+    ])

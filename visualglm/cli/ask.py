@@ -1,0 +1,30 @@
+"""``visualglm ask``: one question, one answer on stdout (logs on stderr). Reads stdin without a question."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from visualglm.cli.options import add_generation_flags, add_model_flags, build_session
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    for name in ("ask", "generate"):
+        parser = commands.add_parser(name, help="answer one question (non-interactive)" if name == "ask"
+                                     else "alias of ask", description=__doc__)
+        parser.add_argument("question", nargs="?", help="the question (default: read stdin)")
+        add_model_flags(parser)
+        add_generation_flags(parser)
+        parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    question = args.question if args.question is not None else sys.stdin.read()
+    if not question.strip():
+        raise ValueError("empty question (pass it as an argument or on stdin)")
+    session = build_session(args)
+    for delta in session.stream(question):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

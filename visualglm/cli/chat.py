@@ -1,0 +1,55 @@
+"""``visualglm chat``: interactive chat with typewriter streaming.
+
+Commands at the prompt: ``clear`` forgets the conversation, ``stop`` (or Ctrl-D) leaves. Ctrl-C while an
+answer is being written interrupts that answer only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from visualglm.cli.options import add_generation_flags, add_model_flags, build_session
+
+WELCOME = "VisualGLM chat. Type your message; 'clear' clears the history, 'stop' exits."
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("chat", help="chat interactively", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    add_generation_flags(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    session = build_session(args)
+    print(WELCOME)
+    while True:
+        try:
+            query = input("\n用户: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        command = query.strip()
+        if command == "stop":
+            return 0
+        if command == "clear":
+            session.reset()
+            print(WELCOME)
+            continue
+        if not command:
+            continue
+        print("\nChatGLM: ", end="", flush=True)
+        stream = session.stream(query)
+        try:
+            for delta in stream:
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:
+            stream.close()
+            print(" [interrupted]", end="")
+        except ValueError as exc:  # e.g. the history no longer fits the context
+            stream.close()
+            session.history.pop() if session.history and session.history[-1][0] == query else None
+            print(f"\nerror: {exc}", file=sys.stderr)
+        print(flush=True)
