@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "visualglm"
 # each other either.
 RANKS = {
     "config": 0,
-    "models": 1, "tokenizers": 1, "image": 1, "quant": 1,
+    "models": 1, "tokenizers": 1, "image": 1, "quant": 1, "kernels": 1,
     "peft": 2, "distributed": 2,
     "checkpoint": 3,
     "generation": 4,

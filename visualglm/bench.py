@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visualglm.checkpoint.load import build_model, load, parse_dtype
+from visualglm.checkpoint.load import apply_cpu_kernels, build_model, load, parse_dtype
 from visualglm.config import get_config
-from visualglm.generation.engine import GenerationParams, generate_steps
+from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
 
 
 @dataclass
@@ -37,6 +37,8 @@ class BenchResult:
     bytes_per_step_gb: float
     decode_limit_tokens_per_s: float
     ratio_to_limit: float
+    compiled: bool
+    warmup_s: float
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -65,6 +67,7 @@ def random_model(config_name: str, dtype: torch.dtype) -> nn.Module:
             else:
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32).mul_(0.02))
     model.config = config
+    apply_cpu_kernels(model)
     return model.eval()
 
 
@@ -94,7 +97,7 @@ def _peak_rss_gib() -> float:
 
 
 def run_bench(model_path: str | None, config_name: str | None, dtype: str, batch: int, prompt_tokens: int,
-              new_tokens: int) -> BenchResult:
+              new_tokens: int, compile: bool = False) -> BenchResult:
     if batch < 1 or prompt_tokens < 2 or new_tokens < 2:
         raise ValueError("--batch must be >= 1, --prompt-tokens and --new-tokens >= 2")
     torch_dtype = parse_dtype(dtype)
@@ -110,12 +113,15 @@ def run_bench(model_path: str | None, config_name: str | None, dtype: str, batch
     prompts = [body + [config.gmask_token_id, config.bos_token_id] for _ in range(batch)]
     params = GenerationParams(max_new_tokens=new_tokens)  # greedy, no stop ids: exactly new_tokens steps
     bandwidth = measure_bandwidth()
-    # Warm-up on a short run so one-time costs (allocations, kernel selection) are not timed.
-    for _ in generate_steps(model, [p[-4:] for p in prompts], params=GenerationParams(max_new_tokens=2)):
+    compiled = compile_decode(model) if compile else None
+    # Warm-up so one-time costs (allocations, kernel selection, compilation) are not timed.
+    start = time.perf_counter()
+    for _ in generate_steps(model, prompts, params=GenerationParams(max_new_tokens=3), compiled=compiled):
         pass
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     stamps = []
-    for _ in generate_steps(model, prompts, params=params):
+    for _ in generate_steps(model, prompts, params=params, compiled=compiled):
         stamps.append(time.perf_counter())
     ttft = stamps[0] - start
     decode_s = stamps[-1] - stamps[0]
@@ -127,7 +133,7 @@ def run_bench(model_path: str | None, config_name: str | None, dtype: str, batch
         new_tokens=len(stamps), threads=torch.get_num_threads(), time_to_first_token_s=ttft,
         prefill_tokens_per_s=batch * prompt_tokens / ttft, decode_tokens_per_s=decode_tps,
         peak_rss_gib=_peak_rss_gib(), bandwidth_gb_s=bandwidth, bytes_per_step_gb=per_step / 1e9,
-        decode_limit_tokens_per_s=limit, ratio_to_limit=decode_tps / limit)
+        decode_limit_tokens_per_s=limit, ratio_to_limit=decode_tps / limit, compiled=compile, warmup_s=warmup_s)
 
 
 def format_result(result: BenchResult, as_json: bool) -> str:
@@ -136,7 +142,8 @@ def format_result(result: BenchResult, as_json: bool) -> str:
     r = result
     return "\n".join([
         f"model: {r.model}, {r.dtype}, batch {r.batch}, prompt {r.prompt_tokens} tokens, "
-        f"{r.new_tokens} new tokens, {r.threads} threads",
+        f"{r.new_tokens} new tokens, {r.threads} threads{', torch.compile' if r.compiled else ''}",
+        f"warm-up:             {r.warmup_s:.1f} s (3 tokens{', includes compiling' if r.compiled else ''})",
         f"time to first token: {r.time_to_first_token_s:.2f} s",
         f"prefill:             {r.prefill_tokens_per_s:.1f} tok/s",
         f"decode:              {r.decode_tokens_per_s:.2f} tok/s",

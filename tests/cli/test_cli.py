@@ -91,3 +91,41 @@ def test_ask_errors(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "top_p" in bad.stderr
     bad_flag = _run("ask", "--temperature", "hot", "hi")
     assert bad_flag.returncode == 2 and "invalid float value" in bad_flag.stderr
+
+
+def test_terminal_safe_escapes_control_characters() -> None:
+    from visualglm.cli.options import terminal_safe
+
+    assert terminal_safe("你好\n\tok") == "你好\n\tok"
+    assert terminal_safe("a\x1b[2Jb\x07") == "a\\x1b[2Jb\\x07"
+
+
+def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+    import signal
+    import time
+
+    # Make answers long: the configured end-of-answer id becomes one the model never produces.
+    checkpoint = Path(shutil.copytree(tiny_chat_checkpoint, tmp_path / "endless"))
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["eos_token_id"] = config["mask_token_id"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    process = subprocess.Popen([sys.executable, "-m", "visualglm", "chat", "--model", str(checkpoint), "--seed",
+                                "1", "--max-length", "2048"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+    try:
+        time.sleep(6)  # start-up
+        for query in ("hello", "again"):
+            process.stdin.write(query + "\n")
+            process.stdin.flush()
+            time.sleep(0.5)
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+        process.stdin.write("stop\n")
+        process.stdin.flush()
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert out.count("[interrupted]") == 2

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
 from visualglm.checkpoint.keymaps import KEYMAPS, UnknownKeyError, map_key
 from visualglm.config import AnyConfig, ConfigError, read_config
+from visualglm.kernels.cpu_bf16 import cpu_lacks_bf16_matmul, use_upcast_linears
 from visualglm.models.chatglm import ChatGLMForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM}
@@ -63,11 +64,13 @@ def build_model(config: AnyConfig, device: torch.device | str = "meta") -> nn.Mo
 
 
 def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
+         device: str | torch.device = "cpu", progress: bool = True, fast_cpu_kernels: bool = True) -> nn.Module:
     """Load a checkpoint directory (official HF layout), a known name or a hub id into an eval-mode model.
 
     ``dtype`` defaults to the checkpoint's (float16 becomes bfloat16 on CPU). The model has ``.config``
-    and ``.checkpoint_dir`` attributes; its parameters do not require grad.
+    and ``.checkpoint_dir`` attributes; its parameters do not require grad. ``fast_cpu_kernels`` swaps
+    bf16 linears for ones that prefill through fp32 GEMM on CPUs without native bf16 matrix math
+    (``visualglm.kernels.cpu_bf16``).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -85,7 +88,15 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     load_weights(model, weight_files(directory), keymap, target_dtype, device, progress)
     model.config = config
     model.checkpoint_dir = directory
+    if fast_cpu_kernels:
+        apply_cpu_kernels(model)
     return model.eval()
+
+
+def apply_cpu_kernels(model: nn.Module) -> None:
+    """Pick faster CPU kernels for a loaded bf16 model where this CPU needs them."""
+    if next(model.parameters()).device.type == "cpu" and cpu_lacks_bf16_matmul():
+        use_upcast_linears(model)
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from visualglm.cli.options import add_generation_flags, add_model_flags, build_session
+from visualglm.cli.options import add_generation_flags, add_model_flags, build_session, terminal_safe
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     if not question.strip():
         raise ValueError("empty question (pass it as an argument or on stdin)")
     session = build_session(args)
+    to_terminal = sys.stdout.isatty()
     for delta in session.stream(question):
-        sys.stdout.write(delta)
+        sys.stdout.write(terminal_safe(delta) if to_terminal else delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0

@@ -1,7 +1,7 @@
 """``visualglm chat``: interactive chat with typewriter streaming.
 
 Commands at the prompt: ``clear`` forgets the conversation, ``stop`` (or Ctrl-D) leaves. Ctrl-C while an
-answer is being written interrupts that answer only.
+answer is being written interrupts that answer only; at the prompt it discards the line.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from visualglm.cli.options import add_generation_flags, add_model_flags, build_session
+from visualglm.cli.options import add_generation_flags, add_model_flags, build_session, terminal_safe
 
 WELCOME = "VisualGLM chat. Type your message; 'clear' clears the history, 'stop' exits."
 
@@ -28,9 +28,12 @@ def run(args: argparse.Namespace) -> int:
     while True:
         try:
             query = input("\n用户: ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return 0
+        except KeyboardInterrupt:  # like a shell: drop the line, stay in the chat
+            print("\n(type 'stop' or press Ctrl-D to leave)")
+            continue
         command = query.strip()
         if command == "stop":
             return 0
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         stream = session.stream(query)
         try:
             for delta in stream:
-                print(delta, end="", flush=True)
+                print(terminal_safe(delta), end="", flush=True)
         except KeyboardInterrupt:
             stream.close()
             print(" [interrupted]", end="")

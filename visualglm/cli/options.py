@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import unicodedata
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                         help="penalty for tokens already present, 1.0 = off (default: 1.0)")
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with torch.compile (slow start; see README for whether it pays off)")
 
 
 def build_session(args: argparse.Namespace):
@@ -46,4 +49,12 @@ def build_session(args: argparse.Namespace):
     tokenizer = visualglm.load_tokenizer(args.model)
     model = visualglm.load(args.model, dtype=args.dtype, device=args.device)
     return ChatSession(model, tokenizer, sampling=sampling, max_length=args.max_length,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, compile=args.compile)
+
+
+def terminal_safe(text: str) -> str:
+    """Model text with control characters (other than newline and tab) shown as escapes, so that output
+    can never drive the terminal (clear the screen, move the cursor, set the title, ...)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) != "Cc" else ascii(ch)[1:-1] for ch in text)

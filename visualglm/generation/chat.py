@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from visualglm.generation.detok import DecodeStream
-from visualglm.generation.engine import GenerationParams, generate_steps
+from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
 from visualglm.generation.sampling import SamplingParams, make_generator
 from visualglm.tokenizers.templates import chatglm_prompt
 
@@ -29,7 +29,7 @@ class ChatSession:
 
     def __init__(self, model: nn.Module, tokenizer, *, sampling: SamplingParams | None = None,
                  max_length: int | None = 2048, max_new_tokens: int | None = None,
-                 history: list[tuple[str, str]] | None = None) -> None:
+                 history: list[tuple[str, str]] | None = None, compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = (sampling or SamplingParams.chatglm6b()).validate()
@@ -39,6 +39,8 @@ class ChatSession:
         self._generator = make_generator(self.sampling.seed, next(model.parameters()).device)
         self._cached_ids: list[int] = []  # tokens whose keys/values sit in the model's cache slots 0..n-1
         self.last_prefill_tokens = 0  # how many prompt tokens the last turn actually computed
+        # Optional torch.compile'd decode step (fixed shapes; the cache is then sized to the context).
+        self._compiled = compile_decode(model) if compile else None
 
     def reset(self) -> None:
         """Forget the history and the cache."""
@@ -62,7 +64,7 @@ class ChatSession:
         self.last_prefill_tokens = len(ids) - reuse
         try:
             for step in generate_steps(self.model, [ids], params=params, generator=self._generator,
-                                       reuse_prefix=reuse, keep_cache=True):
+                                       reuse_prefix=reuse, keep_cache=True, compiled=self._compiled):
                 token = int(step.tokens[0])
                 chosen.append(token)
                 if bool(step.finished[0]):
@@ -74,8 +76,9 @@ class ChatSession:
             if tail:
                 yield tail
         finally:
-            # Every chosen token but the last was fed back, so its keys/values are cached.
-            self._cached_ids = ids + chosen[:-1]
+            # Every chosen token but the last was fed back, so its keys/values are cached. With no token
+            # chosen the prefill itself may have been interrupted: trust nothing.
+            self._cached_ids = ids + chosen[:-1] if chosen else []
             self.history.append((query, decoded.text))
 
     def chat(self, query: str) -> str:

@@ -147,7 +147,7 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     tokens = input_ids
     stop = torch.tensor(list(params.stop_ids) or [-1], device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    forward = compiled or model
+    forward = compiled if compiled is not None else model
     try:
         for step in range(budget):
             if choose is not None:
@@ -170,6 +170,12 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     finally:
         if not keep_cache:
             model.delete_kv_cache()
+
+
+def compile_decode(model: nn.Module) -> Callable:
+    """``torch.compile`` of the model's forward for decode steps (fixed shapes: one token per row, a mask
+    over every cache slot). Pass the result as ``compiled=`` to ``generate_steps``."""
+    return torch.compile(model, dynamic=False)
 
 
 def _cache_capacity(model: nn.Module) -> int:
