@@ -31,19 +31,11 @@ def random_chatglm(config_name: str = "chatglm-tiny", seed: int = 0, **overrides
     import dataclasses
 
     from visualglm.checkpoint.load import build_model
+    from visualglm.checkpoint.tiny import init_random_weights
     from visualglm.config import get_config
 
     config = dataclasses.replace(get_config(config_name), **overrides)
-    torch.manual_seed(seed)
-    model = build_model(config, device="cpu")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                param.normal_(1.0, 0.3)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.05)
-            else:
-                param.normal_(0.0, 1.0 / param.shape[-1] ** 0.5 * 2)
+    model = init_random_weights(build_model(config, device="cpu"), weight_scale=2.0, seed=seed)
     config.extra = {}
     model.config = config
     return model.eval()

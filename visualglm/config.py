@@ -78,9 +78,71 @@ class ChatGLMConfig:
                                   f"(vocab_size {self.vocab_size})")
 
 
-CONFIG_CLASSES: dict[str, type] = {cls.family: cls for cls in (ChatGLMConfig,)}
+@dataclass
+class EvaViTConfig:
+    """EVA-CLIP ViT of VisualGLM-6B (sat ViT argument names, as in config.json's ``eva_config``)."""
 
-AnyConfig = ChatGLMConfig
+    num_layers: int = 39
+    hidden_size: int = 1408
+    num_attention_heads: int = 16
+    inner_hidden_size: int = 6144
+    layernorm_epsilon: float = 1e-6
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
+    patch_size: int = 14
+    in_channels: int = 3
+    pre_len: int = 1  # one CLS token before the patches
+    max_sequence_length: int = 257
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass
+class QFormerConfig:
+    """BLIP-2 Q-Former of VisualGLM-6B (config.json's ``qformer_config``)."""
+
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    inner_hidden_size: int | None = None  # sat default: 4 * hidden_size
+    vocab_size: int = 32  # number of learned query tokens
+    is_decoder: list[bool] = field(default_factory=lambda: [True, False] * 6)  # layers with cross-attention
+    cross_attn_hidden_size: int = 1408
+    layernorm_epsilon: float = 1e-12
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def ffn_size(self) -> int:
+        return self.inner_hidden_size or 4 * self.hidden_size
+
+
+@dataclass
+class VisualGLMConfig(ChatGLMConfig):
+    """VisualGLM-6B: ChatGLM-6B fields plus the image encoder's (``eva_config``, ``qformer_config``)."""
+
+    family: ClassVar[str] = "visualglm"
+
+    image_length: int = 32
+    eva_config: EvaViTConfig = field(default_factory=EvaViTConfig)
+    qformer_config: QFormerConfig = field(default_factory=QFormerConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        for name, sub in (("eva_config", self.eva_config), ("qformer_config", self.qformer_config)):
+            if sub.hidden_size % sub.num_attention_heads:
+                raise ConfigError(f"{name}: hidden_size {sub.hidden_size} is not divisible by "
+                                  f"num_attention_heads {sub.num_attention_heads}")
+        if len(self.qformer_config.is_decoder) < self.qformer_config.num_layers:
+            raise ConfigError("qformer_config.is_decoder needs one entry per layer")
+        if self.qformer_config.vocab_size != self.image_length:
+            raise ConfigError(f"image_length {self.image_length} must equal the number of Q-Former queries "
+                              f"(qformer_config.vocab_size {self.qformer_config.vocab_size})")
+
+
+# Nested config.json objects and their dataclasses.
+_NESTED = {"eva_config": EvaViTConfig, "qformer_config": QFormerConfig}
+
+CONFIG_CLASSES: dict[str, type] = {cls.family: cls for cls in (ChatGLMConfig, VisualGLMConfig)}
+
+AnyConfig = ChatGLMConfig | VisualGLMConfig
 
 # Families we recognise; the ones without a config class are announced but not implemented yet.
 FAMILY_NAMES = {"chatglm": "ChatGLM-6B", "visualglm": "VisualGLM-6B", "glm4": "GLM-4", "glm4v": "GLM-4V"}
@@ -106,7 +168,7 @@ def config_from_dict(data: dict[str, Any]) -> AnyConfig:
     if cls is None:
         raise ConfigError(f"{FAMILY_NAMES[family]} checkpoints are not supported yet")
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    known_values = {k: v for k, v in data.items() if k in names}
+    known_values = {k: _nested_from_dict(k, v) for k, v in data.items() if k in names}
     extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
     try:
         config = cls(**known_values, extra=extra)
@@ -116,14 +178,29 @@ def config_from_dict(data: dict[str, Any]) -> AnyConfig:
     return config
 
 
+def _nested_from_dict(name: str, value: Any) -> Any:
+    cls = _NESTED.get(name)
+    if cls is None:
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    return cls(**{k: v for k, v in value.items() if k in names},
+               extra={k: v for k, v in value.items() if k not in names})
+
+
+def _plain_dict(obj: Any) -> dict[str, Any]:
+    data = dict(obj.extra)
+    for f in dataclasses.fields(obj):
+        if f.name != "extra":
+            value = getattr(obj, f.name)
+            data[f.name] = _plain_dict(value) if dataclasses.is_dataclass(value) else value
+    return data
+
+
 def config_to_dict(config: AnyConfig) -> dict[str, Any]:
     """The official config.json fields (``extra`` merged back in, ``model_type`` included)."""
-    data = dict(config.extra)
-    data["model_type"] = config.model_type
-    for f in dataclasses.fields(config):
-        if f.name != "extra":
-            data[f.name] = getattr(config, f.name)
-    return data
+    return {"model_type": config.model_type, **_plain_dict(config)}
 
 
 def read_config(path: str | Path) -> AnyConfig:
@@ -159,13 +236,20 @@ NAMED_CONFIGS: dict[str, AnyConfig] = {
                                   mask_token_id=1000, gmask_token_id=1001, torch_dtype="float32"),
 }
 
+NAMED_CONFIGS["visualglm-6b"] = VisualGLMConfig()
+NAMED_CONFIGS["visualglm-tiny"] = VisualGLMConfig(
+    **{f.name: getattr(NAMED_CONFIGS["chatglm-tiny"], f.name) for f in dataclasses.fields(ChatGLMConfig)
+       if f.name != "extra"},
+    eva_config=EvaViTConfig(num_layers=2, hidden_size=32, num_attention_heads=2, inner_hidden_size=64),
+    qformer_config=QFormerConfig(num_layers=2, hidden_size=32, num_attention_heads=2, is_decoder=[True, False],
+                                 cross_attn_hidden_size=32))
+
 # Where a named model's official weights live on the Hugging Face hub.
-HUB_IDS: dict[str, str] = {"chatglm-6b": "THUDM/chatglm-6b"}
+HUB_IDS: dict[str, str] = {"chatglm-6b": "THUDM/chatglm-6b", "visualglm-6b": "THUDM/visualglm-6b"}
 
 
 def get_config(name: str) -> AnyConfig:
     """A fresh copy of a named config (see ``NAMED_CONFIGS``)."""
     if name not in NAMED_CONFIGS:
         raise KeyError(f"unknown config name {name!r} (known: {', '.join(sorted(NAMED_CONFIGS))})")
-    base = NAMED_CONFIGS[name]
-    return dataclasses.replace(base, extra=dict(base.extra))
+    return config_from_dict(config_to_dict(NAMED_CONFIGS[name]))

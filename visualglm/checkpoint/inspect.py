@@ -5,18 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
-from visualglm.checkpoint.load import CheckpointError, build_model, weight_files
-from visualglm.config import FAMILY_NAMES, ConfigError, read_config
+from visualglm.checkpoint.load import build_model, read_checkpoint_config, weight_files
+from visualglm.config import FAMILY_NAMES
 
 
 def describe_checkpoint(path_or_name: str | Path) -> str:
     directory = resolve_checkpoint_dir(path_or_name)
-    try:
-        config = read_config(directory)
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory") from None
-    except ConfigError as exc:
-        raise CheckpointError(f"{directory / 'config.json'}: {exc}") from None
+    config = read_checkpoint_config(directory)
     model = build_model(config)  # meta device: shapes only
     unique = {id(p): p.numel() for p in model.parameters()}
     files = weight_files(directory)

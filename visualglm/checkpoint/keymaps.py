@@ -33,8 +33,33 @@ CHATGLM_HF: KeyMap = {
     "lm_head.weight": "lm_head.weight",
 }
 
+# THUDM/visualglm-6b, Hugging Face layout: ChatGLM-6B's keys plus the image encoder, whose module names we
+# keep equal to the sat-derived key names.
+_IMAGE_ENCODER_KEYS = [
+    "image_encoder.vit.transformer.word_embeddings.weight",
+    "image_encoder.vit.transformer.position_embeddings.weight",
+    "image_encoder.vit.mixins.patch_embedding.proj.weight",
+    "image_encoder.vit.mixins.patch_embedding.proj.bias",
+    "image_encoder.vit.mixins.cls.ln_vision.weight",
+    "image_encoder.vit.mixins.cls.ln_vision.bias",
+    *(f"image_encoder.vit.transformer.layers.{{}}.{name}.{p}"
+      for name in ("input_layernorm", "attention.query_key_value", "attention.dense", "post_attention_layernorm",
+                   "mlp.dense_h_to_4h", "mlp.dense_4h_to_h") for p in ("weight", "bias")),
+    "image_encoder.qformer.transformer.word_embeddings.weight",
+    *(f"image_encoder.qformer.transformer.layers.{{}}.{name}.{p}"
+      for name in ("input_layernorm", "attention.query_key_value", "attention.dense", "post_attention_layernorm",
+                   "cross_attention.query", "cross_attention.key_value", "cross_attention.dense",
+                   "post_cross_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+      for p in ("weight", "bias")),
+    "image_encoder.qformer.transformer.final_layernorm.weight",
+    "image_encoder.qformer.transformer.final_layernorm.bias",
+    "image_encoder.glm_proj.weight",
+    "image_encoder.glm_proj.bias",
+]
+VISUALGLM_HF: KeyMap = {**CHATGLM_HF, **{key: key for key in _IMAGE_ENCODER_KEYS}}
+
 # Keymaps by (family, source format).
-KEYMAPS: dict[tuple[str, str], KeyMap] = {("chatglm", "hf"): CHATGLM_HF}
+KEYMAPS: dict[tuple[str, str], KeyMap] = {("chatglm", "hf"): CHATGLM_HF, ("visualglm", "hf"): VISUALGLM_HF}
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

@@ -22,8 +22,9 @@ from visualglm.checkpoint.keymaps import KEYMAPS, UnknownKeyError, map_key
 from visualglm.config import AnyConfig, ConfigError, read_config
 from visualglm.kernels.cpu_bf16 import cpu_lacks_bf16_matmul, use_upcast_linears
 from visualglm.models.chatglm import ChatGLMForCausalLM
+from visualglm.models.visualglm import VisualGLMForCausalLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM, "visualglm": VisualGLMForCausalLM}
 
 # Weight file layouts of the HF format, in order of preference.
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -76,12 +77,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device 'cuda' requested but CUDA is not available on this machine")
     directory = resolve_checkpoint_dir(path_or_name)
-    try:
-        config = read_config(directory)
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory") from None
-    except ConfigError as exc:
-        raise CheckpointError(f"{directory / 'config.json'}: {exc}") from None
+    config = read_checkpoint_config(directory)
     target_dtype = parse_dtype(dtype) or default_dtype(config, device)
     model = build_model(config)
     keymap = KEYMAPS[(config.family, "hf")]
@@ -97,6 +93,16 @@ def apply_cpu_kernels(model: nn.Module) -> None:
     """Pick faster CPU kernels for a loaded bf16 model where this CPU needs them."""
     if next(model.parameters()).device.type == "cpu" and cpu_lacks_bf16_matmul():
         use_upcast_linears(model)
+
+
+def read_checkpoint_config(directory: Path) -> AnyConfig:
+    """The config of a checkpoint directory; errors name the directory or the file."""
+    try:
+        return read_config(directory)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: {exc}") from None
 
 
 def weight_files(directory: Path) -> list[Path]:

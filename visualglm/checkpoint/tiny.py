@@ -15,6 +15,24 @@ from visualglm.tokenizers.chatglm import ChatGLMTokenizer
 from visualglm.tokenizers.tiny import train_chatglm_sentencepiece
 
 
+def init_random_weights(model: torch.nn.Module, weight_scale: float = 2.0, seed: int = 0,
+                        layernorm_std: float = 0.3, bias_std: float = 0.05) -> torch.nn.Module:
+    """Fill a built model in place: LayerNorm weights N(1, layernorm_std), biases N(0, bias_std), matrices
+    N(0, weight_scale / sqrt(fan_in)). Deterministic for a seed; returns the model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                mean, std = 1.0, layernorm_std
+            elif name.endswith("bias"):
+                mean, std = 0.0, bias_std
+            else:
+                mean, std = 0.0, weight_scale / param.shape[-1] ** 0.5
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.copy_(noise.mul_(std).add_(mean))
+    return model
+
+
 def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_scale: float = 2.0) -> Path:
     """Write config.json + model.safetensors + ice_text.model (official layout) to ``directory``.
 
@@ -32,16 +50,8 @@ def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_sc
             # Untied: with random tied weights the residual stream makes the model echo its last input
             # token (<sop>, a control piece that decodes to nothing) forever.
             tie_word_embeddings=False)
-        torch.manual_seed(seed)
         model = build_model(config, device="cpu")
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("layernorm.weight"):
-                    param.normal_(1.0, 0.3)
-                elif name.endswith("bias"):
-                    param.normal_(0.0, 0.05)
-                else:
-                    param.normal_(0.0, weight_scale / param.shape[-1] ** 0.5)
+        init_random_weights(model, weight_scale, seed)
         save_checkpoint(model, directory)
         (directory / "ice_text.model").write_bytes(vocab_file.read_bytes())
     return directory

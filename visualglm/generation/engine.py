@@ -103,8 +103,8 @@ class DecodeState:
 def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int | None = None,
                    choose: TokenChooser | None = None, pad_id: int | None = None, *,
                    params: GenerationParams | None = None, generator: torch.Generator | None = None,
-                   reuse_prefix: int = 0, keep_cache: bool = False, compiled: Callable | None = None
-                   ) -> Iterator[Step]:
+                   reuse_prefix: int = 0, keep_cache: bool = False, compiled: Callable | None = None,
+                   inputs_embeds: torch.Tensor | None = None) -> Iterator[Step]:
     """Generate for a batch of prompts; one ``Step`` per new token until every row stops.
 
     ``params`` gives stop ids, length limits and sampling (default: greedy, no stop ids, which with
@@ -112,6 +112,8 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     ``reuse_prefix`` > 0 (single prompt only) keeps the cache slots ``[0, reuse_prefix)`` from an earlier
     call with ``keep_cache=True`` that held the same tokens there; the caller vouches that they are valid
     (see ``ChatSession``). ``compiled`` is an optional compiled forward used for decode steps.
+    ``inputs_embeds`` ``[B, T, hidden]`` (aligned with the left-padded prompts) replaces the prompt's token
+    embeddings in the prefill: this is how images enter (the ids still define positions and masks).
     """
     config = model.config
     params = params or GenerationParams()
@@ -135,8 +137,13 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
             model.setup_kv_cache(batch, size)
     cache_length = _cache_capacity(model)
     start = reuse_prefix
+    if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+        raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} do not match the padded prompts "
+                         f"{tuple(input_ids.shape)}")
+    prompt_embeds = None if inputs_embeds is None else inputs_embeds[:, start:].to(device)
     logits = model(input_ids[:, start:], positions[..., start:], mask[:, :, start:, :],
-                   cache_positions=torch.arange(start, length, device=device), logits_to_keep=1)[:, -1].float()
+                   cache_positions=torch.arange(start, length, device=device), inputs_embeds=prompt_embeds,
+                   logits_to_keep=1)[:, -1].float()
 
     state = DecodeState(mask[:, :, -1:, :], positions[..., -1:], cache_length)
     sampling = params.sampling
