@@ -57,3 +57,18 @@ def tiny_chat_checkpoint(tmp_path_factory) -> Path:
     from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
 
     return write_tiny_random_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def tiny_visual_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random VisualGLM-6B-layout checkpoint with its own tokenizer."""
+    from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
+
+    return write_tiny_random_checkpoint(tmp_path_factory.mktemp("visual") / "tiny-visual", family="visualglm")
+
+
+def make_png(path: Path, color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 30)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+    return path

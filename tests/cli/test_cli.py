@@ -129,3 +129,28 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, t
         process.kill()
     assert process.returncode == 0, err
     assert out.count("[interrupted]") == 2
+
+
+def test_ask_about_an_image(tiny_visual_checkpoint: Path, tiny_chat_checkpoint: Path, tmp_path: Path) -> None:
+    from ..conftest import make_png
+
+    image = make_png(tmp_path / "red.png")
+    result = _run("ask", "--model", str(tiny_visual_checkpoint), "--image", str(image), "--greedy",
+                  "--max-new-tokens", "5", "describe")
+    assert result.returncode == 0, result.stderr
+    text_model = _run("ask", "--model", str(tiny_chat_checkpoint), "--image", str(image), "hi")
+    assert text_model.returncode == 2 and "no image encoder" in text_model.stderr
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    bad = _run("ask", "--model", str(tiny_visual_checkpoint), "--image", str(tmp_path / "bad.png"), "hi")
+    assert bad.returncode == 2 and "bad.png" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_chat_image_command(tiny_visual_checkpoint: Path, tmp_path: Path) -> None:
+    from ..conftest import make_png
+
+    image = make_png(tmp_path / "blue.png", (0, 0, 255))
+    result = _interactive(tiny_visual_checkpoint, f"image {image}\ndescribe\nimage {tmp_path}/none.png\nstop\n",
+                          "--greedy", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "(image loaded; new conversation)" in result.stdout
+    assert "none.png" in result.stderr

@@ -43,7 +43,7 @@ def test_regenerate_reuses_the_whole_prompt_exactly(model_and_tokenizer) -> None
     model, tokenizer = model_and_tokenizer
     session = ChatSession(model, tokenizer, sampling=GREEDY, max_new_tokens=8)
     first = session.chat("the quick brown fox")
-    prompt_length = len(tokenizer.encode("the quick brown fox"))
+    prompt_length = len(session.prompt_ids("the quick brown fox")[0])
     again = regenerate(session)
     assert session.last_prefill_tokens == 1  # only the last prompt token was computed again
     assert again == first and len(session.history) == 1

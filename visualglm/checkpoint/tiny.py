@@ -33,10 +33,12 @@ def init_random_weights(model: torch.nn.Module, weight_scale: float = 2.0, seed:
     return model
 
 
-def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_scale: float = 2.0) -> Path:
+def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_scale: float = 2.0,
+                                 family: str = "chatglm") -> Path:
     """Write config.json + model.safetensors + ice_text.model (official layout) to ``directory``.
 
-    The config's special ids are the tokenizer's, as in the real checkpoint. Weights are random with
+    ``family`` "chatglm" or "visualglm" (adds a tiny EVA ViT + Q-Former at 224 px). The config's special
+    ids are the tokenizer's, as in the real checkpoint. Weights are random with
     ``weight_scale / sqrt(fan_in)`` std so that the network's output depends visibly on its input.
     """
     directory = Path(directory)
@@ -44,7 +46,7 @@ def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_sc
         vocab_file = train_chatglm_sentencepiece(Path(tmp))
         vocab = ChatGLMTokenizer(vocab_file)
         config = dataclasses.replace(
-            get_config("chatglm-tiny"), vocab_size=vocab.vocab_size, bos_token_id=vocab.bos_token_id,
+            get_config(f"{family}-tiny"), vocab_size=vocab.vocab_size, bos_token_id=vocab.bos_token_id,
             eos_token_id=vocab.eos_token_id, mask_token_id=vocab.mask_token_id,
             gmask_token_id=vocab.gmask_token_id, pad_token_id=vocab.pad_token_id, extra={},
             # Untied: with random tied weights the residual stream makes the model echo its last input

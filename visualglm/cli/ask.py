@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from visualglm.cli.options import add_generation_flags, add_model_flags, build_session, terminal_safe
+from visualglm.cli.options import (
+    add_generation_flags,
+    add_image_flags,
+    add_model_flags,
+    build_session,
+    terminal_safe,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -14,6 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                      else "alias of ask", description=__doc__)
         parser.add_argument("question", nargs="?", help="the question (default: read stdin)")
         add_model_flags(parser)
+        add_image_flags(parser)
         add_generation_flags(parser)
         parser.set_defaults(run=run)
 

@@ -1,6 +1,7 @@
 """``visualglm chat``: interactive chat with typewriter streaming.
 
-Commands at the prompt: ``clear`` forgets the conversation, ``stop`` (or Ctrl-D) leaves. Ctrl-C while an
+Commands at the prompt: ``clear`` forgets the conversation (the image stays), ``image PATH_OR_URL``
+talks about a new image (VisualGLM-6B) from a fresh conversation, ``stop`` (or Ctrl-D) leaves. Ctrl-C while an
 answer is being written interrupts that answer only; at the prompt it discards the line.
 """
 
@@ -9,15 +10,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from visualglm.cli.options import add_generation_flags, add_model_flags, build_session, terminal_safe
+from visualglm.cli.options import (
+    add_generation_flags,
+    add_image_flags,
+    add_model_flags,
+    build_session,
+    terminal_safe,
+)
 
-WELCOME = "VisualGLM chat. Type your message; 'clear' clears the history, 'stop' exits."
+WELCOME = "VisualGLM chat. Type your message; 'clear' clears the history, 'image PATH' sets an image, 'stop' exits."
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("chat", help="chat interactively", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
+    add_image_flags(parser)
     add_generation_flags(parser)
     parser.set_defaults(run=run)
 
@@ -38,8 +46,16 @@ def run(args: argparse.Namespace) -> int:
         if command == "stop":
             return 0
         if command == "clear":
-            session.reset()
+            session.clear_history()
             print(WELCOME)
+            continue
+        if command.startswith("image "):
+            try:
+                session.clear_history()
+                session.set_image(command[len("image "):].strip(), allow_remote=True)
+                print("(image loaded; new conversation)")
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
             continue
         if not command:
             continue

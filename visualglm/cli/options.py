@@ -14,19 +14,28 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
+def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", help="image file or http(s) URL to talk about (VisualGLM-6B models)")
+    parser.add_argument("--english", action="store_true",
+                        help="VisualGLM-6B English mode: Q:/A: template, Chinese pieces banned (as its demo)")
+
+
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    """Defaults are those of the reference ChatGLM-6B chat(): sampling, top_p 0.7, temperature 0.95,
-    HF's implicit top_k 50, max_length 2048 (prompt + answer)."""
+    """Defaults (None) mean "the model's reference defaults": ChatGLM-6B chat() samples with top_p 0.7,
+    temperature 0.95 and HF's implicit top_k 50; VisualGLM-6B's demo with top_p 0.4, top_k 100,
+    temperature 0.8, repetition penalty 1.2. max_length 2048 (prompt + answer) for both."""
     parser.add_argument("--max-length", type=int, default=2048,
                         help="prompt + answer tokens, as the reference counts (default: 2048)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens at most (default: no "
                         "limit besides --max-length)")
-    parser.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass (default: 0.7)")
-    parser.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default: "
-                        "50, what the reference applies implicitly)")
-    parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (default: 0.95)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="penalty for tokens already present, 1.0 = off (default: 1.0)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 0.7; "
+                        "VisualGLM 0.4)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens, 0 = off "
+                        "(default: 50, what the reference applies implicitly; VisualGLM 100)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default: 0.95; VisualGLM 0.8)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="penalty for tokens already present, 1.0 = off (default: 1.0; VisualGLM 1.2)")
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--compile", action="store_true",
@@ -41,15 +50,24 @@ def build_session(args: argparse.Namespace):
 
     if not args.model:
         raise ValueError("no default model ships yet: pass --model DIR (a ChatGLM-6B checkpoint directory)")
-    sampling = SamplingParams.chatglm6b(top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
-                                        repetition_penalty=args.repetition_penalty, do_sample=not args.greedy,
-                                        seed=args.seed).validate()
     if args.max_length is not None and args.max_length < 2:
         raise ValueError("--max-length must be at least 2")
+    overrides = {name: value for name, value in (
+        ("top_p", args.top_p), ("top_k", args.top_k), ("temperature", args.temperature),
+        ("repetition_penalty", args.repetition_penalty), ("seed", args.seed)) if value is not None}
+    if args.greedy:
+        overrides["do_sample"] = False
+    SamplingParams(**overrides).validate()  # bad flags fail before the (slow) model load
     tokenizer = visualglm.load_tokenizer(args.model)
     model = visualglm.load(args.model, dtype=args.dtype, device=args.device)
-    return ChatSession(model, tokenizer, sampling=sampling, max_length=args.max_length,
-                       max_new_tokens=args.max_new_tokens, compile=args.compile)
+    english = getattr(args, "english", False)
+    session = ChatSession(model, tokenizer, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+                          compile=args.compile, english=english)
+    session.sampling = session.sampling.replace(**overrides).validate()
+    session.reseed()
+    if getattr(args, "image", None):
+        session.set_image(args.image, allow_remote=True)
+    return session
 
 
 def terminal_safe(text: str) -> str:

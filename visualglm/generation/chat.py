@@ -1,4 +1,4 @@
-"""Chat sessions: history, the reference prompt template, streaming text, and KV-cache reuse.
+"""Chat sessions: history, the reference prompt templates, images, streaming text, and KV-cache reuse.
 
 Between turns the session keeps the model's KV cache and the tokens it holds. A new turn prefills only
 what the model says is still exact (``model.reusable_prefix``). For ChatGLM-6B's template this is the whole
@@ -16,23 +16,36 @@ from torch import nn
 
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
-from visualglm.generation.sampling import SamplingParams, make_generator
-from visualglm.tokenizers.templates import chatglm_prompt
+from visualglm.generation.sampling import VISUALGLM_ENGLISH_BANNED_RANGES, SamplingParams, make_generator
+from visualglm.image import load_image, preprocess
+from visualglm.tokenizers.templates import chatglm_prompt, visualglm_ids
 
 
 class ChatSession:
-    """A conversation with a ChatGLM-6B-family model.
+    """A conversation with ChatGLM-6B or VisualGLM-6B.
 
     ``history`` is the reference's list of ``(query, response)`` pairs. Defaults follow the reference
-    ``chat()``: ``max_length`` 2048 (prompt + answer), sampling with top_p 0.7, temperature 0.95.
+    chat functions: ``max_length`` 2048 (prompt + answer); ChatGLM-6B samples with top_p 0.7 and
+    temperature 0.95, VisualGLM-6B with its demo's top_p 0.4, top_k 100, temperature 0.8 and repetition
+    penalty 1.2. A VisualGLM session may hold one image (``set_image``), encoded once and reused by every
+    turn; ``english=True`` uses VisualGLM's ``Q:/A:`` template and bans the Chinese pieces as its demo does.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, sampling: SamplingParams | None = None,
                  max_length: int | None = 2048, max_new_tokens: int | None = None,
-                 history: list[tuple[str, str]] | None = None, compile: bool = False) -> None:
+                 history: list[tuple[str, str]] | None = None, compile: bool = False,
+                 image=None, english: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.sampling = (sampling or SamplingParams.chatglm6b()).validate()
+        self.multimodal = hasattr(model, "encode_images")
+        if english and not self.multimodal:
+            raise ValueError("english mode is a VisualGLM-6B option")
+        self.english = english
+        if sampling is None:
+            sampling = SamplingParams.visualglm() if self.multimodal else SamplingParams.chatglm6b()
+            if english:
+                sampling = sampling.replace(banned_ranges=VISUALGLM_ENGLISH_BANNED_RANGES)
+        self.sampling = sampling.validate()
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.history: list[tuple[str, str]] = [tuple(turn) for turn in (history or [])]
@@ -41,20 +54,57 @@ class ChatSession:
         self.last_prefill_tokens = 0  # how many prompt tokens the last turn actually computed
         # Optional torch.compile'd decode step (fixed shapes; the cache is then sized to the context).
         self._compiled = compile_decode(model) if compile else None
+        self._image_embeds: torch.Tensor | None = None  # [1, image_length, hidden], encoded once
+        self.encoded_images = 0  # how many times the vision tower ran
+        if image is not None:
+            self.set_image(image)
+
+    @torch.inference_mode()
+    def set_image(self, image, allow_remote: bool = False) -> None:
+        """Attach an image (anything ``visualglm.image.load_image`` accepts; http(s) URLs only with
+        ``allow_remote``) to the conversation."""
+        if not self.multimodal:
+            raise ValueError("this model has no image encoder: images need a VisualGLM-6B checkpoint")
+        size = self.model.config.eva_config.image_size
+        device = next(self.model.parameters()).device
+        pixels = preprocess(load_image(image, allow_remote=allow_remote), (size[0], size[1])).to(device)
+        self._image_embeds = self.model.encode_images(pixels)
+        self.encoded_images += 1
+        self._cached_ids = []  # same placeholder ids, different image: nothing cached is valid
+
+    def reseed(self) -> None:
+        """Restart the random generator from ``sampling.seed`` (after changing the sampling settings)."""
+        self._generator = make_generator(self.sampling.seed, next(self.model.parameters()).device)
+
+    def clear_history(self) -> None:
+        """Forget the conversation but keep the image (the cache goes with the history)."""
+        self.history = []
+        self._cached_ids = []
 
     def reset(self) -> None:
-        """Forget the history and the cache."""
+        """Forget the history, the image and the cache."""
         self.history = []
+        self._image_embeds = None
         self._cached_ids = []
         self.model.delete_kv_cache()
 
-    def prompt_ids(self, query: str) -> list[int]:
-        return self.tokenizer.encode(chatglm_prompt(query, self.history))
+    def prompt_ids(self, query: str) -> tuple[list[int], int | None]:
+        """The prompt's ids and where the image placeholders start (None without an image)."""
+        if not self.multimodal:
+            return self.tokenizer.encode(chatglm_prompt(query, self.history)), None
+        image_length = None if self._image_embeds is None else self.model.config.image_length
+        return visualglm_ids(self.tokenizer, query, self.history, image_length=image_length, english=self.english)
 
     def stream(self, query: str) -> Iterator[str]:
         """Yield the answer as text deltas; the turn is added to ``history`` when the stream ends (also
         when the caller stops early, with the text shown so far)."""
-        ids = self.prompt_ids(query)
+        ids, image_start = self.prompt_ids(query)
+        embeds = None
+        if image_start is not None:
+            with torch.inference_mode():
+                device = self._image_embeds.device
+                embeds = self.model.embed_with_images(torch.tensor([ids], device=device), self._image_embeds,
+                                                      [image_start])
         reuse = self.model.reusable_prefix(self._cached_ids, ids) if self._cached_ids else 0
         params = GenerationParams(max_new_tokens=self.max_new_tokens, max_length=self.max_length,
                                   stop_ids=(self.model.config.eos_token_id,), sampling=self.sampling)
@@ -64,7 +114,8 @@ class ChatSession:
         self.last_prefill_tokens = len(ids) - reuse
         try:
             for step in generate_steps(self.model, [ids], params=params, generator=self._generator,
-                                       reuse_prefix=reuse, keep_cache=True, compiled=self._compiled):
+                                       reuse_prefix=reuse, keep_cache=True, compiled=self._compiled,
+                                       inputs_embeds=embeds):
                 token = int(step.tokens[0])
                 chosen.append(token)
                 if bool(step.finished[0]):
