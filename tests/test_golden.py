@@ -110,8 +110,10 @@ def check_visualglm_case(directory: Path, case: dict) -> None:
     assert end - start == model.config.image_length
     with torch.no_grad():
         vit = model.image_encoder.vit(pixels)
+        queries = model.image_encoder.qformer(vit)
         image_embeds = model.encode_images(pixels)
     assert _relative_error(vit, expected["image.vit_output"]) <= IMAGE_RELATIVE_TOLERANCE
+    assert _relative_error(queries, expected["image.qformer_output"]) <= IMAGE_RELATIVE_TOLERANCE
     assert _relative_error(image_embeds, expected["image.image_embeds"]) <= IMAGE_RELATIVE_TOLERANCE
 
     positions, allowed = model.prompt_inputs(ids)

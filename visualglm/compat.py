@@ -7,6 +7,8 @@ Change only the import line of the reference snippet::
     model = AutoModel.from_pretrained("THUDM/chatglm-6b", trust_remote_code=True).half().cuda()
     model = model.eval()
     response, history = model.chat(tokenizer, "你好", history=[])
+
+VisualGLM-6B's snippet works the same way: ``model.chat(tokenizer, image_path, "描述这张图片。", history=[])``.
 """
 
 from __future__ import annotations
@@ -53,25 +55,47 @@ class CompatModel:
         self.model.eval()
         return self
 
-    def _session(self, tokenizer, history, max_length, top_p, temperature, do_sample) -> ChatSession:
-        sampling = SamplingParams.chatglm6b(top_p=top_p, temperature=temperature, do_sample=do_sample)
+    def _session(self, tokenizer, history, max_length, sampling: SamplingParams, image=None) -> ChatSession:
+        # The HF VisualGLM code always uses the Chinese template (no English option).
+        english = False if hasattr(self.model, "encode_images") else None
         return ChatSession(self.model, tokenizer, sampling=sampling, max_length=max_length,
-                           history=[tuple(turn) for turn in (history or [])])
+                           history=[tuple(turn) for turn in (history or [])], image=image, english=english)
 
-    def chat(self, tokenizer, query: str, history: list | None = None, max_length: int = 2048,
-             num_beams: int = 1, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
-             **_ignored: Any) -> tuple[str, list[tuple[str, str]]]:
+    def chat(self, tokenizer, *args: Any, **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
+        """ChatGLM-6B: ``chat(tokenizer, query, history=None, max_length=2048, num_beams=1, do_sample=True,
+        top_p=0.7, temperature=0.95)``. VisualGLM-6B: ``chat(tokenizer, image_path, query, history=None,
+        max_length=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100, temperature=0.8,
+        repetition_penalty=1.2)``; ``min_length`` is not applied (see README)."""
+        if hasattr(self.model, "encode_images"):
+            return self._visual_chat(tokenizer, *args, **kwargs)
+        return self._text_chat(tokenizer, *args, **kwargs)
+
+    def _text_chat(self, tokenizer, query: str, history: list | None = None, max_length: int = 2048,
+                   num_beams: int = 1, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
+                   **_ignored: Any) -> tuple[str, list[tuple[str, str]]]:
         if num_beams != 1:
             raise ValueError("beam search is not supported (num_beams must be 1)")
-        session = self._session(tokenizer, history, max_length, top_p, temperature, do_sample)
+        sampling = SamplingParams.chatglm6b(top_p=top_p, temperature=temperature, do_sample=do_sample)
+        session = self._session(tokenizer, history, max_length, sampling)
+        response = session.chat(query)
+        return response, session.history
+
+    def _visual_chat(self, tokenizer, image_path: Any, query: str, history: list | None = None,
+                     max_length: int = 1024, min_length: int = 100, do_sample: bool = True, top_p: float = 0.4,
+                     top_k: int = 100, temperature: float = 0.8, repetition_penalty: float = 1.2,
+                     **_ignored: Any) -> tuple[str, list[tuple[str, str]]]:
+        sampling = SamplingParams.visualglm(top_p=top_p, top_k=top_k, temperature=temperature,
+                                            repetition_penalty=repetition_penalty, do_sample=do_sample)
+        session = self._session(tokenizer, history, max_length, sampling, image=image_path or None)
         response = session.chat(query)
         return response, session.history
 
     def stream_chat(self, tokenizer, query: str, history: list | None = None, max_length: int = 2048,
                     do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95, **_ignored: Any
                     ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-        """Yields ``(response so far, history including it)`` like the reference."""
-        session = self._session(tokenizer, history, max_length, top_p, temperature, do_sample)
+        """Yields ``(response so far, history including it)`` like the reference (ChatGLM-6B)."""
+        sampling = SamplingParams.chatglm6b(top_p=top_p, temperature=temperature, do_sample=do_sample)
+        session = self._session(tokenizer, history, max_length, sampling)
         earlier = list(session.history)
         response = ""
         for delta in session.stream(query):

@@ -55,7 +55,7 @@ def test_chat_turns_clear_and_stop(tiny_chat_checkpoint: Path) -> None:
                           "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ChatGLM: ") == 2  # two answers, nothing after stop
-    assert result.stdout.count("'clear' clears the history") == 2  # welcome again after clear
+    assert result.stdout.count("'clear' starts over") == 2  # welcome again after clear
 
 
 def test_chat_ends_on_end_of_input(tiny_chat_checkpoint: Path) -> None:
@@ -110,9 +110,10 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, t
     checkpoint = Path(shutil.copytree(tiny_chat_checkpoint, tmp_path / "endless"))
     config = json.loads((checkpoint / "config.json").read_text())
     config["eos_token_id"] = config["mask_token_id"]
+    config["max_sequence_length"] = 200_000  # an answer would take far longer than the test waits
     (checkpoint / "config.json").write_text(json.dumps(config))
     process = subprocess.Popen([sys.executable, "-m", "visualglm", "chat", "--model", str(checkpoint), "--seed",
-                                "1", "--max-length", "2048"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                "1", "--max-length", "200000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
     try:
         time.sleep(6)  # start-up
@@ -149,8 +150,12 @@ def test_chat_image_command(tiny_visual_checkpoint: Path, tmp_path: Path) -> Non
     from ..conftest import make_png
 
     image = make_png(tmp_path / "blue.png", (0, 0, 255))
-    result = _interactive(tiny_visual_checkpoint, f"image {image}\ndescribe\nimage {tmp_path}/none.png\nstop\n",
-                          "--greedy", "--max-new-tokens", "3")
+    # The reference flow: image first (a bad path is asked again), then questions; clear asks for an image
+    # again, where Enter means text only.
+    script = f"{tmp_path}/none.png\n{image}\ndescribe\nclear\n\nhello\nimage {image}\nagain\nstop\n"
+    result = _interactive(tiny_visual_checkpoint, script, "--greedy", "--max-new-tokens", "3")
     assert result.returncode == 0, result.stderr
-    assert "(image loaded; new conversation)" in result.stdout
     assert "none.png" in result.stderr
+    assert result.stdout.count("image path or URL") == 3  # twice at the start (bad path), once after clear
+    assert result.stdout.count("ChatGLM: ") == 3
+    assert "(image loaded; new conversation)" in result.stdout

@@ -46,8 +46,8 @@ def test_the_image_changes_the_answer(visual, tmp_path: Path) -> None:
 def test_prompt_layout_with_and_without_image(visual, tmp_path: Path) -> None:
     model, tokenizer = visual
     text_only = ChatSession(model, tokenizer, sampling=GREEDY)
-    ids, start = text_only.prompt_ids("hi")
-    assert start is None and ids == tokenizer.encode("问：hi\n答：")
+    ids, start = text_only.prompt_ids("你好")
+    assert start is None and ids == tokenizer.encode("问：你好\n答：")
     with_image = ChatSession(model, tokenizer, sampling=GREEDY, image=make_png(tmp_path / "a.png"))
     ids, start = with_image.prompt_ids("hi")
     assert ids[start:start + model.config.image_length] == [tokenizer.unk_token_id] * model.config.image_length
@@ -85,8 +85,26 @@ def test_bad_image_is_a_clear_error(visual, tmp_path: Path) -> None:
         ChatSession(model, tokenizer, image=tmp_path / "bad.png")
 
 
-def test_english_mode_template(visual, tmp_path: Path) -> None:
+def test_template_language(visual) -> None:
     model, tokenizer = visual
-    session = ChatSession(model, tokenizer, english=True)
-    assert session.prompt_ids("hi")[0] == tokenizer.encode("Q:hi\nA:")
-    assert session.sampling.banned_ranges
+    forced = ChatSession(model, tokenizer, english=True)
+    assert forced.prompt_ids("你好")[0] == tokenizer.encode("Q:你好\nA:")
+    assert forced.sampling.banned_ranges == ((63823, 130000),)
+    auto = ChatSession(model, tokenizer)
+    assert auto.prompt_ids("hi")[0] == tokenizer.encode("Q:hi\nA:")
+    assert auto.prompt_ids("你好")[0] == tokenizer.encode("问：你好\nA:".replace("A:", "答："))
+    assert not auto.sampling.banned_ranges
+    chinese = ChatSession(model, tokenizer, english=False)
+    assert chinese.prompt_ids("hi")[0] == tokenizer.encode("问：hi\n答：")
+
+
+def test_reference_visualglm_snippet(tiny_visual_checkpoint: Path, tmp_path: Path) -> None:
+    from visualglm.compat import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_visual_checkpoint), trust_remote_code=True)
+    model = AutoModel.from_pretrained(str(tiny_visual_checkpoint), trust_remote_code=True).float().eval()
+    image_path = str(make_png(tmp_path / "img.png"))
+    response, history = model.chat(tokenizer, image_path, "描述这张图片。", history=[])
+    assert isinstance(response, str) and history == [("描述这张图片。", response)]
+    response2, history2 = model.chat(tokenizer, image_path, "hi", history=history, do_sample=False)
+    assert history2[:1] == history and history2[1] == ("hi", response2)

@@ -1,8 +1,9 @@
 """``visualglm chat``: interactive chat with typewriter streaming.
 
-Commands at the prompt: ``clear`` forgets the conversation (the image stays), ``image PATH_OR_URL``
-talks about a new image (VisualGLM-6B) from a fresh conversation, ``stop`` (or Ctrl-D) leaves. Ctrl-C while an
-answer is being written interrupts that answer only; at the prompt it discards the line.
+With a VisualGLM-6B model the chat first asks for an image path or URL (Enter: text-only chat), unless
+``--image`` gave one. Commands at the prompt: ``clear`` starts over (VisualGLM: with a new image), ``image
+PATH_OR_URL`` switches to another image in a fresh conversation, ``stop`` (or Ctrl-D) leaves. Ctrl-C while
+an answer is being written interrupts that answer only; at the prompt it discards the line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from visualglm.cli.options import (
     terminal_safe,
 )
 
-WELCOME = "VisualGLM chat. Type your message; 'clear' clears the history, 'image PATH' sets an image, 'stop' exits."
+WELCOME = "VisualGLM chat. Type your message; 'clear' starts over, 'image PATH' sets an image, 'stop' exits."
+IMAGE_PROMPT = "\n请输入图像路径或URL（回车进入纯文本对话）/ image path or URL (Enter: text only): "
+
+
+class _Leave(Exception):
+    """The user asked to leave (stop, Ctrl-D)."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -30,45 +36,77 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _read(prompt: str) -> str:
+    """One line of input; Ctrl-C drops the line (returns ""), Ctrl-D / 'stop' leaves."""
+    try:
+        line = input(prompt)
+    except EOFError:
+        print()
+        raise _Leave from None
+    except KeyboardInterrupt:
+        print("\n(type 'stop' or press Ctrl-D to leave)")
+        return ""
+    if line.strip() == "stop":
+        raise _Leave
+    return line
+
+
+def _choose_image(session) -> None:
+    """Ask until the user gives a loadable image or presses Enter for text only."""
+    while True:
+        source = _read(IMAGE_PROMPT).strip()
+        if not source:
+            return
+        try:
+            session.set_image(source, allow_remote=True)
+            return
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+
+
+def _answer(session, query: str) -> None:
+    print("\nChatGLM: ", end="", flush=True)
+    stream = session.stream(query)
+    try:
+        for delta in stream:
+            print(terminal_safe(delta), end="", flush=True)
+    except KeyboardInterrupt:
+        stream.close()
+        print(" [interrupted]", end="")
+    except ValueError as exc:  # e.g. the history no longer fits the context
+        stream.close()
+        if session.history and session.history[-1][0] == query:
+            session.history.pop()
+        print(f"\nerror: {exc}", file=sys.stderr)
+    print(flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     session = build_session(args)
     print(WELCOME)
-    while True:
-        try:
-            query = input("\n用户: ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:  # like a shell: drop the line, stay in the chat
-            print("\n(type 'stop' or press Ctrl-D to leave)")
-            continue
-        command = query.strip()
-        if command == "stop":
-            return 0
-        if command == "clear":
-            session.clear_history()
-            print(WELCOME)
-            continue
-        if command.startswith("image "):
-            try:
-                session.clear_history()
-                session.set_image(command[len("image "):].strip(), allow_remote=True)
-                print("(image loaded; new conversation)")
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-            continue
-        if not command:
-            continue
-        print("\nChatGLM: ", end="", flush=True)
-        stream = session.stream(query)
-        try:
-            for delta in stream:
-                print(terminal_safe(delta), end="", flush=True)
-        except KeyboardInterrupt:
-            stream.close()
-            print(" [interrupted]", end="")
-        except ValueError as exc:  # e.g. the history no longer fits the context
-            stream.close()
-            session.history.pop() if session.history and session.history[-1][0] == query else None
-            print(f"\nerror: {exc}", file=sys.stderr)
-        print(flush=True)
+    try:
+        if session.multimodal and not args.image:
+            _choose_image(session)
+        while True:
+            query = _read("\n用户: ")
+            command = query.strip()
+            if not command:
+                continue
+            if command == "clear":
+                if session.multimodal:
+                    session.reset()
+                    _choose_image(session)
+                else:
+                    session.clear_history()
+                print(WELCOME)
+            elif command.startswith("image "):
+                try:
+                    session.set_image(command[len("image "):].strip(), allow_remote=True)
+                    session.clear_history()
+                    print("(image loaded; new conversation)")
+                except ValueError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+            else:
+                _answer(session, query)
+    except _Leave:
+        return 0

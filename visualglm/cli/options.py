@@ -60,7 +60,7 @@ def build_session(args: argparse.Namespace):
     SamplingParams(**overrides).validate()  # bad flags fail before the (slow) model load
     tokenizer = visualglm.load_tokenizer(args.model)
     model = visualglm.load(args.model, dtype=args.dtype, device=args.device)
-    english = getattr(args, "english", False)
+    english = True if getattr(args, "english", False) else None
     session = ChatSession(model, tokenizer, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                           compile=args.compile, english=english)
     session.sampling = session.sampling.replace(**overrides).validate()

@@ -28,17 +28,19 @@ class ChatSession:
     chat functions: ``max_length`` 2048 (prompt + answer); ChatGLM-6B samples with top_p 0.7 and
     temperature 0.95, VisualGLM-6B with its demo's top_p 0.4, top_k 100, temperature 0.8 and repetition
     penalty 1.2. A VisualGLM session may hold one image (``set_image``), encoded once and reused by every
-    turn; ``english=True`` uses VisualGLM's ``Q:/A:`` template and bans the Chinese pieces as its demo does.
+    turn. VisualGLM's template language: ``english=None`` picks ``Q:/A:`` for a query without CJK characters
+    and ``问：/答：`` otherwise (as its web demo); ``english=True`` forces ``Q:/A:`` and bans the Chinese pieces
+    (its ``--english``); ``english=False`` forces Chinese.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, sampling: SamplingParams | None = None,
                  max_length: int | None = 2048, max_new_tokens: int | None = None,
                  history: list[tuple[str, str]] | None = None, compile: bool = False,
-                 image=None, english: bool = False) -> None:
+                 image=None, english: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.multimodal = hasattr(model, "encode_images")
-        if english and not self.multimodal:
+        if english is not None and not self.multimodal:
             raise ValueError("english mode is a VisualGLM-6B option")
         self.english = english
         if sampling is None:
@@ -93,7 +95,8 @@ class ChatSession:
         if not self.multimodal:
             return self.tokenizer.encode(chatglm_prompt(query, self.history)), None
         image_length = None if self._image_embeds is None else self.model.config.image_length
-        return visualglm_ids(self.tokenizer, query, self.history, image_length=image_length, english=self.english)
+        english = self.english if self.english is not None else not has_cjk(query)
+        return visualglm_ids(self.tokenizer, query, self.history, image_length=image_length, english=english)
 
     def stream(self, query: str) -> Iterator[str]:
         """Yield the answer as text deltas; the turn is added to ``history`` when the stream ends (also
@@ -135,6 +138,11 @@ class ChatSession:
     def chat(self, query: str) -> str:
         """The whole answer to ``query`` (and the turn appended to ``history``)."""
         return "".join(self.stream(query))
+
+
+def has_cjk(text: str) -> bool:
+    """True when ``text`` holds a CJK unified ideograph (U+4E00..U+9FFF), the reference demos' test."""
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
 @torch.inference_mode()
