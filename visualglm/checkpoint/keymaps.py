@@ -58,8 +58,32 @@ _IMAGE_ENCODER_KEYS = [
 ]
 VISUALGLM_HF: KeyMap = {**CHATGLM_HF, **{key: key for key in _IMAGE_ENCODER_KEYS}}
 
+# SwissArmyTransformer (sat) layout of ChatGLM-6B (``<iter>/mp_rank_XX_model_states.pt``, see
+# ``visualglm.checkpoint.sat``). Same names as HF for the transformer; the LM head lives in the
+# ``chatglm-final`` mixin, the rotary buffer in the ``chatglm-attn`` mixin (recomputed, so dropped), and
+# older sat versions (0.4.1 included) keep BaseTransformer's unused learned position table (dropped too).
+# Tensor *names* are all that differs here; the QKV row order and model-parallel pieces are handled by
+# ``visualglm.checkpoint.sat``.
+CHATGLM_SAT: KeyMap = {
+    **{key: target for key, target in CHATGLM_HF.items()
+       if key != "lm_head.weight" and not key.endswith("rotary_emb.inv_freq")},
+    "transformer.position_embeddings.weight": None,
+    "mixins.chatglm-attn.rotary_emb.inv_freq": None,
+    "mixins.chatglm-final.lm_head.weight": "lm_head.weight",
+}
+# VisualGLM-6B in sat: the image encoder is the ``eva`` mixin's ``model`` (a BLIP2 module), so every
+# ``image_encoder.`` key is stored under ``mixins.eva.model.`` (dev_visual's convert_sat_checkpoint.py).
+_SAT_IMAGE_PREFIX = "mixins.eva.model."
+VISUALGLM_SAT: KeyMap = {
+    **CHATGLM_SAT,
+    **{_SAT_IMAGE_PREFIX + key.removeprefix("image_encoder."): key for key in _IMAGE_ENCODER_KEYS},
+}
+
 # Keymaps by (family, source format).
-KEYMAPS: dict[tuple[str, str], KeyMap] = {("chatglm", "hf"): CHATGLM_HF, ("visualglm", "hf"): VISUALGLM_HF}
+KEYMAPS: dict[tuple[str, str], KeyMap] = {
+    ("chatglm", "hf"): CHATGLM_HF, ("visualglm", "hf"): VISUALGLM_HF,
+    ("chatglm", "sat"): CHATGLM_SAT, ("visualglm", "sat"): VISUALGLM_SAT,
+}
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -65,20 +65,32 @@ def build_model(config: AnyConfig, device: torch.device | str = "meta") -> nn.Mo
 
 
 def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device = "cpu", progress: bool = True, fast_cpu_kernels: bool = True) -> nn.Module:
-    """Load a checkpoint directory (official HF layout), a known name or a hub id into an eval-mode model.
+         device: str | torch.device = "cpu", progress: bool = True, fast_cpu_kernels: bool = True,
+         qkv_layout: str = "auto") -> nn.Module:
+    """Load a checkpoint directory, a known name or a hub id into an eval-mode model.
 
-    ``dtype`` defaults to the checkpoint's (float16 becomes bfloat16 on CPU). The model has ``.config``
-    and ``.checkpoint_dir`` attributes; its parameters do not require grad. ``fast_cpu_kernels`` swaps
-    bf16 linears for ones that prefill through fp32 GEMM on CPUs without native bf16 matrix math
+    Two directory layouts are read: the official Hugging Face one (``config.json`` + weights) and
+    SwissArmyTransformer's (``model_config.json`` + ``latest`` + ``<iter>/mp_rank_XX_model_states.pt``,
+    see ``visualglm.checkpoint.sat``; ``qkv_layout`` applies to it only).
+
+    ``dtype`` defaults to the checkpoint's (float16 becomes bfloat16 on CPU); ``"stored"`` keeps every
+    tensor's stored dtype (VisualGLM's HF checkpoint stores its image encoder in float32). The model has
+    ``.config`` and ``.checkpoint_dir`` attributes; its parameters do not require grad. ``fast_cpu_kernels``
+    swaps bf16 linears for ones that prefill through fp32 GEMM on CPUs without native bf16 matrix math
     (``visualglm.kernels.cpu_bf16``).
     """
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("device 'cuda' requested but CUDA is not available on this machine")
+    device = check_device(device)
     directory = resolve_checkpoint_dir(path_or_name)
+    if is_sat_directory(directory):
+        from visualglm.checkpoint.sat import load_sat
+
+        return load_sat(directory, dtype=dtype, device=device, qkv_layout=qkv_layout, progress=progress,
+                        fast_cpu_kernels=fast_cpu_kernels)
+    if qkv_layout != "auto":
+        raise ValueError(f"qkv_layout={qkv_layout!r} applies to sat checkpoints only; {directory} is in the "
+                         "Hugging Face layout, whose QKV rows are always per-head interleaved")
     config = read_checkpoint_config(directory)
-    target_dtype = parse_dtype(dtype) or default_dtype(config, device)
+    target_dtype = target_dtype_for(dtype, config, device)
     model = build_model(config)
     keymap = KEYMAPS[(config.family, "hf")]
     load_weights(model, weight_files(directory), keymap, target_dtype, device, progress)
@@ -87,6 +99,27 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     if fast_cpu_kernels:
         apply_cpu_kernels(model)
     return model.eval()
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' requested but CUDA is not available on this machine")
+    return device
+
+
+def target_dtype_for(dtype: str | torch.dtype | None, config: AnyConfig, device: torch.device
+                     ) -> torch.dtype | None:
+    """The dtype to load into: explicit, the checkpoint's default, or None for ``"stored"`` (keep each
+    tensor's stored dtype)."""
+    if dtype == "stored":
+        return None
+    return parse_dtype(dtype) or default_dtype(config, device)
+
+
+def is_sat_directory(directory: Path) -> bool:
+    """A SwissArmyTransformer checkpoint: ``model_config.json`` and no HF ``config.json``."""
+    return (directory / "model_config.json").is_file() and not (directory / "config.json").is_file()
 
 
 def apply_cpu_kernels(model: nn.Module) -> None:
@@ -171,34 +204,43 @@ def _torch_load(path: Path) -> object:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
 
 
-def load_weights(model: nn.Module, files: list[Path], keymap: dict, dtype: torch.dtype,
+def load_weights(model: nn.Module, files: list[Path], keymap: dict, dtype: torch.dtype | None,
                  device: torch.device, progress: bool = True) -> None:
     """Assign every tensor of ``files`` to ``model`` (built on meta) with strict key and shape checks."""
+    tensors = ((path, key, tensor) for path in files for key, tensor in iter_tensors(path))
+    assign_weights(model, tensors, keymap, dtype, device, progress, where=files[0].parent)
+
+
+def assign_weights(model: nn.Module, tensors: Iterable[tuple[Path | str, str, torch.Tensor]], keymap: dict,
+                   dtype: torch.dtype | None, device: torch.device, progress: bool = True,
+                   where: Path | str = "") -> None:
+    """Assign ``(source, key, tensor)`` triples to ``model`` (built on meta): keys are mapped through
+    ``keymap``, every parameter must be set exactly once with the right shape. ``source`` names the file in
+    errors; ``dtype`` None keeps the stored dtype."""
     tied = model.tied_parameters() if hasattr(model, "tied_parameters") else {}
     expected = {name: p for name, p in model.named_parameters(remove_duplicate=False) if name not in tied}
     loaded: set[str] = set()
     unexpected: list[str] = []
     bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
-    for path in files:
-        for key, tensor in iter_tensors(path):
-            try:
-                name = map_key(key, keymap)
-            except UnknownKeyError:
-                unexpected.append(key)
-                continue
-            if name is None or name in tied:
-                continue
-            if name not in expected:
-                unexpected.append(key)
-                continue
-            param = expected[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects "
-                                      f"{tuple(param.shape)}")
-            value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-            _assign(model, name, value)
-            loaded.add(name)
-            bar.update(1)
+    for path, key, tensor in tensors:
+        try:
+            name = map_key(key, keymap)
+        except UnknownKeyError:
+            unexpected.append(key)
+            continue
+        if name is None or name in tied:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        param = expected[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects "
+                                  f"{tuple(param.shape)}")
+        cast = dtype if dtype is not None and tensor.is_floating_point() else None
+        _assign(model, name, tensor.to(device=device, dtype=cast))
+        loaded.add(name)
+        bar.update(1)
     bar.close()
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:
@@ -207,7 +249,7 @@ def load_weights(model: nn.Module, files: list[Path], keymap: dict, dtype: torch
             parts.append(f"missing {len(missing)} key(s): {_preview(missing)}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s): {_preview(sorted(unexpected))}")
-        raise CheckpointError(f"checkpoint does not match the model ({files[0].parent}): " + "; ".join(parts))
+        raise CheckpointError(f"checkpoint does not match the model ({where}): " + "; ".join(parts))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 

@@ -11,9 +11,9 @@ import os
 import sys
 
 from visualglm import __version__
-from visualglm.cli import ask, bench, chat, demo, info
+from visualglm.cli import ask, bench, chat, convert, demo, info
 
-SUBCOMMANDS = (demo, chat, ask, info, bench)
+SUBCOMMANDS = (demo, chat, ask, info, convert, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,649 @@
+"""SwissArmyTransformer (sat) checkpoints of ChatGLM-6B and VisualGLM-6B: read (merging model-parallel
+ranks, fixing the QKV row order) and write.
+
+Directory layout (sat ``training/model_io.py``)::
+
+    model_config.json                       sat argument names (see ``config_from_sat``)
+    latest                                  text: the iteration to load ("300") or "release"
+    <iter>/mp_rank_00_model_states.pt       torch.save({"module": state_dict, ...}), one per
+    <iter>/mp_rank_01_model_states.pt       model-parallel rank
+    ...
+
+Three things differ from the Hugging Face layout:
+
+1. Tensor names: ``visualglm.checkpoint.keymaps.CHATGLM_SAT`` / ``VISUALGLM_SAT`` (data).
+2. Model-parallel pieces: with N ranks each file holds a slice of the split layers; ``MP_SPLIT_RULES``
+   (data) says how each tensor was split by sat's ``mpu`` and so how the pieces go back together.
+3. The row order of ChatGLM's fused ``query_key_value``: the HF checkpoint (and our model) interleave it
+   per head (``[q_h|k_h|v_h]`` for each head h), sat >= 0.4.1 (2023-07-12, "chatglm model parallel")
+   stores it contiguous (``[Q|K|V]``), older sat interleaved like HF. Nothing in the checkpoint records
+   which; see ``resolve_qkv_layout`` for what ``qkv_layout="auto"`` can and cannot decide. The ViT and
+   Q-Former of VisualGLM always use the contiguous layout, as our modules do.
+
+Loading builds the model on the meta device and assigns tensor by tensor from memory-mapped files; a split
+tensor is concatenated from its rank pieces just before assignment, so no second copy of the model exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visualglm.checkpoint.keymaps import KEYMAPS, UnknownKeyError, invert, map_key
+from visualglm.checkpoint.load import (
+    CheckpointError,
+    _preview,
+    _torch_load,
+    apply_cpu_kernels,
+    assign_weights,
+    build_model,
+    check_device,
+    target_dtype_for,
+)
+from visualglm.config import AnyConfig, ChatGLMConfig, ConfigError, config_from_dict, config_to_dict
+
+QKV_LAYOUTS = ("auto", "contiguous", "interleaved")
+
+# sat model classes (model_config.json "model_class") -> our family.
+SAT_MODEL_CLASSES = {"ChatGLMModel": "chatglm", "VisualGLMModel": "visualglm"}
+_CLASS_FOR_FAMILY = {family: name for name, family in SAT_MODEL_CLASSES.items()}
+
+_RANK_FILE = re.compile(r"^mp_rank_(\d{2})_model_states\.pt$")
+
+# ---- model-parallel split rules (sat mpu), as data -------------------------------------------------------
+# (pattern on the sat key, kind, stride). First match wins; anything else is replicated on every rank.
+#   column: ColumnParallelLinear, output rows split; with stride k the rows are k equal blocks (Q|K|V, K|V)
+#           each split separately, so rank r stores [block_0 part r | block_1 part r | ...].
+#   vocab:  VocabParallelEmbedding, vocabulary rows split. sat uses it only for vocabularies of 1000 or
+#           more; smaller ones (the ViT's CLS table, the Q-Former queries) are a replicated nn.Embedding.
+#   row:    RowParallelLinear weight, input columns split.
+#   same:   RowParallelLinear bias: kept whole and identical on every rank (checked).
+# The same names occur in the ChatGLM layers and in VisualGLM's ViT / Q-Former, which are sat transformers
+# too; ``attention.dense`` also matches ``cross_attention.dense``.
+MP_SPLIT_RULES: tuple[tuple[str, str, int], ...] = (
+    (r"(^|\.)attention\.query_key_value\.(weight|bias)$", "column", 3),
+    (r"\.cross_attention\.key_value\.(weight|bias)$", "column", 2),
+    (r"\.cross_attention\.query\.(weight|bias)$", "column", 1),
+    (r"\.mlp\.dense_h_to_4h\.(weight|bias)$", "column", 1),
+    (r"(^|\.)lm_head\.weight$", "column", 1),
+    (r"(^|\.)word_embeddings\.weight$", "vocab", 1),
+    (r"attention\.dense\.weight$", "row", 1),
+    (r"\.mlp\.dense_4h_to_h\.weight$", "row", 1),
+    (r"attention\.dense\.bias$", "same", 1),
+    (r"\.mlp\.dense_4h_to_h\.bias$", "same", 1),
+)
+_COMPILED_RULES = tuple((re.compile(pattern), kind, stride) for pattern, kind, stride in MP_SPLIT_RULES)
+SAT_MIN_PARALLEL_VOCAB = 1000  # sat BaseTransformer: vocab_size < 1000 -> plain (replicated) nn.Embedding
+
+# The ChatGLM layers' fused QKV (not the ViT's / Q-Former's, which live under ``mixins.eva.``).
+_LM_QKV = re.compile(r"^transformer\.layers\.\d+\.attention\.query_key_value\.(weight|bias)$")
+
+
+def split_kind(key: str) -> tuple[str, int]:
+    """(kind, stride) of a sat tensor under model parallelism; see ``MP_SPLIT_RULES``."""
+    for pattern, kind, stride in _COMPILED_RULES:
+        if pattern.search(key):
+            return kind, stride
+    return "replicated", 1
+
+
+# ---- QKV row order --------------------------------------------------------------------------------------
+def qkv_row_permutation(num_heads: int, head_dim: int, source: str, target: str) -> torch.Tensor:
+    """Row indices ``idx`` with ``tensor_in_target_layout = tensor_in_source_layout[idx]``.
+
+    interleaved row ``h*3*hd + s*hd + d``  <->  contiguous row ``s*H*hd + h*hd + d``  (s = q, k, v).
+    """
+    for layout in (source, target):
+        if layout not in ("contiguous", "interleaved"):
+            raise ValueError(f"QKV layout must be 'contiguous' or 'interleaved', got {layout!r}")
+    rows = torch.arange(3 * num_heads * head_dim)
+    if source == target:
+        return rows
+    if source == "contiguous":  # target position (h, s, d) reads contiguous row s*H*hd + h*hd + d
+        return rows.view(3, num_heads, head_dim).transpose(0, 1).reshape(-1)
+    return rows.view(num_heads, 3, head_dim).transpose(0, 1).reshape(-1)  # target (s, h, d) <- h*3*hd+s*hd+d
+
+
+def convert_qkv_layout(tensor: torch.Tensor, num_heads: int, source: str, target: str) -> torch.Tensor:
+    """A fused QKV weight ``[3*H*hd, in]`` or bias ``[3*H*hd]`` with its rows reordered."""
+    if tensor.shape[0] % (3 * num_heads):
+        raise ValueError(f"{tensor.shape[0]} QKV rows do not split into 3 x {num_heads} heads")
+    if source == target:
+        return tensor
+    index = qkv_row_permutation(num_heads, tensor.shape[0] // (3 * num_heads), source, target)
+    return tensor.index_select(0, index.to(tensor.device))
+
+
+# ---- model_config.json <-> our config ---------------------------------------------------------------------
+# Language-model fields read from model_config.json (sat and HF use the same names for these).
+_LM_REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "bos_token_id",
+                "mask_token_id", "gmask_token_id")
+_LM_OPTIONAL = ("inner_hidden_size", "layernorm_epsilon", "max_sequence_length", "eos_token_id", "pad_token_id",
+                "tie_word_embeddings", "torch_dtype", "position_encoding_2d", "use_cache", "image_length")
+_SUBCONFIGS = {"eva_args": "eva_config", "qformer_args": "qformer_config"}  # sat name -> HF name
+# Written by sat but irrelevant to the weights: kept out of our config. ``pre_seq_len`` is an argument of
+# sat's P-tuning mixin (VisualGLM's released model_config.json carries it); a checkpoint that really has
+# prefix weights is refused for its unexpected keys. The ViT arguments appear at the top level too because
+# sat collects every sub-module's arguments. ``qkv_layout`` is our own record (see ``save_sat``).
+_BOOKKEEPING = {"model_class", "tokenizer_type", "model_parallel_size", "layernorm_order", "pre_seq_len",
+                "prefix_projection",
+                "image_size", "pre_len", "post_len", "in_channels", "patch_size", "num_classes", "qkv_layout",
+                "use_final_layernorm", "model_type", "architectures", "auto_map", "_name_or_path",
+                "transformers_version"}
+# Architecture arguments whose other values our model cannot represent: {name: allowed value}.
+_LM_FIXED = {"layernorm_order": "post", "use_bias": True, "use_final_layernorm": True, "is_decoder": False,
+             "num_multi_query_heads": 0, "is_gated_mlp": False, "num_experts": 1, "position_encoding_2d": True,
+             "quantization_bit": 0}
+_EVA_FIXED = {"layernorm_order": "pre", "use_final_layernorm": False, "post_len": 0, "use_bias": True,
+              "num_multi_query_heads": 0, "is_gated_mlp": False, "num_experts": 1}
+_QFORMER_FIXED = {"layernorm_order": "post", "use_final_layernorm": True, "use_bias": True,
+                  "num_multi_query_heads": 0, "is_gated_mlp": False, "num_experts": 1}
+_SAT_LAYERNORM_EPS = 1e-5  # sat's default; model_config.json records layernorm_epsilon only when it differs
+_SAT_VIT_DEFAULTS = {"image_size": [224, 224], "patch_size": 16, "pre_len": 1, "post_len": 0, "in_channels": 3}
+_CHATGLM_EOS = ChatGLMConfig.eos_token_id  # <eop>; sat never records the eos id
+_SAT_PAD = 3  # sat < 0.4.1 hard-codes pad_token_id = 3
+
+
+def _require(data: dict[str, Any], name: str, where: str) -> Any:
+    value = data.get(name)
+    if value is None:
+        raise CheckpointError(f"{where} has no {name!r}: cannot build the model without it")
+    return value
+
+
+def _check_fixed(data: dict[str, Any], fixed: dict[str, Any], where: str) -> None:
+    for name, allowed in fixed.items():
+        if name in data and data[name] is not None and data[name] != allowed:
+            raise CheckpointError(f"{where}: {name}={data[name]!r} is not supported (this architecture has "
+                                  f"{name}={allowed!r})")
+
+
+def _check_head_size(data: dict[str, Any], where: str) -> None:
+    per_head = data.get("hidden_size_per_attention_head")
+    if per_head is not None and per_head * data["num_attention_heads"] != data["hidden_size"]:
+        raise CheckpointError(f"{where}: hidden_size_per_attention_head={per_head} is not supported (heads "
+                              "must split hidden_size evenly)")
+
+
+def config_from_sat(data: dict[str, Any], *, where: str = "model_config.json",
+                    torch_dtype: str | None = None) -> AnyConfig:
+    """Our config from a sat ``model_config.json`` dict (HF ``config.json`` names are accepted too).
+
+    Required: num_layers, hidden_size, num_attention_heads, vocab_size, bos/mask/gmask token ids (and for
+    VisualGLM ``eva_args``/``qformer_args`` or ``eva_config``/``qformer_config`` with their layer counts and
+    sizes). Missing optional fields take sat's defaults: inner_hidden_size 4 * hidden_size,
+    layernorm_epsilon 1e-5, pad_token_id 3 (hard-coded by sat < 0.4.1); eos_token_id, which sat never
+    records, defaults to ChatGLM-6B's ``<eop>`` (130005). Unknown fields are ignored with a warning;
+    architecture options that our model cannot represent raise CheckpointError.
+    """
+    model_class = data.get("model_class")
+    has_image = any(name in data for name in (*_SUBCONFIGS, *_SUBCONFIGS.values()))
+    if model_class is None:
+        family = "visualglm" if has_image else "chatglm"
+    elif model_class in SAT_MODEL_CLASSES:
+        family = SAT_MODEL_CLASSES[model_class]
+    else:
+        raise CheckpointError(f"{where}: model_class {model_class!r} is not supported (supported: "
+                              f"{', '.join(SAT_MODEL_CLASSES)})")
+    hf: dict[str, Any] = {"model_type": "chatglm"}
+    for name in _LM_REQUIRED:
+        hf[name] = _require(data, name, where)
+    _check_fixed(data, _LM_FIXED, where)
+    _check_head_size(data, where)
+    hf["inner_hidden_size"] = data.get("inner_hidden_size") or 4 * hf["hidden_size"]
+    hf["layernorm_epsilon"] = data.get("layernorm_epsilon") or _SAT_LAYERNORM_EPS
+    hf["max_sequence_length"] = data.get("max_sequence_length") or ChatGLMConfig.max_sequence_length
+    hf["pad_token_id"] = _SAT_PAD if data.get("pad_token_id") is None else data["pad_token_id"]
+    hf["eos_token_id"] = data.get("eos_token_id")
+    if hf["eos_token_id"] is None:
+        if _CHATGLM_EOS >= hf["vocab_size"]:
+            raise CheckpointError(f"{where} has no 'eos_token_id' (sat does not record it) and ChatGLM-6B's "
+                                  f"<eop> id {_CHATGLM_EOS} is outside vocab_size {hf['vocab_size']}: add "
+                                  "\"eos_token_id\" to model_config.json")
+        hf["eos_token_id"] = _CHATGLM_EOS
+    # sat keeps a separate lm_head; load_sat ties it to the embedding when the two are equal.
+    hf["tie_word_embeddings"] = bool(data.get("tie_word_embeddings", False))
+    hf["torch_dtype"] = data.get("torch_dtype") or torch_dtype or "float16"
+    for name in ("position_encoding_2d", "use_cache"):
+        if name in data:
+            hf[name] = data[name]
+    if family == "visualglm":
+        hf["image_length"] = data.get("image_length") or 32  # sat's --image_length default
+        eva = _subconfig(data, "eva_args", where)
+        qformer = _subconfig(data, "qformer_args", where)
+        hf["eva_config"] = _eva_from_sat(eva, f"{where} eva_args")
+        hf["qformer_config"] = _qformer_from_sat(qformer, hf["image_length"], f"{where} qformer_args")
+    elif has_image:
+        raise CheckpointError(f"{where}: model_class {model_class!r} has no image encoder, but eva/qformer "
+                              "arguments are present")
+    known = {*_LM_REQUIRED, *_LM_OPTIONAL, *_SUBCONFIGS, *_SUBCONFIGS.values(), *_BOOKKEEPING, *_LM_FIXED,
+             "hidden_size_per_attention_head", "cross_attn_hidden_size"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown field(s) {', '.join(unknown)}", stacklevel=3)
+    try:
+        return config_from_dict(hf)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _subconfig(data: dict[str, Any], sat_name: str, where: str) -> dict[str, Any]:
+    value = data.get(sat_name, data.get(_SUBCONFIGS[sat_name]))
+    if value is None:
+        raise CheckpointError(f"{where} has no {sat_name!r} (or {_SUBCONFIGS[sat_name]!r}): a VisualGLM "
+                              "checkpoint needs it to build the image encoder")
+    if isinstance(value, str):  # sat passes these as JSON strings on the command line
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{where}: {sat_name} is not a JSON object") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: {sat_name} must be a JSON object")
+    return value
+
+
+def _eva_from_sat(eva: dict[str, Any], where: str) -> dict[str, Any]:
+    out = dict(eva)
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        _require(eva, name, where)
+    _check_fixed(eva, _EVA_FIXED, where)
+    _check_head_size(eva, where)
+    for name, default in _SAT_VIT_DEFAULTS.items():
+        if eva.get(name) is None:
+            out[name] = default
+    if isinstance(out["image_size"], int):
+        out["image_size"] = [out["image_size"], out["image_size"]]
+    out["inner_hidden_size"] = eva.get("inner_hidden_size") or 4 * eva["hidden_size"]
+    out["layernorm_epsilon"] = eva.get("layernorm_epsilon") or _SAT_LAYERNORM_EPS
+    # sat's ViTModel overrides max_sequence_length with pre_len + patches + post_len.
+    height, width = out["image_size"]
+    patch = out["patch_size"]
+    out["max_sequence_length"] = out["pre_len"] + (height // patch) * (width // patch) + out["post_len"]
+    out["model_parallel_size"] = 1
+    return out
+
+
+def _qformer_from_sat(qformer: dict[str, Any], image_length: int, where: str) -> dict[str, Any]:
+    out = dict(qformer)
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        _require(qformer, name, where)
+    _check_fixed(qformer, _QFORMER_FIXED, where)
+    _check_head_size(qformer, where)
+    layers = qformer["num_layers"]
+    is_decoder = qformer.get("is_decoder", False)  # sat's default: no cross-attention
+    out["is_decoder"] = [bool(is_decoder)] * layers if isinstance(is_decoder, bool) else list(is_decoder)
+    if qformer.get("vocab_size") is None:
+        out["vocab_size"] = image_length
+    if qformer.get("cross_attn_hidden_size") is None:
+        out["cross_attn_hidden_size"] = qformer["hidden_size"]  # sat CrossAttention's default
+    out["layernorm_epsilon"] = qformer.get("layernorm_epsilon") or _SAT_LAYERNORM_EPS
+    out["model_parallel_size"] = 1
+    return out
+
+
+def sat_model_config(config: AnyConfig, *, mp_size: int = 1, qkv_layout: str = "contiguous") -> dict[str, Any]:
+    """The ``model_config.json`` dict sat would write for ``config`` (plus ``eos_token_id``, which our
+    config needs and sat does not record, and ``qkv_layout``, our own record of the row order).
+
+    ``pad_token_id`` is written only for the contiguous layout, as sat >= 0.4.1 does (sat < 0.4.1, the
+    interleaved era, had no such argument)."""
+    data: dict[str, Any] = {
+        "model_class": _CLASS_FOR_FAMILY[config.family],
+        "tokenizer_type": "THUDM/chatglm-6b",
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+        "layernorm_order": "post",
+        "model_parallel_size": mp_size,
+        "max_sequence_length": config.max_sequence_length,
+    }
+    if config.inner_hidden_size != 4 * config.hidden_size:
+        data["inner_hidden_size"] = config.inner_hidden_size
+    if config.layernorm_epsilon != _SAT_LAYERNORM_EPS:
+        data["layernorm_epsilon"] = config.layernorm_epsilon
+    data.update(bos_token_id=config.bos_token_id, mask_token_id=config.mask_token_id,
+                gmask_token_id=config.gmask_token_id)
+    if qkv_layout == "contiguous":
+        data["pad_token_id"] = config.pad_token_id
+    data["eos_token_id"] = config.eos_token_id
+    data["qkv_layout"] = qkv_layout
+    if config.family == "visualglm":
+        full = config_to_dict(config)
+        eva = {**full["eva_config"], "layernorm_order": "pre", "use_final_layernorm": False, "post_len": 0,
+               "model_parallel_size": mp_size}
+        qformer = {**full["qformer_config"], "layernorm_order": "post", "model_parallel_size": mp_size}
+        data.update(image_length=config.image_length, eva_args=eva, qformer_args=qformer)
+    return data
+
+
+# ---- the checkpoint directory ------------------------------------------------------------------------------
+@dataclass
+class SatCheckpoint:
+    """What a sat directory holds, before any weight is read."""
+
+    directory: Path
+    model_config: dict[str, Any]
+    iteration_dir: Path
+    rank_files: list[Path]
+
+    @property
+    def mp_size(self) -> int:
+        return len(self.rank_files)
+
+
+def open_sat(directory: str | Path) -> SatCheckpoint:
+    """Read ``model_config.json`` and ``latest`` and find the rank files; errors name what is missing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    config_path = directory / "model_config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} has no model_config.json: not a sat checkpoint directory")
+    try:
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object")
+    latest = directory / "latest"
+    if not latest.is_file():
+        raise CheckpointError(f"{directory} has model_config.json but no 'latest' file (the text file naming "
+                              "the iteration directory to load, e.g. '300'): not a complete sat checkpoint")
+    tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+    if not (tag.isdigit() or tag == "release"):
+        raise CheckpointError(f"{latest} must hold an iteration number or 'release', found {tag[:40]!r}")
+    iteration_dir = directory / tag
+    if not iteration_dir.is_dir() and tag.isdigit():
+        iteration_dir = directory / str(int(tag))  # sat writes the number without leading zeros
+    if not iteration_dir.is_dir():
+        raise CheckpointError(f"{latest} names iteration {tag!r} but {directory / tag} does not exist")
+    ranks = {}
+    for path in iteration_dir.iterdir():
+        match = _RANK_FILE.match(path.name)
+        if match:
+            ranks[int(match.group(1))] = path
+    if not ranks:
+        raise CheckpointError(f"no mp_rank_XX_model_states.pt file in {iteration_dir}")
+    declared = model_config.get("model_parallel_size")
+    count = declared if isinstance(declared, int) and declared > 0 else max(ranks) + 1
+    missing = [f"mp_rank_{r:02d}_model_states.pt" for r in range(count) if r not in ranks]
+    if missing:
+        raise CheckpointError(f"{iteration_dir} is missing model-parallel rank file(s) {', '.join(missing)} "
+                              f"(expected {count} rank(s))")
+    extra = sorted(r for r in ranks if r >= count)
+    if extra:
+        raise CheckpointError(f"{iteration_dir} has {len(ranks)} rank files but model_config.json says "
+                              f"model_parallel_size {declared}: inconsistent model-parallel ranks")
+    return SatCheckpoint(directory, model_config, iteration_dir, [ranks[r] for r in range(count)])
+
+
+def _read_rank(path: Path) -> dict[str, torch.Tensor]:
+    """The ``module`` state dict of one rank file (memory-mapped; other entries, e.g. optimizer or
+    iteration bookkeeping, are ignored)."""
+    saved = _torch_load(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
+        found = ", ".join(map(str, list(saved)[:5])) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"{path}: expected torch.save({{'module': state_dict}}) (sat layout), found {found}")
+    state = saved["module"]
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+def resolve_qkv_layout(requested: str, model_config: dict[str, Any], mp_size: int) -> tuple[str, str]:
+    """(layout, reason) of the ChatGLM QKV rows. ``requested`` "auto" decides only where it can:
+
+    1. ``model_config.json`` has ``qkv_layout`` (written by our ``save_sat``): it says so.
+    2. More than one model-parallel rank: contiguous. sat splits the fused QKV with stride 3 into
+       per-rank ``[Q_r|K_r|V_r]``; only the contiguous attention code (sat >= 0.4.1, the commit that
+       introduced ChatGLM model parallelism) reads that correctly, so a model-parallel ChatGLM checkpoint
+       cannot come from the interleaved era.
+    3. ``model_config.json`` has a ``pad_token_id`` key (even null): contiguous. sat saves every
+       model-specific argument, and ChatGLM's ``--pad-token-id`` argument arrived in the same release
+       (0.4.0 -> 0.4.1) as the switch to the contiguous layout; before, sat hard-coded pad id 3.
+       (Assumes the checkpoint was written by a released sat; a git checkout between the two changes, or
+       a hand-edited model_config.json, would defeat it.)
+    Otherwise it refuses: nothing stored distinguishes an old interleaved checkpoint (e.g. converted
+    with sat's transform_param.py before 2023-07-12) from a new one written without ``pad_token_id``, and
+    a wrong guess would load without error and produce garbage.
+    """
+    if requested not in QKV_LAYOUTS:
+        raise ValueError(f"qkv_layout must be one of {', '.join(QKV_LAYOUTS)}; got {requested!r}")
+    if requested != "auto":
+        return requested, "given"
+    recorded = model_config.get("qkv_layout")
+    if recorded in ("contiguous", "interleaved"):
+        return recorded, "recorded in model_config.json"
+    if mp_size > 1:
+        return "contiguous", f"{mp_size} model-parallel ranks (only sat >= 0.4.1 splits ChatGLM)"
+    if "pad_token_id" in model_config:
+        return "contiguous", "model_config.json has pad_token_id (written by sat >= 0.4.1)"
+    raise CheckpointError(
+        "cannot tell the QKV row order of this sat checkpoint: it has one model-parallel rank and its "
+        "model_config.json does not show which sat version wrote it. sat before 0.4.1 (2023-07-12) stored "
+        "ChatGLM's query_key_value per-head interleaved, later versions contiguous [Q|K|V]; a wrong choice "
+        "loads but produces garbage. Pass qkv_layout='interleaved' for checkpoints made before July 2023 "
+        "(e.g. the first VisualGLM-6B sat release) or qkv_layout='contiguous' for later ones "
+        "(command line: --qkv-layout).")
+
+
+def detect_qkv_layout(directory: str | Path) -> tuple[str, str]:
+    """What ``qkv_layout="auto"`` decides for a sat directory, and why (raises when it cannot decide)."""
+    checkpoint = open_sat(directory)
+    return resolve_qkv_layout("auto", checkpoint.model_config, checkpoint.mp_size)
+
+
+# ---- merging model-parallel pieces --------------------------------------------------------------------------
+def merge_model_parallel(key: str, pieces: list[torch.Tensor], full_shape: tuple[int, ...] | None = None,
+                         where: str = "") -> torch.Tensor:
+    """One tensor from its per-rank pieces, following ``MP_SPLIT_RULES``.
+
+    ``full_shape`` is the model's parameter shape, when known: a vocabulary under 1000 rows was kept whole
+    on every rank by sat. The merged shape itself is checked by the caller (``assign_weights``)."""
+    first = pieces[0]
+    if len(pieces) == 1:
+        return first
+    kind, stride = split_kind(key)
+    if kind == "vocab" and full_shape is not None and full_shape[0] < SAT_MIN_PARALLEL_VOCAB:
+        kind = "replicated"
+    shapes = [tuple(p.shape) for p in pieces]
+    if len(set(shapes)) != 1:
+        raise CheckpointError(f"{where}: {key} has different shapes on the model-parallel ranks "
+                              f"({', '.join(map(str, shapes))}): inconsistent ranks")
+    if kind in ("replicated", "same"):
+        if kind == "same":
+            for rank, piece in enumerate(pieces[1:], start=1):
+                if not torch.equal(piece, first):
+                    raise CheckpointError(f"{where}: {key} differs between rank 0 and rank {rank} (a "
+                                          "row-parallel bias must be identical on every rank): inconsistent ranks")
+        return first
+    if kind == "row":
+        if first.dim() != 2:
+            raise CheckpointError(f"{where}: {key} should be a matrix, has shape {shapes[0]}")
+        return torch.cat(pieces, dim=1)
+    if stride == 1:
+        return torch.cat(pieces, dim=0)
+    if shapes[0][0] % stride:
+        raise CheckpointError(f"{where}: {key} has {shapes[0][0]} rows per rank, not divisible into "
+                              f"{stride} blocks")
+    blocks = [piece.chunk(stride, dim=0) for piece in pieces]
+    return torch.cat([blocks[rank][block] for block in range(stride) for rank in range(len(pieces))], dim=0)
+
+
+def split_model_parallel(key: str, tensor: torch.Tensor, mp_size: int) -> list[torch.Tensor]:
+    """The per-rank pieces sat's mpu stores for a full tensor (inverse of ``merge_model_parallel``)."""
+    if mp_size == 1:
+        return [tensor]
+    kind, stride = split_kind(key)
+    if kind == "vocab" and tensor.shape[0] < SAT_MIN_PARALLEL_VOCAB:
+        kind = "replicated"
+    if kind in ("replicated", "same"):
+        return [tensor] * mp_size
+    dim = 1 if kind == "row" else 0
+    if tensor.shape[dim] % (stride * mp_size):
+        raise ValueError(f"{key}: dimension {dim} of size {tensor.shape[dim]} does not split into "
+                         f"{mp_size} model-parallel ranks" + (f" x {stride} blocks" if stride > 1 else ""))
+    blocks = [block.chunk(mp_size, dim=dim) for block in tensor.chunk(stride, dim=dim)]
+    return [torch.cat([blocks[b][rank] for b in range(stride)], dim=dim) for rank in range(mp_size)]
+
+
+def _merged_tensors(checkpoint: SatCheckpoint, states: list[dict[str, torch.Tensor]], model: nn.Module,
+                    keymap: dict, qkv_layout: str, num_heads: int) -> Iterator[tuple[str, str, torch.Tensor]]:
+    where = str(checkpoint.rank_files[0] if checkpoint.mp_size == 1
+                else checkpoint.iteration_dir / f"mp_rank_00..{checkpoint.mp_size - 1:02d}_model_states.pt")
+    keys = list(states[0])
+    for rank, state in enumerate(states[1:], start=1):
+        if set(state) != set(keys):
+            lacks = sorted(set(keys) - set(state))
+            has = sorted(set(state) - set(keys))
+            detail = "; ".join(part for part in (lacks and f"lacks {_preview(lacks, 4)}",
+                                                 has and f"has extra {_preview(has, 4)}") if part)
+            raise CheckpointError(f"{checkpoint.rank_files[rank]}: {detail} compared with rank 0: "
+                                  "inconsistent model-parallel ranks")
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    for key in keys:
+        try:
+            name = map_key(key, keymap)
+        except UnknownKeyError:
+            yield where, key, states[0][key]  # reported as unexpected by assign_weights
+            continue
+        if name is None:
+            continue  # dropped (rotary buffer, unused position table): never read
+        tensor = merge_model_parallel(key, [state[key] for state in states], shapes.get(name), where)
+        if qkv_layout == "contiguous" and _LM_QKV.match(key):
+            tensor = convert_qkv_layout(tensor, num_heads, "contiguous", "interleaved")
+        yield where, key, tensor
+
+
+def _stored_dtype(state: dict[str, torch.Tensor]) -> str | None:
+    tensor = state.get("transformer.word_embeddings.weight")
+    if tensor is None:
+        tensor = next((t for t in state.values() if t.is_floating_point()), None)
+    return None if tensor is None else str(tensor.dtype).removeprefix("torch.")
+
+
+def _tie_if_equal(model: nn.Module) -> None:
+    """sat stores ``lm_head`` separately; when it equals the embedding (as in ChatGLM-6B, whose HF model
+    ties them) share one matrix, like the HF checkpoint's config says."""
+    config = model.config
+    if config.tie_word_embeddings or not hasattr(model, "tie_weights"):
+        return
+    embedding, head = model.transformer.word_embeddings.weight, model.lm_head.weight
+    if embedding.shape == head.shape and embedding.dtype == head.dtype and torch.equal(embedding, head):
+        config.tie_word_embeddings = True
+        model.tie_weights()
+
+
+def load_sat(directory: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+             qkv_layout: str = "auto", progress: bool = True, fast_cpu_kernels: bool = True) -> nn.Module:
+    """Load a sat checkpoint directory into our model (eval mode, ``.config``, ``.checkpoint_dir``).
+
+    Model-parallel ranks are merged; ChatGLM's QKV rows are brought to our per-head interleaved order
+    from ``qkv_layout`` ("contiguous", "interleaved" or "auto", see ``resolve_qkv_layout``). ``dtype`` as
+    in ``visualglm.load`` (default: the stored dtype, float16 becoming bfloat16 on CPU; "stored" keeps it).
+    """
+    if qkv_layout not in QKV_LAYOUTS:
+        raise ValueError(f"qkv_layout must be one of {', '.join(QKV_LAYOUTS)}; got {qkv_layout!r}")
+    device = check_device(device)
+    checkpoint = open_sat(directory)
+    where = str(checkpoint.directory / "model_config.json")
+    states = [_read_rank(path) for path in checkpoint.rank_files]
+    config = config_from_sat(checkpoint.model_config, where=where, torch_dtype=_stored_dtype(states[0]))
+    layout, _ = resolve_qkv_layout(qkv_layout, checkpoint.model_config, checkpoint.mp_size)
+    model = build_model(config)
+    tensors = _merged_tensors(checkpoint, states, model, KEYMAPS[(config.family, "sat")], layout,
+                              config.num_attention_heads)
+    assign_weights(model, tensors, KEYMAPS[(config.family, "sat")], target_dtype_for(dtype, config, device),
+                   device, progress, where=checkpoint.iteration_dir)
+    del states, tensors
+    model.config = config
+    _tie_if_equal(model)
+    model.checkpoint_dir = checkpoint.directory
+    if fast_cpu_kernels:
+        apply_cpu_kernels(model)
+    return model.eval()
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def _sat_state(model: nn.Module, qkv_layout: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    config = model.config
+    to_sat = invert(KEYMAPS[(config.family, "sat")])
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = map_key(name, to_sat)
+        if key is None:
+            continue
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if _LM_QKV.match(key):
+            tensor = convert_qkv_layout(tensor, config.num_attention_heads, "interleaved", qkv_layout)
+        state[key] = tensor
+    # What sat itself keeps besides the weights: the rotary buffer (RotaryEmbedding over half a head) and,
+    # in the interleaved era, BaseTransformer's unused learned position table. Both are dropped on load.
+    rotary_dim = config.head_dim // 2
+    state["mixins.chatglm-attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (
+        torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    if qkv_layout == "interleaved":
+        reference = state["transformer.word_embeddings.weight"]
+        state["transformer.position_embeddings.weight"] = torch.zeros(
+            config.max_sequence_length, config.hidden_size, dtype=reference.dtype)
+    return state
+
+
+def save_sat(model: nn.Module, directory: str | Path, *, mp_size: int = 1, qkv_layout: str = "contiguous",
+             iteration: int = 1, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` in sat's layout, split into ``mp_size`` model-parallel ranks by sat's mpu rules.
+
+    ``qkv_layout`` "contiguous" is what sat >= 0.4.1 writes, "interleaved" what older sat wrote. Files are
+    written beside the target and renamed into place, so an interrupted save leaves no partial directory.
+    """
+    if qkv_layout not in ("contiguous", "interleaved"):
+        raise ValueError(f"qkv_layout must be 'contiguous' or 'interleaved'; got {qkv_layout!r}")
+    if not isinstance(mp_size, int) or mp_size < 1:
+        raise ValueError(f"mp_size must be a positive integer, got {mp_size!r}")
+    if model.config.num_attention_heads % mp_size:
+        raise ValueError(f"{model.config.num_attention_heads} attention heads do not split into {mp_size} ranks")
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
+    state = _sat_state(model, qkv_layout, dtype)
+    pieces = {key: split_model_parallel(key, tensor, mp_size) for key, tensor in state.items()}  # views
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (staging / str(iteration)).mkdir()
+        for rank in range(mp_size):
+            # contiguous copies: torch.save of a view would store the whole underlying storage
+            module = {key: parts[rank].contiguous().clone() for key, parts in pieces.items()}
+            torch.save({"module": module}, staging / str(iteration) / f"mp_rank_{rank:02d}_model_states.pt")
+            del module
+        (staging / "latest").write_text(str(iteration))
+        data = sat_model_config(model.config, mp_size=mp_size, qkv_layout=qkv_layout)
+        (staging / "model_config.json").write_text(json.dumps(data, indent=4, ensure_ascii=False) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+__all__ = [
+    "MP_SPLIT_RULES", "QKV_LAYOUTS", "SatCheckpoint", "config_from_sat", "convert_qkv_layout",
+    "detect_qkv_layout", "load_sat", "merge_model_parallel", "open_sat", "qkv_row_permutation",
+    "resolve_qkv_layout", "sat_model_config", "save_sat", "split_kind", "split_model_parallel",
+]
