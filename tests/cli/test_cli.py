@@ -23,6 +23,18 @@ def test_info_describes_a_checkpoint(tiny_checkpoint: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "family:     ChatGLM-6B" in result.stdout
     assert "layers:     2, hidden 64, heads 4, vocab 1024" in result.stdout
+    assert "stored as:  Hugging Face, float32, 1 file(s)" in result.stdout
+
+
+def test_info_describes_a_sat_checkpoint(tmp_path: Path) -> None:
+    from visualglm.checkpoint.sat import save_sat
+
+    from ..conftest import random_chatglm
+
+    save_sat(random_chatglm(), tmp_path / "sat", mp_size=2)
+    result = _run("info", str(tmp_path / "sat"))
+    assert result.returncode == 0, result.stderr
+    assert "stored as:  sat, 2 model-parallel rank(s), 2 file(s)" in result.stdout
 
 
 def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
