@@ -69,7 +69,8 @@ def test_family_detection(fields: dict, family: str) -> None:
     ({"model_type": "chatglm", "hidden_size": 100, "num_attention_heads": 3}, "not divisible"),
     ({"model_type": "chatglm", "num_layers": 0}, "num_layers must be a positive integer"),
     ({"model_type": "chatglm", "vocab_size": 1000}, "bos_token_id 130004 is outside the vocabulary"),
-    ({"model_type": "chatglm", "padded_vocab_size": 8, "vision_config": {}}, "GLM-4V checkpoints are not supported"),
+    ({"model_type": "chatglm", "padded_vocab_size": 8, "multi_query_attention": True}, "GLM-4 checkpoints are not"),
+    ({"model_type": "chatglm", "padded_vocab_size": 8, "vision_config": {}, "rmsnorm": False}, "rmsnorm=False"),
     ({"model_type": "chatglm", "eva_config": [1]}, "eva_config must be a JSON object"),
 ])
 def test_bad_configs_are_named(data: dict, message: str) -> None:

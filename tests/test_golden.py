@@ -136,7 +136,38 @@ def check_visualglm_case(directory: Path, case: dict) -> None:
     assert _relative_error(scores, expected[f"{name}.decode_scores"]) <= IMAGE_RELATIVE_TOLERANCE
 
 
-CHECKERS = {"chatglm": check_chatglm_case, "visualglm": check_visualglm_case}
+def check_glm4v_case(directory: Path, case: dict) -> None:
+    model = _load(directory)
+    expected = load_file(directory / "expected.safetensors")
+    pixels = load_file(directory / "pixel_values.safetensors")["pixel_values"]
+    name = case["name"]
+    ids, start = model.expand_image_placeholders(case["input_ids"][0])
+    image_embeds = None
+    if start is not None:
+        vision = model.transformer.vision
+        with torch.no_grad():
+            assert (vision.patch_embedding(pixels) - expected["image.patch_embedding_out"]).abs().max() <= 1e-4
+            assert (vision.encode_patches(pixels) - expected["image.vit_out"]).abs().max() <= 1e-4
+            image_embeds = model.encode_images(pixels)
+        assert (image_embeds - expected["image.vision_out"]).abs().max().item() <= LOGIT_TOLERANCE
+    tokens = torch.tensor([ids])
+    positions, allowed = model.prompt_inputs(tokens)
+    assert positions[:, 0].tolist() == expected[f"{name}.expanded_position_ids"].tolist()
+    with torch.no_grad():
+        embeds = model.embed_with_images(tokens, image_embeds, [start])
+        assert (embeds - expected[f"{name}.encoder_input_embeds"]).abs().max().item() <= LOGIT_TOLERANCE
+        logits = model(tokens, positions, allowed, inputs_embeds=embeds)
+    want = expected[f"{name}.logits_last3"]
+    assert (logits[:, -want.shape[1]:] - want).abs().max().item() <= LOGIT_TOLERANCE
+
+    want_tokens = expected[f"{name}.greedy_new_tokens"].long()
+    steps = list(generate_steps(model, [ids], max_new_tokens=want_tokens.shape[1], inputs_embeds=embeds))
+    assert torch.stack([s.tokens for s in steps], dim=1).tolist() == want_tokens.tolist()
+    scores = torch.stack([s.logits for s in steps], dim=1)
+    assert (scores - expected[f"{name}.decode_scores"]).abs().max().item() <= LOGIT_TOLERANCE
+
+
+CHECKERS = {"chatglm": check_chatglm_case, "visualglm": check_visualglm_case, "glm4v": check_glm4v_case}
 
 
 @pytest.mark.parametrize(("directory", "case_name"), _cases())

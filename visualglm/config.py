@@ -137,12 +137,104 @@ class VisualGLMConfig(ChatGLMConfig):
                               f"(qformer_config.vocab_size {self.qformer_config.vocab_size})")
 
 
+@dataclass
+class GLM4VisionConfig:
+    """EVA2-CLIP-E vision tower of GLM-4V-9B (config.json's ``vision_config``)."""
+
+    hidden_size: int = 1792
+    num_hidden_layers: int = 63
+    num_heads: int = 16
+    intermediate_size: int = 15360
+    layer_norm_eps: float = 1e-6
+    image_size: int = 1120
+    patch_size: int = 14
+    in_channels: int = 3
+    num_positions: int = 6401
+    scaling_factor: float = 8.0
+    hidden_act: str = "gelu"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Vectors the tower emits per image after the 2x2 conv (boi/eoi not counted)."""
+        return (self.image_size // self.patch_size // 2) ** 2
+
+
+@dataclass
+class GLM4VConfig:
+    """GLM-4V-9B: the GLM-4 decoder (ChatGLM2+ field names) plus ``vision_config``."""
+
+    model_type: ClassVar[str] = "chatglm"
+    family: ClassVar[str] = "glm4v"
+
+    padded_vocab_size: int = 151552
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 13696
+    kv_channels: int = 128
+    num_attention_heads: int = 32
+    num_layers: int = 40
+    multi_query_attention: bool = True
+    multi_query_group_num: int = 2
+    layernorm_epsilon: float = 1.5625e-07
+    seq_length: int = 8192
+    rope_ratio: float = 1.0
+    eos_token_id: list[int] = field(default_factory=lambda: [151329, 151336, 151338])
+    pad_token_id: int = 151329
+    boi_token_id: int = 151339
+    eoi_token_id: int = 151340
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    # Architecture switches of the ChatGLM2+ code base; only the GLM-4V-9B values are implemented.
+    rmsnorm: bool = True
+    add_qkv_bias: bool = True
+    add_bias_linear: bool = False
+    post_layer_norm: bool = True
+    apply_residual_connection_post_layernorm: bool = False
+    original_rope: bool = True
+    vision_config: GLM4VisionConfig = field(default_factory=GLM4VisionConfig)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.seq_length
+
+    @property
+    def kv_heads(self) -> int:
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else (self.eos_token_id,)
+
+    def validate(self) -> None:
+        required = {"rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False, "post_layer_norm": True,
+                    "apply_residual_connection_post_layernorm": False, "original_rope": True}
+        for name, value in required.items():
+            if getattr(self, name) != value:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported (GLM-4V-9B uses {value!r})")
+        if self.num_attention_heads % self.kv_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of the "
+                              f"{self.kv_heads} key/value groups")
+        if self.kv_channels % 4:
+            raise ConfigError(f"kv_channels {self.kv_channels} does not fit the partial rotary layout")
+        vision = self.vision_config
+        if vision.image_size % (2 * vision.patch_size):
+            raise ConfigError(f"vision image_size {vision.image_size} must be a multiple of 2 x patch_size")
+        if vision.num_positions != (vision.image_size // vision.patch_size) ** 2 + 1:
+            raise ConfigError(f"vision num_positions {vision.num_positions} does not match image_size/patch_size")
+
+
 # Nested config.json objects and their dataclasses.
-_NESTED = {"eva_config": EvaViTConfig, "qformer_config": QFormerConfig}
+_NESTED = {"eva_config": EvaViTConfig, "qformer_config": QFormerConfig, "vision_config": GLM4VisionConfig}
 
-CONFIG_CLASSES: dict[str, type] = {cls.family: cls for cls in (ChatGLMConfig, VisualGLMConfig)}
+CONFIG_CLASSES: dict[str, type] = {cls.family: cls for cls in (ChatGLMConfig, VisualGLMConfig, GLM4VConfig)}
 
-AnyConfig = ChatGLMConfig | VisualGLMConfig
+AnyConfig = ChatGLMConfig | VisualGLMConfig | GLM4VConfig
 
 # Families we recognise; the ones without a config class are announced but not implemented yet.
 FAMILY_NAMES = {"chatglm": "ChatGLM-6B", "visualglm": "VisualGLM-6B", "glm4": "GLM-4", "glm4v": "GLM-4V"}
@@ -244,8 +336,17 @@ NAMED_CONFIGS["visualglm-tiny"] = VisualGLMConfig(
     qformer_config=QFormerConfig(num_layers=2, hidden_size=32, num_attention_heads=2, is_decoder=[True, False],
                                  cross_attn_hidden_size=32))
 
+NAMED_CONFIGS["glm-4v-9b"] = GLM4VConfig()
+NAMED_CONFIGS["glm-4v-tiny"] = GLM4VConfig(
+    padded_vocab_size=1024, vocab_size=1024, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
+    num_attention_heads=4, num_layers=2, eos_token_id=[1008, 1015, 1017], pad_token_id=1008, boi_token_id=1018,
+    eoi_token_id=1019, torch_dtype="float32",
+    vision_config=GLM4VisionConfig(hidden_size=32, num_hidden_layers=2, num_heads=4, intermediate_size=64,
+                                   image_size=56, num_positions=17))
+
 # Where a named model's official weights live on the Hugging Face hub.
-HUB_IDS: dict[str, str] = {"chatglm-6b": "THUDM/chatglm-6b", "visualglm-6b": "THUDM/visualglm-6b"}
+HUB_IDS: dict[str, str] = {"chatglm-6b": "THUDM/chatglm-6b", "visualglm-6b": "THUDM/visualglm-6b",
+                           "glm-4v-9b": "THUDM/glm-4v-9b"}
 
 
 def get_config(name: str) -> AnyConfig:

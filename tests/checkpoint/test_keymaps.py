@@ -28,7 +28,8 @@ def test_inverse_round_trips_over_every_model_parameter(source: tuple[str, str])
     family, _ = source
     keymap = KEYMAPS[source]
     inverse = invert(keymap)
-    model = build_model(get_config({"chatglm": "chatglm-tiny", "visualglm": "visualglm-tiny"}[family]))
+    tiny = {"chatglm": "chatglm-tiny", "visualglm": "visualglm-tiny", "glm4v": "glm-4v-tiny"}
+    model = build_model(get_config(tiny[family]))
     for name, _ in model.named_parameters(remove_duplicate=False):
         source_key = map_key(name, inverse)
         assert source_key is not None, name

@@ -79,9 +79,35 @@ VISUALGLM_SAT: KeyMap = {
     **{_SAT_IMAGE_PREFIX + key.removeprefix("image_encoder."): key for key in _IMAGE_ENCODER_KEYS},
 }
 
+# THUDM/glm-4v-9b, Hugging Face layout; module names equal the key names.
+_GLM4V_KEYS = [
+    "transformer.embedding.word_embeddings.weight",
+    *(f"transformer.encoder.layers.{{}}.{name}" for name in (
+        "input_layernorm.weight", "self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
+        "self_attention.dense.weight", "post_attention_layernorm.weight", "mlp.dense_h_to_4h.weight",
+        "mlp.dense_4h_to_h.weight")),
+    "transformer.encoder.final_layernorm.weight",
+    "transformer.output_layer.weight",
+    "transformer.vision.patch_embedding.proj.weight",
+    "transformer.vision.patch_embedding.proj.bias",
+    "transformer.vision.patch_embedding.cls_embedding",
+    "transformer.vision.patch_embedding.position_embedding.weight",
+    *(f"transformer.vision.transformer.layers.{{}}.{name}.{p}" for name in (
+        "input_layernorm", "attention.query_key_value", "attention.dense", "mlp.fc1", "mlp.fc2",
+        "post_attention_layernorm") for p in ("weight", "bias")),
+    "transformer.vision.conv.weight",
+    "transformer.vision.conv.bias",
+    *(f"transformer.vision.linear_proj.{name}" for name in (
+        "linear_proj.weight", "norm1.weight", "norm1.bias", "gate_proj.weight", "dense_h_to_4h.weight",
+        "dense_4h_to_h.weight")),
+    "transformer.vision.boi",
+    "transformer.vision.eoi",
+]
+GLM4V_HF: KeyMap = {**{key: key for key in _GLM4V_KEYS}, "transformer.rotary_pos_emb.inv_freq": None}
+
 # Keymaps by (family, source format).
 KEYMAPS: dict[tuple[str, str], KeyMap] = {
-    ("chatglm", "hf"): CHATGLM_HF, ("visualglm", "hf"): VISUALGLM_HF,
+    ("chatglm", "hf"): CHATGLM_HF, ("visualglm", "hf"): VISUALGLM_HF, ("glm4v", "hf"): GLM4V_HF,
     ("chatglm", "sat"): CHATGLM_SAT, ("visualglm", "sat"): VISUALGLM_SAT,
 }
 

@@ -22,9 +22,11 @@ from visualglm.checkpoint.keymaps import KEYMAPS, UnknownKeyError, map_key
 from visualglm.config import AnyConfig, ConfigError, read_config
 from visualglm.kernels.cpu_bf16 import cpu_lacks_bf16_matmul, use_upcast_linears
 from visualglm.models.chatglm import ChatGLMForCausalLM
+from visualglm.models.glm4v import GLM4VForCausalLM
 from visualglm.models.visualglm import VisualGLMForCausalLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM, "visualglm": VisualGLMForCausalLM}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM, "visualglm": VisualGLMForCausalLM,
+                                              "glm4v": GLM4VForCausalLM}
 
 # Weight file layouts of the HF format, in order of preference.
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

@@ -62,3 +62,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 def blocked_to_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool mask (True = may attend) -> additive bias with ``MASK_FILL`` at blocked positions."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, MASK_FILL)
+
+
+def attention_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                  causal: bool = False) -> torch.Tensor:
+    """Grouped-query attention: q ``[B, H, T, D]``, k/v ``[B, G, S, D]`` with H a multiple of G (group g
+    serves heads ``g*H/G .. (g+1)*H/G - 1``). ``causal`` applies a lower-triangular mask (T == S)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal and bias is None,
+                                          scale=1.0 / math.sqrt(q.shape[-1]))

@@ -1,0 +1,238 @@
+"""GLM-4 decoder (the language model of GLM-4V-9B).
+
+Pre-norm blocks with RMSNorm computed in float32, SwiGLU MLP, grouped-query attention (2 key/value groups,
+cached before expansion), qkv bias only, and a partial interleaved rotary encoding: only the first half of
+each head's dimensions rotate, in (2i, 2i+1) pairs, with the cos/sin table rounded to the model dtype as the
+reference does. Positions are 1-D; the mask is causal over the whole sequence. Module names follow the
+official checkpoint (``transformer.embedding...``, ``transformer.encoder.layers.N...``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visualglm.config import GLM4VConfig
+from visualglm.models.kv_cache import KVCache
+from visualglm.models.layers import attention_gqa, blocked_to_bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+def glm4_rope_table(positions: torch.Tensor, rot_dim: int, base: float, dtype: torch.dtype) -> torch.Tensor:
+    """cos/sin ``[*positions.shape, rot_dim // 2, 2]`` computed in fp32, rounded to half types like the
+    reference's cache."""
+    theta = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
+    angles = positions.float().unsqueeze(-1) * theta
+    table = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    if dtype in (torch.float16, torch.bfloat16):
+        table = table.to(dtype)
+    return table
+
+
+def apply_glm4_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x ``[B, T, H, D]``; table ``[B, T, R/2, 2]``: rotate dims ``[0, R)`` in (2i, 2i+1) pairs, pass the rest."""
+    rot = table.shape[-2] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pairs = x_rot.reshape(*x_rot.shape[:-1], rot // 2, 2)
+    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
+    rotated = torch.stack((pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin), -1)
+    return torch.cat((rotated.flatten(-2).to(x.dtype), x_pass), dim=-1)
+
+
+class GLM4Attention(nn.Module):
+    def __init__(self, config: GLM4VConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, config.kv_channels
+        qkv_size = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=True)
+        self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor | None,
+                cache_positions: torch.Tensor | None, kv_length: int, causal: bool) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.query_key_value(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = apply_glm4_rope(q.view(batch, length, self.heads, self.head_dim), rope).transpose(1, 2)
+        k = apply_glm4_rope(k.view(batch, length, self.kv_heads, self.head_dim), rope).transpose(1, 2)
+        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache_positions is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
+            k_all, v_all = self.kv_cache.update(cache_positions, k, v)
+            k, v = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
+        out = attention_gqa(q, k, v, bias, causal=causal)
+        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: GLM4VConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLM4Block(nn.Module):
+    def __init__(self, config: GLM4VConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = GLM4Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, rope, bias, cache_positions, kv_length, causal):
+        x = x + self.self_attention(self.input_layernorm(x), rope, bias, cache_positions, kv_length, causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Embedding(nn.Module):
+    def __init__(self, config: GLM4VConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, config: GLM4VConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(GLM4Block(config) for _ in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+
+class GLM4Transformer(nn.Module):
+    def __init__(self, config: GLM4VConfig) -> None:
+        super().__init__()
+        self.embedding = _Embedding(config)
+        self.encoder = _Encoder(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+
+
+class GLM4ForCausalLM(nn.Module):
+    """The GLM-4 language model with the same interface as the ChatGLM-6B class."""
+
+    def __init__(self, config: GLM4VConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GLM4Transformer(config)
+
+    def tied_parameters(self) -> dict[str, str]:
+        return {}
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.embedding.word_embeddings
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.transformer.embedding.word_embeddings(input_ids)
+
+    # --- KV cache (keys/values stored per KV group, before expansion to the query heads) ---------------
+    def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> None:
+        ref = self.transformer.embedding.word_embeddings.weight
+        for block in self.transformer.encoder.layers:
+            block.self_attention.kv_cache = KVCache(batch_size, self.config.kv_heads, max_length,
+                                                    self.config.kv_channels, dtype or ref.dtype, device or ref.device)
+
+    def kv_cache_size(self) -> tuple[int, int] | None:
+        cache = self.transformer.encoder.layers[0].self_attention.kv_cache
+        return None if cache is None else (cache.k.shape[0], cache.max_length)
+
+    def delete_kv_cache(self) -> None:
+        for block in self.transformer.encoder.layers:
+            block.self_attention.kv_cache = None
+
+    # --- positions ------------------------------------------------------------------------------------------
+    def prompt_inputs(self, input_ids: torch.Tensor, num_pad: Sequence[int] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        return glm4_prompt_inputs(input_ids, self.config, num_pad)
+
+    @staticmethod
+    def next_position_ids(last: torch.Tensor) -> torch.Tensor:
+        return last + 1
+
+    def reusable_prefix(self, cached_ids: Sequence[int], new_ids: Sequence[int]) -> int:
+        """Causal attention: every slot of the common token prefix stays exact."""
+        common = 0
+        for old, new in zip(cached_ids, new_ids, strict=False):
+            if old != new:
+                break
+            common += 1
+        return min(common, len(new_ids) - 1)
+
+    # --- forward ---------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,
+                inputs_embeds=None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits ``[B, T', vocab]``; arguments as in ChatGLMForCausalLM.forward, position_ids ``[B, 1, T]``."""
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.transformer.output_layer(hidden)
+
+    def hidden_states(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,
+                      inputs_embeds=None) -> torch.Tensor:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids)
+        x = inputs_embeds
+        length = x.shape[1]
+        if position_ids is None:
+            if cache_positions is not None or input_ids is None:
+                raise ValueError("position_ids are required with a KV cache or inputs_embeds")
+            position_ids, attention_mask = glm4_prompt_inputs(input_ids, self.config)
+        # Without an explicit mask a prompt is plainly causal and a decode step sees every written slot.
+        causal = attention_mask is None and length > 1
+        if attention_mask is not None:
+            kv_length = attention_mask.shape[-1]
+        elif cache_positions is not None:
+            kv_length = int(cache_positions[-1]) + 1
+        else:
+            kv_length = length
+        bias = None if attention_mask is None else blocked_to_bias(attention_mask, x.dtype)
+        rope = glm4_rope_table(position_ids[:, 0], self.config.kv_channels // 2, 10000.0 * self.config.rope_ratio,
+                               x.dtype)
+        for block in self.transformer.encoder.layers:
+            x = block(x, rope, bias, cache_positions, kv_length, causal)
+        return self.transformer.encoder.final_layernorm(x)
+
+
+def glm4_prompt_inputs(input_ids: torch.Tensor, config: GLM4VConfig, num_pad: Sequence[int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``[B, 1, T]`` and a causal mask ``[B, 1, T, T]`` (True = may attend) of left-padded prompts.
+
+    Positions count tokens from 0 after the padding, except that the image vectors between
+    ``<|begin_of_image|>`` and ``<|end_of_image|>`` all share the position after ``<|begin_of_image|>``,
+    as the reference expands them (so an image costs three positions however many vectors it has).
+    """
+    batch, length = input_ids.shape
+    pads = [0] * batch if num_pad is None else [int(p) for p in num_pad]
+    ids = input_ids.cpu()
+    inside = torch.zeros(batch, length, dtype=torch.bool)
+    for row in range(batch):
+        boi = (ids[row] == config.boi_token_id).nonzero().flatten().tolist()
+        eoi = (ids[row] == config.eoi_token_id).nonzero().flatten().tolist()
+        for start, end in zip(boi, eoi, strict=False):
+            inside[row, start + 2:end] = True  # the first image vector advances, the others repeat it
+    advance = (~inside).long()
+    positions = torch.zeros(batch, 1, length, dtype=torch.long)
+    allowed = torch.zeros(batch, 1, length, length, dtype=torch.bool)
+    causal = torch.ones(length, length, dtype=torch.bool).tril_()
+    for row, pad in enumerate(pads):
+        positions[row, 0, pad:] = advance[row, pad:].cumsum(0) - 1
+        allowed[row, 0, pad:, pad:] = causal[: length - pad, : length - pad]
+    return positions.to(input_ids.device), allowed.to(input_ids.device)
