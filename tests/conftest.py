@@ -72,3 +72,20 @@ def make_png(path: Path, color: tuple[int, int, int] = (200, 30, 30), size: tupl
 
     Image.new("RGB", size, color).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def glm4v_checkpoint(tmp_path_factory) -> Path:
+    """The golden tiny GLM-4V checkpoint with its tokenizer files under the standard names."""
+    import shutil
+
+    source = GOLDEN_DIR / "glm-4v-9b"
+    if not (source / "tiny_tokenizer.model").is_file():
+        pytest.skip(f"no golden glm-4v-9b folder under {GOLDEN_DIR}")
+    target = tmp_path_factory.mktemp("glm4v") / "tiny-glm4v"
+    target.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, target / name)
+    shutil.copy(source / "tiny_tokenizer.model", target / "tokenizer.model")
+    shutil.copy(source / "tiny_tokenizer_config.json", target / "tokenizer_config.json")
+    return target

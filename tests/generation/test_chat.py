@@ -102,7 +102,7 @@ def test_reference_snippet_works_after_changing_the_import(tiny_chat_checkpoint:
     model = AutoModel.from_pretrained(str(tiny_chat_checkpoint), trust_remote_code=True).float()
     model = model.eval()
     torch.manual_seed(0)
-    response, history = model.chat(tokenizer, "你好", history=[], max_length=120)
+    response, history = model.chat(tokenizer, "你好", history=[], max_length=120, do_sample=False)
     assert isinstance(response, str) and history == [("你好", response)]
-    streamed = list(model.stream_chat(tokenizer, "hi", history=history, max_length=400))
+    streamed = list(model.stream_chat(tokenizer, "hi", history=history, max_length=400, do_sample=False))
     assert streamed[-1][1][:1] == history and streamed[-1][1][1][0] == "hi"

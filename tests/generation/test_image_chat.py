@@ -106,5 +106,6 @@ def test_reference_visualglm_snippet(tiny_visual_checkpoint: Path, tmp_path: Pat
     image_path = str(make_png(tmp_path / "img.png"))
     response, history = model.chat(tokenizer, image_path, "描述这张图片。", history=[])
     assert isinstance(response, str) and history == [("描述这张图片。", response)]
-    response2, history2 = model.chat(tokenizer, image_path, "hi", history=history, do_sample=False)
+    response2, history2 = model.chat(tokenizer, image_path, "hi", history=history, do_sample=False,
+                                     max_length=2048)
     assert history2[:1] == history and history2[1] == ("hi", response2)

@@ -7,9 +7,10 @@ from pathlib import Path
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
 from visualglm.config import FAMILY_NAMES, ConfigError, detect_family
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
+from visualglm.tokenizers.glm4 import GLM4Tokenizer
 
 
-def load_tokenizer(path_or_name: str | Path) -> ChatGLMTokenizer:
+def load_tokenizer(path_or_name: str | Path) -> ChatGLMTokenizer | GLM4Tokenizer:
     """The tokenizer of a checkpoint directory, a known model name or a hub id."""
     import json
 
@@ -23,4 +24,6 @@ def load_tokenizer(path_or_name: str | Path) -> ChatGLMTokenizer:
             raise ConfigError(f"{config_file}: {exc}") from None
     if family in ("chatglm", "visualglm"):
         return ChatGLMTokenizer.from_pretrained(directory)
+    if family == "glm4v":
+        return GLM4Tokenizer.from_pretrained(directory)
     raise ConfigError(f"no tokenizer for {FAMILY_NAMES[family]} checkpoints yet")

@@ -23,9 +23,10 @@ def add_image_flags(parser: argparse.ArgumentParser) -> None:
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     """Defaults (None) mean "the model's reference defaults": ChatGLM-6B chat() samples with top_p 0.7,
     temperature 0.95 and HF's implicit top_k 50; VisualGLM-6B's demo with top_p 0.4, top_k 100,
-    temperature 0.8, repetition penalty 1.2. max_length 2048 (prompt + answer) for both."""
-    parser.add_argument("--max-length", type=int, default=2048,
-                        help="prompt + answer tokens, as the reference counts (default: 2048)")
+    temperature 0.8, repetition penalty 1.2; GLM-4V-9B's chat() with top_p 0.8, temperature 0.8, top_k 50.
+    max_length (prompt + answer) 2048, GLM-4V 8192."""
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="prompt + answer tokens, as the reference counts (default: 2048; GLM-4V 8192)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens at most (default: no "
                         "limit besides --max-length)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 0.7; "
@@ -61,7 +62,8 @@ def build_session(args: argparse.Namespace):
     tokenizer = visualglm.load_tokenizer(args.model)
     model = visualglm.load(args.model, dtype=args.dtype, device=args.device)
     english = True if getattr(args, "english", False) else None
-    session = ChatSession(model, tokenizer, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+    max_length = -1 if args.max_length is None else args.max_length  # -1: the model's reference default
+    session = ChatSession(model, tokenizer, max_length=max_length, max_new_tokens=args.max_new_tokens,
                           compile=args.compile, english=english)
     session.sampling = session.sampling.replace(**overrides).validate()
     session.reseed()

@@ -22,32 +22,43 @@ from visualglm.tokenizers.templates import chatglm_prompt, visualglm_ids
 
 
 class ChatSession:
-    """A conversation with ChatGLM-6B or VisualGLM-6B.
+    """A conversation with ChatGLM-6B, VisualGLM-6B or GLM-4V-9B.
 
-    ``history`` is the reference's list of ``(query, response)`` pairs. Defaults follow the reference
-    chat functions: ``max_length`` 2048 (prompt + answer); ChatGLM-6B samples with top_p 0.7 and
-    temperature 0.95, VisualGLM-6B with its demo's top_p 0.4, top_k 100, temperature 0.8 and repetition
-    penalty 1.2. A VisualGLM session may hold one image (``set_image``), encoded once and reused by every
-    turn. VisualGLM's template language: ``english=None`` picks ``Q:/A:`` for a query without CJK characters
+    ``history`` is a list of ``(query, response)`` pairs (GLM-4V's message dicts are built from it, see
+    ``messages``). Defaults follow the reference chat functions: ``max_length`` (prompt + answer; -1 means
+    the model's default) 2048, or 8192 for GLM-4V-9B; ChatGLM-6B samples with top_p 0.7 and temperature
+    0.95, VisualGLM-6B with its demo's top_p 0.4, top_k 100, temperature 0.8 and repetition penalty 1.2,
+    GLM-4V-9B with top_p 0.8 and temperature 0.8, stopping on its three stop ids. GLM-4 attention is
+    causal, so there each turn reuses the cache of the earlier turns. A VisualGLM-6B or GLM-4V-9B session
+    may hold one image (``set_image``), encoded once and reused by every turn. VisualGLM's template language: ``english=None`` picks ``Q:/A:`` for a query without CJK characters
     and ``问：/答：`` otherwise (as its web demo); ``english=True`` forces ``Q:/A:`` and bans the Chinese pieces
     (its ``--english``); ``english=False`` forces Chinese.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, sampling: SamplingParams | None = None,
-                 max_length: int | None = 2048, max_new_tokens: int | None = None,
+                 max_length: int | None = -1, max_new_tokens: int | None = None,
                  history: list[tuple[str, str]] | None = None, compile: bool = False,
                  image=None, english: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.family = model.config.family
         self.multimodal = hasattr(model, "encode_images")
-        if english is not None and not self.multimodal:
+        if english is not None and self.family != "visualglm":
             raise ValueError("english mode is a VisualGLM-6B option")
         self.english = english
         if sampling is None:
-            sampling = SamplingParams.visualglm() if self.multimodal else SamplingParams.chatglm6b()
+            sampling = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
+                        "glm4v": SamplingParams.glm4v}[self.family]()
             if english:
                 sampling = sampling.replace(banned_ranges=VISUALGLM_ENGLISH_BANNED_RANGES)
+        # The output layer has more rows than the tokenizer has ids (padding): never sample an id that cannot
+        # be decoded. The reference would give them ~0 probability anyway; here it is a guarantee.
+        unknown = undecodable_ranges(tokenizer.known_ids(), model.get_input_embeddings().num_embeddings)
+        if unknown:
+            sampling = sampling.replace(banned_ranges=tuple(sampling.banned_ranges) + tuple(unknown))
         self.sampling = sampling.validate()
+        if max_length == -1:  # the reference chat()'s default: 8192 for GLM-4V-9B, 2048 for the others
+            max_length = 8192 if self.family == "glm4v" else 2048
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.history: list[tuple[str, str]] = [tuple(turn) for turn in (history or [])]
@@ -67,9 +78,11 @@ class ChatSession:
         ``allow_remote``) to the conversation."""
         if not self.multimodal:
             raise ValueError("this model has no image encoder: images need a VisualGLM-6B checkpoint")
-        size = self.model.config.eva_config.image_size
+        config = self.model.config
+        size = config.vision_config.image_size if self.family == "glm4v" else config.eva_config.image_size
+        size = (size, size) if isinstance(size, int) else (size[0], size[1])
         device = next(self.model.parameters()).device
-        pixels = preprocess(load_image(image, allow_remote=allow_remote), (size[0], size[1])).to(device)
+        pixels = preprocess(load_image(image, allow_remote=allow_remote), size).to(device)
         self._image_embeds = self.model.encode_images(pixels)
         self.encoded_images += 1
         self._cached_ids = []  # same placeholder ids, different image: nothing cached is valid
@@ -90,8 +103,21 @@ class ChatSession:
         self._cached_ids = []
         self.model.delete_kv_cache()
 
+    def messages(self, query: str) -> list[dict]:
+        """The conversation in GLM-4's message format (the image, if any, in the first user message)."""
+        messages: list[dict] = []
+        for q, r in self.history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        messages.append({"role": "user", "content": query})
+        if self._image_embeds is not None:
+            messages[0]["image"] = True
+        return messages
+
     def prompt_ids(self, query: str) -> tuple[list[int], int | None]:
         """The prompt's ids and where the image placeholders start (None without an image)."""
+        if self.family == "glm4v":
+            ids, _ = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True)
+            return self.model.expand_image_placeholders(ids)
         if not self.multimodal:
             return self.tokenizer.encode(chatglm_prompt(query, self.history)), None
         image_length = None if self._image_embeds is None else self.model.config.image_length
@@ -109,9 +135,11 @@ class ChatSession:
                 embeds = self.model.embed_with_images(torch.tensor([ids], device=device), self._image_embeds,
                                                       [image_start])
         reuse = self.model.reusable_prefix(self._cached_ids, ids) if self._cached_ids else 0
+        config = self.model.config
+        stop_ids = config.stop_ids if self.family == "glm4v" else (config.eos_token_id,)
         params = GenerationParams(max_new_tokens=self.max_new_tokens, max_length=self.max_length,
-                                  stop_ids=(self.model.config.eos_token_id,), sampling=self.sampling)
-        decoded = DecodeStream(self.tokenizer, postprocess="chatglm")
+                                  stop_ids=stop_ids, sampling=self.sampling)
+        decoded = DecodeStream(self.tokenizer, postprocess="glm4" if self.family == "glm4v" else "chatglm")
         chosen: list[int] = []
         self._cached_ids = []  # invalid while the cache is being rewritten
         self.last_prefill_tokens = len(ids) - reuse
@@ -138,6 +166,20 @@ class ChatSession:
     def chat(self, query: str) -> str:
         """The whole answer to ``query`` (and the turn appended to ``history``)."""
         return "".join(self.stream(query))
+
+
+def undecodable_ranges(known_ids, vocab: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of ``[0, vocab)`` holding no id from ``known_ids`` (sorted)."""
+    ranges, expected = [], 0
+    for i in known_ids:
+        if i >= vocab:
+            break
+        if i > expected:
+            ranges.append((expected, i))
+        expected = i + 1
+    if expected < vocab:
+        ranges.append((expected, vocab))
+    return ranges
 
 
 def has_cjk(text: str) -> bool:

@@ -425,6 +425,11 @@ class StreamPostprocessor(StagePipeline):
     """
 
 
+def glm4_postprocessor() -> StreamPostprocessor:
+    """Streaming GLM-4 ``process_response`` for plain answers: strip and ``[[训练时间]]`` (no punctuation rule)."""
+    return StreamPostprocessor([_StripStage(), StreamReplace(*CHATGLM_TRAINING_TIME)])
+
+
 def chatglm_postprocessor() -> StreamPostprocessor:
     """Streaming :func:`postprocess_chatglm` (strip, ``[[训练时间]]``, full-width punctuation)."""
     return StreamPostprocessor([_StripStage(), StreamReplace(*CHATGLM_TRAINING_TIME), _PunctuationStage()])
@@ -452,6 +457,8 @@ class DecodeStream:
         self.matcher = StopStringMatcher(stop)
         if postprocess == "chatglm":
             postprocess = chatglm_postprocessor()
+        elif postprocess == "glm4":
+            postprocess = glm4_postprocessor()
         elif isinstance(postprocess, str):
             raise ValueError(f"unknown postprocess {postprocess!r} (known: 'chatglm')")
         self.postprocessor: TextStage | None = postprocess

@@ -134,6 +134,10 @@ class ChatGLMTokenizer:
         """SentencePiece size + ``num_image_tokens`` (130344 for the released ``ice_text.model``)."""
         return self.sp.get_piece_size() + self.num_image_tokens
 
+    def known_ids(self) -> range:
+        """Every id this tokenizer can decode."""
+        return range(self.num_image_tokens, self.vocab_size)
+
     def __len__(self) -> int:
         return self.vocab_size
 

@@ -281,6 +281,10 @@ class GLM4Tokenizer:
     def is_special_id(self, i: int) -> bool:
         return i in self._special_by_id
 
+    def known_ids(self) -> list[int]:
+        """Every id this tokenizer can decode (regular ranks and specials), sorted."""
+        return sorted({*self._decoder, *self._special_by_id})
+
     @property
     def eos_token_id(self) -> int:
         return self.special_tokens[EOS_TOKEN]
