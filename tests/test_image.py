@@ -460,3 +460,13 @@ def test_golden_pixel_values(directory: Path) -> None:
     assert ours.dtype == golden.dtype
     diff = (ours - golden).abs().max().item()
     assert diff <= 1e-5, f"{directory.name}: max |diff| {diff}"
+
+
+def test_a_callers_pil_image_stays_usable() -> None:
+    from PIL import Image as PILImage
+
+    from visualglm.image import load_image
+
+    image = PILImage.new("RGBA", (4, 3), (1, 2, 3, 4))
+    load_image(image)
+    assert load_image(image).size == (4, 3)  # not closed by the first call

@@ -8,7 +8,8 @@ Change only the import line of the reference snippet::
     model = model.eval()
     response, history = model.chat(tokenizer, "你好", history=[])
 
-VisualGLM-6B's snippet works the same way: ``model.chat(tokenizer, image_path, "描述这张图片。", history=[])``.
+VisualGLM-6B's snippet works the same way: ``model.chat(tokenizer, image_path, "描述这张图片。", history=[])``,
+and GLM-4V-9B's: ``model.chat(tokenizer, "描述这张图片。", history=[], image=pil_image)``.
 """
 
 from __future__ import annotations
@@ -66,9 +67,40 @@ class CompatModel:
         top_p=0.7, temperature=0.95)``. VisualGLM-6B: ``chat(tokenizer, image_path, query, history=None,
         max_length=1024, min_length=100, do_sample=True, top_p=0.4, top_k=100, temperature=0.8,
         repetition_penalty=1.2)``; ``min_length`` is not applied (see README)."""
-        if hasattr(self.model, "encode_images"):
+        family = self.config.family
+        if family == "glm4v":
+            return self._glm4v_chat(tokenizer, *args, **kwargs)
+        if family == "visualglm":
             return self._visual_chat(tokenizer, *args, **kwargs)
         return self._text_chat(tokenizer, *args, **kwargs)
+
+    def _glm4v_chat(self, tokenizer, query: str, history: list | None = None, role: str = "user", image: Any = None,
+                    max_length: int = 8192, num_beams: int = 1, do_sample: bool = True, top_p: float = 0.8,
+                    temperature: float = 0.8, **_ignored: Any) -> tuple[str, list[dict]]:
+        """GLM-4V-9B: history is the reference's list of message dicts; the caller's list is not mutated
+        (the reference appends to it in place) and a new list is returned."""
+        if num_beams != 1:
+            raise ValueError("beam search is not supported (num_beams must be 1)")
+        if role != "user":
+            raise ValueError("only role='user' queries are supported (GLM-4V-9B has no tools or system role)")
+        history = [dict(m) for m in (history or [])]
+        pairs, pending = [], None
+        for message in history:
+            if image is None and message.get("image") is not None:
+                image = message["image"]
+            if message.get("role") == "user":
+                pending = message.get("content", "")
+            elif message.get("role") == "assistant" and pending is not None:
+                pairs.append((pending, message.get("content", "")))
+                pending = None
+        sampling = SamplingParams.glm4v(top_p=top_p, temperature=temperature, do_sample=do_sample)
+        session = ChatSession(self.model, tokenizer, sampling=sampling, max_length=max_length, history=pairs,
+                              image=image)
+        response = session.chat(query)
+        user = {"role": "user", "content": query}
+        if image is not None and not any(m.get("image") is not None for m in history):
+            user["image"] = image
+        return response, history + [user, {"role": "assistant", "metadata": "", "content": response}]
 
     def _text_chat(self, tokenizer, query: str, history: list | None = None, max_length: int = 2048,
                    num_beams: int = 1, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,

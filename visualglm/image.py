@@ -134,7 +134,7 @@ def load_image(
     if max_bytes <= 0 or max_pixels <= 0:
         raise ImageError(f"max_bytes and max_pixels must be positive (got {max_bytes}, {max_pixels})")
     if isinstance(source, Image.Image):
-        return _finish(source, "PIL image", max_pixels)
+        return _finish(source, "PIL image", max_pixels, owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > max_bytes:
@@ -234,8 +234,9 @@ def _unsupported_reason(data: bytes) -> str:
     return f"not an image, or an unrecognised format (supported: {', '.join(SUPPORTED_FORMATS)})"
 
 
-def _finish(image: Image.Image, label: str, max_pixels: int) -> Image.Image:
-    """Pixel-count check (header only), then decode and convert to a detached RGB image."""
+def _finish(image: Image.Image, label: str, max_pixels: int, owned: bool = True) -> Image.Image:
+    """Pixel-count check (header only), then decode and convert to a detached RGB image. An image we
+    opened ourselves (``owned``) is closed once converted; a caller's image is left open."""
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageError(f"{label}: image has an empty size {width}x{height}")
@@ -253,7 +254,7 @@ def _finish(image: Image.Image, label: str, max_pixels: int) -> Image.Image:
     except Exception as exc:
         kind = "truncated" if "truncated" in str(exc).lower() else "corrupt or truncated"
         raise ImageError(f"{label}: cannot decode the image, {kind} ({type(exc).__name__}: {exc})") from None
-    if rgb is not image:
+    if owned and rgb is not image:
         image.close()
     return rgb
 

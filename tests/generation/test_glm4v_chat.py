@@ -60,3 +60,33 @@ def test_text_only_chat(glm4v) -> None:
     ids, start = session.prompt_ids("hello")
     assert start is None and model.config.boi_token_id not in ids
     assert isinstance(session.chat("hello"), str)
+
+
+def test_reference_glm4v_snippet_without_mutating_history(glm4v_checkpoint: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from visualglm.compat import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(glm4v_checkpoint), trust_remote_code=True)
+    model = AutoModel.from_pretrained(str(glm4v_checkpoint), trust_remote_code=True).eval()
+    image = Image.new("RGB", (30, 20), (0, 0, 200))
+    history: list = []
+    response, new_history = model.chat(tokenizer, "描述这张图片。", history=history, image=image, do_sample=False,
+                                       max_length=64)
+    assert history == []  # the reference mutates the caller's list; we do not
+    assert new_history[0] == {"role": "user", "content": "描述这张图片。", "image": image}
+    assert new_history[1]["content"] == response
+    again, _ = model.chat(tokenizer, "描述这张图片。", history=[], image=image, do_sample=False, max_length=64)
+    assert again == response
+
+
+def test_cli_ask_with_an_image(glm4v_checkpoint: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    image = make_png(tmp_path / "c.png")
+    result = subprocess.run([sys.executable, "-m", "visualglm", "ask", "--model", str(glm4v_checkpoint), "--image",
+                             str(image), "--greedy", "--max-new-tokens", "4", "Describe this image."],
+                            capture_output=True, text=True, timeout=120, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n")

@@ -30,9 +30,10 @@ class ChatSession:
     0.95, VisualGLM-6B with its demo's top_p 0.4, top_k 100, temperature 0.8 and repetition penalty 1.2,
     GLM-4V-9B with top_p 0.8 and temperature 0.8, stopping on its three stop ids. GLM-4 attention is
     causal, so there each turn reuses the cache of the earlier turns. A VisualGLM-6B or GLM-4V-9B session
-    may hold one image (``set_image``), encoded once and reused by every turn. VisualGLM's template language: ``english=None`` picks ``Q:/A:`` for a query without CJK characters
-    and ``问：/答：`` otherwise (as its web demo); ``english=True`` forces ``Q:/A:`` and bans the Chinese pieces
-    (its ``--english``); ``english=False`` forces Chinese.
+    may hold one image (``set_image``), encoded once and reused by every turn. VisualGLM's template
+    language: ``english=None`` picks ``Q:/A:`` for a query without CJK characters and ``问：/答：``
+    otherwise (as its web demo); ``english=True`` forces ``Q:/A:`` and bans the Chinese pieces (its
+    ``--english``); ``english=False`` forces Chinese.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, sampling: SamplingParams | None = None,
