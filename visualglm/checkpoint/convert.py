@@ -6,10 +6,8 @@ it and renamed into place at the end.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from visualglm.checkpoint.hub import resolve_checkpoint_dir
 from visualglm.checkpoint.load import load, parse_dtype
 from visualglm.checkpoint.sat import QKV_LAYOUTS
 from visualglm.checkpoint.save import save_checkpoint
+from visualglm.checkpoint.staging import staged_directory
 
 # Tokenizer files a checkpoint directory may carry (ChatGLM-6B's SentencePiece model and its settings).
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
@@ -74,11 +73,9 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, dtype: str | t
         raise ValueError(f"target {target} overlaps the source {source_dir}: choose another directory")
     model = load(source_dir, dtype=torch_dtype or "stored", qkv_layout=qkv_layout, progress=progress,
                  fast_cpu_kernels=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.convert-", dir=target.parent))
-    try:
-        written = save_checkpoint(model, staging / "checkpoint", max_shard_bytes=max_shard_bytes,
-                                  dtype=torch_dtype)
+    with staged_directory(target) as staging:
+        written = save_checkpoint(model, staging, max_shard_bytes=max_shard_bytes, dtype=torch_dtype,
+                                  overwrite=True)
         copied = []
         for name in TOKENIZER_FILES:
             if (source_dir / name).is_file():
@@ -86,11 +83,6 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, dtype: str | t
                 copied.append(name)
         shards = len(list(written.glob("*.safetensors")))
         _check_target(target, overwrite)  # nothing appeared meanwhile
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(written, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     tensors = len({id(p) for p in model.parameters()})
     dtypes = sorted({str(torch_dtype or p.dtype).removeprefix("torch.") for p in model.parameters()})
     return ConvertResult(target, model.config.family, tensors, shards, "+".join(dtypes), copied)

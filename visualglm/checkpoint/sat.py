@@ -27,10 +27,7 @@ tensor is concatenated from its rank pieces just before assignment, so no second
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +48,7 @@ from visualglm.checkpoint.load import (
     check_device,
     target_dtype_for,
 )
+from visualglm.checkpoint.staging import staged_directory
 from visualglm.config import AnyConfig, ChatGLMConfig, ConfigError, config_from_dict, config_to_dict
 
 QKV_LAYOUTS = ("auto", "contiguous", "interleaved")
@@ -622,8 +620,7 @@ def save_sat(model: nn.Module, directory: str | Path, *, mp_size: int = 1, qkv_l
     state = _sat_state(model, qkv_layout, dtype)
     pieces = {key: split_model_parallel(key, tensor, mp_size) for key, tensor in state.items()}  # views
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory) as staging:
         (staging / str(iteration)).mkdir()
         for rank in range(mp_size):
             # contiguous copies: torch.save of a view would store the whole underlying storage
@@ -633,12 +630,6 @@ def save_sat(model: nn.Module, directory: str | Path, *, mp_size: int = 1, qkv_l
         (staging / "latest").write_text(str(iteration))
         data = sat_model_config(model.config, mp_size=mp_size, qkv_layout=qkv_layout)
         (staging / "model_config.json").write_text(json.dumps(data, indent=4, ensure_ascii=False) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

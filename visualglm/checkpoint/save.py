@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from visualglm.checkpoint.keymaps import KEYMAPS, invert, map_key
+from visualglm.checkpoint.staging import staged_directory
 from visualglm.config import write_config
 
 
@@ -51,9 +49,7 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, max_shard_bytes:
         seen.add(ptr)
 
     shards = _split(state, max_shard_bytes)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory) as staging:
         if len(shards) == 1:
             save_file(shards[0], str(staging / "model.safetensors"), metadata={"format": "pt"})
         else:
@@ -69,12 +65,6 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, max_shard_bytes:
         config = dataclasses.replace(model.config, torch_dtype=str(stored).removeprefix("torch."),
                                      extra=dict(model.config.extra))
         write_config(config, staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -28,7 +28,8 @@ from visualglm.models.kv_cache import KVCache
 from visualglm.models.layers import (
     apply_rotary_halves,
     attention,
-    blocked_to_bias,
+    attention_span,
+    common_prefix_length,
     rotary_cos_sin,
     rotary_inv_freq,
 )
@@ -184,11 +185,7 @@ class ChatGLMForCausalLM(nn.Module):
         context = list(new_ids).index(bos)
         if list(cached_ids).index(bos) != context:
             return 0
-        common = 0
-        for old, new in zip(cached_ids, new_ids, strict=False):
-            if old != new:
-                break
-            common += 1
+        common = common_prefix_length(cached_ids, new_ids)
         if common <= context:
             return 0
         return min(common, len(new_ids) - 1)
@@ -235,13 +232,7 @@ class ChatGLMForCausalLM(nn.Module):
             derived_positions, derived_mask = chatglm_prompt_inputs(input_ids, self.config)
             position_ids = derived_positions if position_ids is None else position_ids
             attention_mask = derived_mask if attention_mask is None else attention_mask
-        if attention_mask is not None:
-            kv_length = attention_mask.shape[-1]
-        elif cache_positions is not None:
-            kv_length = int(cache_positions[-1]) + 1
-        else:
-            kv_length = length
-        bias = None if attention_mask is None else blocked_to_bias(attention_mask, x.dtype)
+        kv_length, bias = attention_span(attention_mask, cache_positions, length, x.dtype)
 
         inv_freq = rotary_inv_freq(self.config.head_dim // 2, device=x.device, round_to_fp16=True)
         cos, sin = rotary_cos_sin(position_ids, inv_freq, x.dtype)  # [B, 2, T, head_dim / 2]

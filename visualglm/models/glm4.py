@@ -17,7 +17,7 @@ from torch import nn
 
 from visualglm.config import GLM4VConfig
 from visualglm.models.kv_cache import KVCache
-from visualglm.models.layers import attention_gqa, blocked_to_bias
+from visualglm.models.layers import attention_gqa, attention_span, common_prefix_length
 
 
 class RMSNorm(nn.Module):
@@ -167,11 +167,7 @@ class GLM4ForCausalLM(nn.Module):
 
     def reusable_prefix(self, cached_ids: Sequence[int], new_ids: Sequence[int]) -> int:
         """Causal attention: every slot of the common token prefix stays exact."""
-        common = 0
-        for old, new in zip(cached_ids, new_ids, strict=False):
-            if old != new:
-                break
-            common += 1
+        common = common_prefix_length(cached_ids, new_ids)
         return min(common, len(new_ids) - 1)
 
     # --- forward ---------------------------------------------------------------------------------------------
@@ -197,13 +193,7 @@ class GLM4ForCausalLM(nn.Module):
             position_ids, attention_mask = glm4_prompt_inputs(input_ids, self.config)
         # Without an explicit mask a prompt is plainly causal and a decode step sees every written slot.
         causal = attention_mask is None and length > 1
-        if attention_mask is not None:
-            kv_length = attention_mask.shape[-1]
-        elif cache_positions is not None:
-            kv_length = int(cache_positions[-1]) + 1
-        else:
-            kv_length = length
-        bias = None if attention_mask is None else blocked_to_bias(attention_mask, x.dtype)
+        kv_length, bias = attention_span(attention_mask, cache_positions, length, x.dtype)
         rope = glm4_rope_table(position_ids[:, 0], self.config.kv_channels // 2, 10000.0 * self.config.rope_ratio,
                                x.dtype)
         for block in self.transformer.encoder.layers:

@@ -74,3 +74,27 @@ def attention_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal and bias is None,
                                           scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def attention_span(attention_mask: torch.Tensor | None, cache_positions: torch.Tensor | None, length: int,
+                   dtype: torch.dtype) -> tuple[int, torch.Tensor | None]:
+    """How many key slots the queries attend to, and the additive bias of ``attention_mask``.
+
+    With a mask ``[B, 1, T, S]`` the queries see S slots; with a cache and no mask (a decode step without
+    padding) every slot up to the last one written; otherwise the T tokens themselves.
+    """
+    if attention_mask is not None:
+        return attention_mask.shape[-1], blocked_to_bias(attention_mask, dtype)
+    if cache_positions is not None:
+        return int(cache_positions[-1]) + 1, None
+    return length, None
+
+
+def common_prefix_length(a, b) -> int:
+    """Number of leading equal items of two sequences."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
