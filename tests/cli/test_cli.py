@@ -116,6 +116,7 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, t
     import json
     import shutil
     import signal
+    import threading
     import time
 
     # Make answers long: the configured end-of-answer id becomes one the model never produces.
@@ -127,20 +128,33 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, t
     process = subprocess.Popen([sys.executable, "-m", "visualglm", "chat", "--model", str(checkpoint), "--seed",
                                 "1", "--max-length", "200000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
+    reader.start()
+
+    def wait_for(marker: str, count: int) -> None:  # poll what the chat printed so far
+        deadline = time.monotonic() + 60
+        while "".join(output).count(marker) < count:
+            assert time.monotonic() < deadline, f"no {marker!r} in {''.join(output)!r}"
+            time.sleep(0.05)
+
     try:
-        time.sleep(6)  # start-up
-        for query in ("hello", "again"):
+        wait_for("用户: ", 1)
+        for turn, query in enumerate(("hello", "again"), start=1):
             process.stdin.write(query + "\n")
             process.stdin.flush()
-            time.sleep(0.5)
+            wait_for("ChatGLM: ", turn)
+            time.sleep(0.3)  # let the answer stream for a moment
             process.send_signal(signal.SIGINT)
-            time.sleep(0.5)
+            wait_for("用户: ", turn + 1)
         process.stdin.write("stop\n")
         process.stdin.flush()
-        out, err = process.communicate(timeout=60)
+        process.wait(timeout=60)
+        reader.join(timeout=10)
+        out = "".join(output)
     finally:
         process.kill()
-    assert process.returncode == 0, err
+    assert process.returncode == 0, process.stderr.read()
     assert out.count("[interrupted]") == 2
 
 
