@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visualglm.checkpoint.load import apply_cpu_kernels, build_model, load, parse_dtype
+from visualglm.checkpoint.load import apply_cpu_kernels, apply_quantization, build_model, load, parse_dtype
 from visualglm.checkpoint.tiny import init_random_weights
 from visualglm.config import get_config
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
@@ -54,24 +54,27 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 10) -> float:
     return buffer.numel() * 4 / min(times) / 1e9
 
 
-def random_model(config_name: str, dtype: torch.dtype) -> nn.Module:
-    """A model of a named config with random weights (small values), allocated directly in ``dtype``."""
+def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None) -> nn.Module:
+    """A model of a named config with random weights (small values) in ``dtype``, optionally quantized
+    (after filling: the full-precision model must fit in memory once)."""
     config = get_config(config_name)
     model = build_model(config).to_empty(device="cpu").to(dtype)
     # Small weights (std ~0.02 at width 4096) keep a 28-layer random network's activations finite.
     init_random_weights(model, weight_scale=1.28, layernorm_std=0.0, bias_std=0.0)
     model.config = config
+    if quant:
+        apply_quantization(model, quant)
     apply_cpu_kernels(model)
     return model.eval()
 
 
 def bytes_per_decode_step(model: nn.Module, context: int, batch: int) -> int:
-    """Weights read per decode step (every parameter but the input embedding rows, which are gathered)
-    plus the KV cache read at ``context`` tokens."""
+    """Weights read per decode step (every parameter and buffer, e.g. quantized weights, but the input
+    embedding rows, which are gathered) plus the KV cache read at ``context`` tokens."""
     embedding = model.get_input_embeddings().weight
     seen, total = set(), 0
     for module in model.modules():
-        for param in module.parameters(recurse=False):
+        for param in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if id(param) in seen:
                 continue
             seen.add(id(param))
@@ -91,16 +94,18 @@ def _peak_rss_gib() -> float:
 
 
 def run_bench(model_path: str | None, config_name: str | None, dtype: str, batch: int, prompt_tokens: int,
-              new_tokens: int, compile: bool = False) -> BenchResult:
+              new_tokens: int, compile: bool = False, quant: int | None = None) -> BenchResult:
     if batch < 1 or prompt_tokens < 2 or new_tokens < 2:
         raise ValueError("--batch must be >= 1, --prompt-tokens and --new-tokens >= 2")
     torch_dtype = parse_dtype(dtype)
     if model_path:
-        model = load(model_path, dtype=torch_dtype, progress=False)
+        model = load(model_path, dtype=torch_dtype, progress=False, quantize=quant)
         name = str(model_path)
     else:
-        model = random_model(config_name or "chatglm-6b", torch_dtype)
+        model = random_model(config_name or "chatglm-6b", torch_dtype, quant)
         name = f"{config_name} (random weights)"
+    if quant:
+        name += f", int{quant} weights"
     config = model.config
     # Prompts of distinct ordinary tokens ending in [gMASK] <sop>, like a real ChatGLM prompt.
     body = [100 + (i % 1000) for i in range(prompt_tokens - 2)]

@@ -206,3 +206,22 @@ def test_hub_id_without_huggingface_hub(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
     with pytest.raises(CheckpointNotFound, match=r"pip install 'visualglm\[hub\]'.*local directory"):
         visualglm.load("THUDM/chatglm-6b")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_on_load_follows_the_plan(tiny_checkpoint: Path, bits: int) -> None:
+    from visualglm.quant.linear import Int4Linear, Int8Linear
+
+    model = visualglm.load(tiny_checkpoint, dtype="bfloat16", quantize=bits, progress=False)
+    kind = Int8Linear if bits == 8 else Int4Linear
+    quantized = [name for name, module in model.named_modules() if isinstance(module, kind)]
+    assert len(quantized) == 4 * model.config.num_layers  # qkv, dense, h_to_4h, 4h_to_h per layer
+    assert not isinstance(model.lm_head, kind)  # kept in floating point, as the reference does
+    reference = visualglm.load(tiny_checkpoint, dtype="bfloat16", progress=False)
+    got, want = _logits(model), _logits(reference)
+    assert ((got - want).norm() / want.norm()).item() < (0.05 if bits == 8 else 0.35)
+
+
+def test_quantize_value_is_checked(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="quantize must be 8, 4"):
+        visualglm.load(tiny_checkpoint, quantize=3)

@@ -23,7 +23,9 @@ from visualglm.config import AnyConfig, ConfigError, read_config
 from visualglm.kernels.cpu_bf16 import cpu_lacks_bf16_matmul, use_upcast_linears
 from visualglm.models.chatglm import ChatGLMForCausalLM
 from visualglm.models.glm4v import GLM4VForCausalLM
+from visualglm.models.plans import QUANT_SKIP
 from visualglm.models.visualglm import VisualGLMForCausalLM
+from visualglm.quant.swap import quantize_model
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM, "visualglm": VisualGLMForCausalLM,
                                               "glm4v": GLM4VForCausalLM}
@@ -68,7 +70,7 @@ def build_model(config: AnyConfig, device: torch.device | str = "meta") -> nn.Mo
 
 def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = True, fast_cpu_kernels: bool = True,
-         qkv_layout: str = "auto") -> nn.Module:
+         qkv_layout: str = "auto", quantize: int | str | None = None) -> nn.Module:
     """Load a checkpoint directory, a known name or a hub id into an eval-mode model.
 
     Two directory layouts are read: the official Hugging Face one (``config.json`` + weights) and
@@ -79,15 +81,22 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     tensor's stored dtype (VisualGLM's HF checkpoint stores its image encoder in float32). The model has
     ``.config`` and ``.checkpoint_dir`` attributes; its parameters do not require grad. ``fast_cpu_kernels``
     swaps bf16 linears for ones that prefill through fp32 GEMM on CPUs without native bf16 matrix math
-    (``visualglm.kernels.cpu_bf16``).
+    (``visualglm.kernels.cpu_bf16``). ``quantize`` 8/"int8" or 4/"int4" replaces the language model's
+    linears with weight-only INT8 / INT4 (group 128) ones after loading (``visualglm.models.plans``
+    says what stays in floating point).
     """
     device = check_device(device)
     directory = resolve_checkpoint_dir(path_or_name)
     if is_sat_directory(directory):
         from visualglm.checkpoint.sat import load_sat
 
-        return load_sat(directory, dtype=dtype, device=device, qkv_layout=qkv_layout, progress=progress,
-                        fast_cpu_kernels=fast_cpu_kernels)
+        model = load_sat(directory, dtype=dtype, device=device, qkv_layout=qkv_layout, progress=progress,
+                         fast_cpu_kernels=False)
+        if quantize is not None:
+            apply_quantization(model, quantize)
+        if fast_cpu_kernels:
+            apply_cpu_kernels(model)
+        return model
     if qkv_layout != "auto":
         raise ValueError(f"qkv_layout={qkv_layout!r} applies to sat checkpoints only; {directory} is in the "
                          "Hugging Face layout, whose QKV rows are always per-head interleaved")
@@ -98,9 +107,23 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     load_weights(model, weight_files(directory), keymap, target_dtype, device, progress)
     model.config = config
     model.checkpoint_dir = directory
+    if quantize is not None:
+        apply_quantization(model, quantize)
     if fast_cpu_kernels:
         apply_cpu_kernels(model)
     return model.eval()
+
+
+def quantize_bits(quantize: int | str) -> int:
+    bits = {8: 8, 4: 4, "8": 8, "4": 4, "int8": 8, "int4": 4}.get(quantize)
+    if bits is None:
+        raise ValueError(f"quantize must be 8, 4, 'int8' or 'int4', got {quantize!r}")
+    return bits
+
+
+def apply_quantization(model: nn.Module, quantize: int | str) -> int:
+    """Weight-only quantization of a loaded model following its family's plan; returns modules replaced."""
+    return quantize_model(model, quantize_bits(quantize), skip=QUANT_SKIP[model.config.family])
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -12,6 +12,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="float32, bfloat16 or float16 (default: the checkpoint's; float16 becomes "
                         "bfloat16 on CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--quant", type=int, choices=(8, 4), default=None,
+                        help="weight-only INT8 or INT4 (group 128) for the language model's linears")
 
 
 def add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +62,7 @@ def build_session(args: argparse.Namespace):
         overrides["do_sample"] = False
     SamplingParams(**overrides).validate()  # bad flags fail before the (slow) model load
     tokenizer = visualglm.load_tokenizer(args.model)
-    model = visualglm.load(args.model, dtype=args.dtype, device=args.device)
+    model = visualglm.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quant)
     english = True if getattr(args, "english", False) else None
     max_length = -1 if args.max_length is None else args.max_length  # -1: the model's reference default
     session = ChatSession(model, tokenizer, max_length=max_length, max_new_tokens=args.max_new_tokens,
