@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visualglm.config import ChatGLMConfig
-from visualglm.models.kv_cache import KVCache
+from visualglm.models.kv_cache import CachedAttentionModel, KVCache
 from visualglm.models.layers import (
     apply_rotary_halves,
     attention,
@@ -115,7 +115,7 @@ class ChatGLMTransformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
 
-class ChatGLMForCausalLM(nn.Module):
+class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
     """ChatGLM-6B with its LM head. Module names equal the official checkpoint's key names."""
 
     def __init__(self, config: ChatGLMConfig) -> None:
@@ -139,25 +139,12 @@ class ChatGLMForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
 
-    # --- KV cache -------------------------------------------------------------------------------------
-    def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> None:
-        """Preallocate a ``[batch_size, heads, max_length, head_dim]`` cache in every layer."""
-        ref = self.transformer.word_embeddings.weight
-        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.bfloat16)
-        device = device or ref.device
-        for block in self.transformer.layers:
-            block.attention.kv_cache = KVCache(batch_size, self.config.num_attention_heads, max_length,
-                                               self.config.head_dim, dtype, device)
+    # --- KV cache (see CachedAttentionModel) -------------------------------------------------------
+    def attention_modules(self) -> list[nn.Module]:
+        return [block.attention for block in self.transformer.layers]
 
-    def kv_cache_size(self) -> tuple[int, int] | None:
-        """(batch_size, max_length) of the allocated cache, or None."""
-        cache = self.transformer.layers[0].attention.kv_cache
-        return None if cache is None else (cache.k.shape[0], cache.max_length)
-
-    def delete_kv_cache(self) -> None:
-        for block in self.transformer.layers:
-            block.attention.kv_cache = None
+    def kv_cache_layout(self) -> tuple[int, int]:
+        return self.config.num_attention_heads, self.config.head_dim
 
     # --- positions (the generation engine is model-agnostic and asks the model) ---------------------------
     def prompt_inputs(self, input_ids: torch.Tensor, num_pad: Sequence[int] | None = None

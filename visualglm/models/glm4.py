@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visualglm.config import GLM4VConfig
-from visualglm.models.kv_cache import KVCache
+from visualglm.models.kv_cache import CachedAttentionModel, KVCache
 from visualglm.models.layers import attention_gqa, attention_span, common_prefix_length
 
 
@@ -123,7 +123,7 @@ class GLM4Transformer(nn.Module):
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
 
 
-class GLM4ForCausalLM(nn.Module):
+class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
     """The GLM-4 language model with the same interface as the ChatGLM-6B class."""
 
     def __init__(self, config: GLM4VConfig) -> None:
@@ -140,21 +140,12 @@ class GLM4ForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.embedding.word_embeddings(input_ids)
 
-    # --- KV cache (keys/values stored per KV group, before expansion to the query heads) ---------------
-    def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> None:
-        ref = self.transformer.embedding.word_embeddings.weight
-        for block in self.transformer.encoder.layers:
-            block.self_attention.kv_cache = KVCache(batch_size, self.config.kv_heads, max_length,
-                                                    self.config.kv_channels, dtype or ref.dtype, device or ref.device)
+    # --- KV cache: keys/values stored per KV group, before expansion to the query heads ----------------
+    def attention_modules(self) -> list[nn.Module]:
+        return [block.self_attention for block in self.transformer.encoder.layers]
 
-    def kv_cache_size(self) -> tuple[int, int] | None:
-        cache = self.transformer.encoder.layers[0].self_attention.kv_cache
-        return None if cache is None else (cache.k.shape[0], cache.max_length)
-
-    def delete_kv_cache(self) -> None:
-        for block in self.transformer.encoder.layers:
-            block.self_attention.kv_cache = None
+    def kv_cache_layout(self) -> tuple[int, int]:
+        return self.config.kv_heads, self.config.kv_channels
 
     # --- positions ------------------------------------------------------------------------------------------
     def prompt_inputs(self, input_ids: torch.Tensor, num_pad: Sequence[int] | None = None

@@ -31,3 +31,35 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, positions, k.to(self.k.dtype))
         self.v.index_copy_(2, positions, v.to(self.v.dtype))
         return self.k, self.v
+
+
+class CachedAttentionModel:
+    """Cache management shared by the decoders. A model lists its attention modules (each with a
+    ``kv_cache`` attribute) and the cache's ``(heads, head_dim)``; the engine sizes the cache through
+    these methods."""
+
+    def attention_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def kv_cache_layout(self) -> tuple[int, int]:
+        """(key/value heads, head dim) of one layer's cache."""
+        raise NotImplementedError
+
+    def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> None:
+        """Preallocate a ``[batch_size, heads, max_length, head_dim]`` cache in every layer (default dtype
+        and device: those of the input embeddings; bf16 when they are not floating point)."""
+        ref = self.get_input_embeddings().weight
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.bfloat16)
+        heads, head_dim = self.kv_cache_layout()
+        for attention in self.attention_modules():
+            attention.kv_cache = KVCache(batch_size, heads, max_length, head_dim, dtype, device or ref.device)
+
+    def kv_cache_size(self) -> tuple[int, int] | None:
+        """(batch_size, max_length) of the allocated cache, or None."""
+        cache = self.attention_modules()[0].kv_cache
+        return None if cache is None else (cache.k.shape[0], cache.max_length)
+
+    def delete_kv_cache(self) -> None:
+        for attention in self.attention_modules():
+            attention.kv_cache = None
