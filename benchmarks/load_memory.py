@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ def write_random_checkpoint(directory: Path, config_name: str, store_dtype: str,
     import torch
     from safetensors.torch import save_file
 
-    from visualglm.checkpoint.keymaps import KEYMAPS, invert
+    from visualglm.checkpoint.keymaps import KEYMAPS, invert, map_key
     from visualglm.checkpoint.load import build_model, parse_dtype
     from visualglm.config import get_config, write_config
 
@@ -42,15 +43,13 @@ def write_random_checkpoint(directory: Path, config_name: str, store_dtype: str,
     model = build_model(config)  # meta: only shapes
     shapes = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        template = _template(name)
-        source = to_source[template[0]].replace("{}", template[1], 1) if template[1] else to_source[name]
-        shapes[source] = tuple(param.shape)
+        shapes[map_key(name, to_source)] = tuple(param.shape)
     # Group keys into shards of about shard_bytes.
     shards: list[list[str]] = [[]]
     size = 0
     element = torch.tensor([], dtype=dtype).element_size()
     for key, shape in shapes.items():
-        nbytes = element * _numel(shape)
+        nbytes = element * math.prod(shape)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -70,19 +69,6 @@ def write_random_checkpoint(directory: Path, config_name: str, store_dtype: str,
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     write_config(config, directory)
     return total
-
-
-def _template(name: str) -> tuple[str, str | None]:
-    from visualglm.checkpoint.keymaps import _template as template
-
-    return template(name)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _vm(field: str) -> int:

@@ -16,13 +16,6 @@ from torch import nn
 
 from visualglm.generation.sampling import SamplingParams, make_generator, next_tokens
 
-# (logits [B, vocab] float32, tokens so far [B, T]) -> token ids [B]
-TokenChooser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def greedy(logits: torch.Tensor, _tokens: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
-
 
 @dataclass
 class GenerationParams:
@@ -101,14 +94,14 @@ class DecodeState:
 
 @torch.inference_mode()
 def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int | None = None,
-                   choose: TokenChooser | None = None, pad_id: int | None = None, *,
+                   pad_id: int | None = None, *,
                    params: GenerationParams | None = None, generator: torch.Generator | None = None,
                    reuse_prefix: int = 0, keep_cache: bool = False, compiled: Callable | None = None,
                    inputs_embeds: torch.Tensor | None = None) -> Iterator[Step]:
     """Generate for a batch of prompts; one ``Step`` per new token until every row stops.
 
     ``params`` gives stop ids, length limits and sampling (default: greedy, no stop ids, which with
-    ``max_new_tokens`` reproduces a fixed number of steps). ``choose`` overrides token choice entirely.
+    ``max_new_tokens`` reproduces a fixed number of steps).
     ``reuse_prefix`` > 0 (single prompt only) keeps the cache slots ``[0, reuse_prefix)`` from an earlier
     call with ``keep_cache=True`` that held the same tokens there; the caller vouches that they are valid
     (see ``ChatSession``). ``compiled`` is an optional compiled forward used for decode steps.
@@ -146,10 +139,8 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
                    logits_to_keep=1)[:, -1].float()
 
     state = DecodeState(mask[:, :, -1:, :], positions[..., -1:], cache_length)
-    sampling = params.sampling
-    if choose is None:
-        sampling.validate()
-        generator = generator or make_generator(sampling.seed, device)
+    sampling = params.sampling.validate()
+    generator = generator or make_generator(sampling.seed, device)
     valid = torch.tensor([[i >= n for i in range(length)] for n in num_pad], device=device)
     tokens = input_ids
     stop = torch.tensor(list(params.stop_ids) or [-1], device=device)
@@ -157,10 +148,7 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     forward = compiled if compiled is not None else model
     try:
         for step in range(budget):
-            if choose is not None:
-                chosen = choose(logits, tokens)
-            else:
-                chosen = next_tokens(logits, tokens, sampling, generator, valid=valid)
+            chosen = next_tokens(logits, tokens, sampling, generator, valid=valid)
             chosen = torch.where(finished, torch.full_like(chosen, pad_id), chosen)
             finished = finished | torch.isin(chosen, stop)
             yield Step(chosen, logits, finished.clone())
