@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "visualglm"
 
 # Rank of each top-level part of the package (DESIGN.md: config < models, tokenizers, image, quant <
-# peft, distributed < checkpoint < generation < finetune < serving < cli). Equal ranks may not import
+# peft, distributed < checkpoint < generation < finetune < demo < serving < cli). Equal ranks may not import
 # each other either.
 RANKS = {
     "config": 0,
@@ -17,9 +17,10 @@ RANKS = {
     "checkpoint": 3,
     "generation": 4,
     "finetune": 5, "bench": 5,
+    "demo": 5.5,  # the shipped model (default for serving and the CLI), its data, training and evaluation
     "serving": 6, "compat": 6,
     "__init__": 6.5,  # the public API (load, ...): only the command line sits above it
-    "cli": 7, "demo": 7, "__main__": 8,
+    "cli": 7, "__main__": 8,
 }
 # The root __init__ may reach anything (lazily, inside its functions): its own imports are not checked.
 EXEMPT = {"__init__"}

@@ -7,7 +7,8 @@ import unicodedata
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint directory, known name (chatglm-6b) or hub id")
+    parser.add_argument("--model", help="checkpoint directory, known name (chatglm-6b) or hub id (default: the "
+                        "shipped demo model, a tiny VisualGLM trained on easy-VQA)")
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 (default: the checkpoint's; float16 becomes "
                         "bfloat16 on CPU)")
@@ -48,11 +49,11 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
 def build_session(args: argparse.Namespace):
     """Load the model and tokenizer named by the flags and return a ChatSession."""
     import visualglm
+    from visualglm.demo import resolve_model
     from visualglm.generation.chat import ChatSession
     from visualglm.generation.sampling import SamplingParams
 
-    if not args.model:
-        raise ValueError("no default model ships yet: pass --model DIR (a ChatGLM-6B checkpoint directory)")
+    args.model = resolve_model(args.model)
     if args.max_length is not None and args.max_length < 2:
         raise ValueError("--max-length must be at least 2")
     overrides = {name: value for name, value in (
