@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +36,10 @@ _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+# ``(parameter name, checkpoint tensor) -> tensor to assign``, applied as each tensor is read.
+TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class CheckpointError(RuntimeError):
@@ -70,7 +74,8 @@ def build_model(config: AnyConfig, device: torch.device | str = "meta") -> nn.Mo
 
 def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = True, fast_cpu_kernels: bool = True,
-         qkv_layout: str = "auto", quantize: int | str | None = None) -> nn.Module:
+         qkv_layout: str = "auto", quantize: int | str | None = None,
+         tensor_parallel: bool = False) -> nn.Module:
     """Load a checkpoint directory, a known name or a hub id into an eval-mode model.
 
     Two directory layouts are read: the official Hugging Face one (``config.json`` + weights) and
@@ -83,7 +88,9 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     swaps bf16 linears for ones that prefill through fp32 GEMM on CPUs without native bf16 matrix math
     (``visualglm.kernels.cpu_bf16``). ``quantize`` 8/"int8" or 4/"int4" replaces the language model's
     linears with weight-only INT8 / INT4 (group 128) ones after loading (``visualglm.models.plans``
-    says what stays in floating point).
+    says what stays in floating point). ``tensor_parallel`` (under an initialized process group, e.g.
+    torchrun) keeps only this rank's shard, read slice by slice from the checkpoint
+    (``visualglm.distributed.tp``); quantization then applies to the shard.
     """
     device = check_device(device)
     directory = resolve_checkpoint_dir(path_or_name)
@@ -92,6 +99,10 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
 
         model = load_sat(directory, dtype=dtype, device=device, qkv_layout=qkv_layout, progress=progress,
                          fast_cpu_kernels=False)
+        if tensor_parallel:  # sat weights are already loaded: slice them in place
+            from visualglm.distributed.tp import apply_tensor_parallel
+
+            apply_tensor_parallel(model)
         if quantize is not None:
             apply_quantization(model, quantize)
         if fast_cpu_kernels:
@@ -103,8 +114,13 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     config = read_checkpoint_config(directory)
     target_dtype = target_dtype_for(dtype, config, device)
     model = build_model(config)
+    tensor_hook = None
+    if tensor_parallel:  # resize the meta model to this rank's shard; the hook slices each tensor read
+        from visualglm.distributed.tp import apply_tensor_parallel
+
+        tensor_hook = apply_tensor_parallel(model)
     keymap = KEYMAPS[(config.family, "hf")]
-    load_weights(model, weight_files(directory), keymap, target_dtype, device, progress)
+    load_weights(model, weight_files(directory), keymap, target_dtype, device, progress, tensor_hook=tensor_hook)
     model.config = config
     model.checkpoint_dir = directory
     if quantize is not None:
@@ -230,18 +246,20 @@ def _torch_load(path: Path) -> object:
 
 
 def load_weights(model: nn.Module, files: list[Path], keymap: dict, dtype: torch.dtype | None,
-                 device: torch.device, progress: bool = True) -> None:
+                 device: torch.device, progress: bool = True, tensor_hook: TensorHook | None = None) -> None:
     """Assign every tensor of ``files`` to ``model`` (built on meta) with strict key and shape checks."""
     tensors = ((path, key, tensor) for path in files for key, tensor in iter_tensors(path))
-    assign_weights(model, tensors, keymap, dtype, device, progress, where=files[0].parent)
+    assign_weights(model, tensors, keymap, dtype, device, progress, where=files[0].parent,
+                   tensor_hook=tensor_hook)
 
 
 def assign_weights(model: nn.Module, tensors: Iterable[tuple[Path | str, str, torch.Tensor]], keymap: dict,
                    dtype: torch.dtype | None, device: torch.device, progress: bool = True,
-                   where: Path | str = "") -> None:
+                   where: Path | str = "", tensor_hook: TensorHook | None = None) -> None:
     """Assign ``(source, key, tensor)`` triples to ``model`` (built on meta): keys are mapped through
     ``keymap``, every parameter must be set exactly once with the right shape. ``source`` names the file in
-    errors; ``dtype`` None keeps the stored dtype."""
+    errors; ``dtype`` None keeps the stored dtype. ``tensor_hook(name, tensor)`` may replace each tensor
+    (still memory-mapped) before its shape is checked, e.g. by the slice a tensor-parallel rank holds."""
     tied = model.tied_parameters() if hasattr(model, "tied_parameters") else {}
     expected = {name: p for name, p in model.named_parameters(remove_duplicate=False) if name not in tied}
     loaded: set[str] = set()
@@ -259,6 +277,8 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[Path | str, str, to
             unexpected.append(key)
             continue
         param = expected[name]
+        if tensor_hook is not None:
+            tensor = tensor_hook(name, tensor)
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the config expects "
                                   f"{tuple(param.shape)}")
