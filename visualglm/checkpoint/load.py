@@ -12,6 +12,7 @@ import json
 import pickle
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from visualglm.models.glm4v import GLM4VForCausalLM
 from visualglm.models.plans import QUANT_SKIP
 from visualglm.models.visualglm import VisualGLMForCausalLM
 from visualglm.quant.swap import quantize_model
+
+if TYPE_CHECKING:
+    from visualglm.checkpoint.quantized import QuantizedLoader
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM, "visualglm": VisualGLMForCausalLM,
                                               "glm4v": GLM4VForCausalLM}
@@ -87,10 +91,12 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     ``.config`` and ``.checkpoint_dir`` attributes; its parameters do not require grad. ``fast_cpu_kernels``
     swaps bf16 linears for ones that prefill through fp32 GEMM on CPUs without native bf16 matrix math
     (``visualglm.kernels.cpu_bf16``). ``quantize`` 8/"int8" or 4/"int4" replaces the language model's
-    linears with weight-only INT8 / INT4 (group 128) ones after loading (``visualglm.models.plans``
-    says what stays in floating point). ``tensor_parallel`` (under an initialized process group, e.g.
-    torchrun) keeps only this rank's shard, read slice by slice from the checkpoint
-    (``visualglm.distributed.tp``); quantization then applies to the shard.
+    linears with weight-only INT8 / INT4 (group 128) ones while loading: each weight is quantized as it is
+    read, so the full-precision model is never in memory (``visualglm.models.plans`` says what stays in
+    floating point). Quantized checkpoints (``visualglm.checkpoint.quantized``: ours, or THUDM's
+    ``quantization_bit`` 4/8 layout) load as stored, with no ``quantize`` needed. ``tensor_parallel``
+    (under an initialized process group, e.g. torchrun) keeps only this rank's shard, read slice by slice
+    from the checkpoint (``visualglm.distributed.tp``); quantization then applies to the shard.
     """
     device = check_device(device)
     directory = resolve_checkpoint_dir(path_or_name)
@@ -114,17 +120,27 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     config = read_checkpoint_config(directory)
     target_dtype = target_dtype_for(dtype, config, device)
     model = build_model(config)
+    from visualglm.checkpoint.quantized import prepare_quantized_load, prequantized_format
+
+    # A pre-quantized checkpoint is split after loading (its packed tensors cannot be sliced as they stream).
+    split_after = tensor_parallel and prequantized_format(config) is not None
     tensor_hook = None
-    if tensor_parallel:  # resize the meta model to this rank's shard; the hook slices each tensor read
-        from visualglm.distributed.tp import apply_tensor_parallel
+    if tensor_parallel and not split_after:  # resize the meta model to this rank's shard; the hook slices
+        from visualglm.distributed.tp import apply_tensor_parallel  # each tensor read
 
         tensor_hook = apply_tensor_parallel(model)
     keymap = KEYMAPS[(config.family, "hf")]
-    load_weights(model, weight_files(directory), keymap, target_dtype, device, progress, tensor_hook=tensor_hook)
+    # Quantized linears are swapped in on the meta model and filled (quantized) tensor by tensor.
+    quant = prepare_quantized_load(model, config, quantize, keymap, target_dtype, device, directory,
+                                   tensor_hook=tensor_hook)
+    load_weights(model, weight_files(directory), keymap, target_dtype, device, progress, tensor_hook=tensor_hook,
+                 quant=quant)
     model.config = config
     model.checkpoint_dir = directory
-    if quantize is not None:
-        apply_quantization(model, quantize)
+    if split_after:
+        from visualglm.distributed.tp import apply_tensor_parallel
+
+        apply_tensor_parallel(model)
     if fast_cpu_kernels:
         apply_cpu_kernels(model)
     return model.eval()
@@ -139,7 +155,10 @@ def quantize_bits(quantize: int | str) -> int:
 
 def apply_quantization(model: nn.Module, quantize: int | str) -> int:
     """Weight-only quantization of a loaded model following its family's plan; returns modules replaced."""
-    return quantize_model(model, quantize_bits(quantize), skip=QUANT_SKIP[model.config.family])
+    bits, skip = quantize_bits(quantize), QUANT_SKIP[model.config.family]
+    model.quantization = {"bits": bits, "symmetric": False, "skip": list(skip),
+                          **({"group_size": 128} if bits == 4 else {})}
+    return quantize_model(model, bits, skip=skip)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -246,26 +265,33 @@ def _torch_load(path: Path) -> object:
 
 
 def load_weights(model: nn.Module, files: list[Path], keymap: dict, dtype: torch.dtype | None,
-                 device: torch.device, progress: bool = True, tensor_hook: TensorHook | None = None) -> None:
+                 device: torch.device, progress: bool = True, tensor_hook: TensorHook | None = None,
+                 quant: QuantizedLoader | None = None) -> None:
     """Assign every tensor of ``files`` to ``model`` (built on meta) with strict key and shape checks."""
     tensors = ((path, key, tensor) for path in files for key, tensor in iter_tensors(path))
     assign_weights(model, tensors, keymap, dtype, device, progress, where=files[0].parent,
-                   tensor_hook=tensor_hook)
+                   tensor_hook=tensor_hook, quant=quant)
 
 
 def assign_weights(model: nn.Module, tensors: Iterable[tuple[Path | str, str, torch.Tensor]], keymap: dict,
                    dtype: torch.dtype | None, device: torch.device, progress: bool = True,
-                   where: Path | str = "", tensor_hook: TensorHook | None = None) -> None:
+                   where: Path | str = "", tensor_hook: TensorHook | None = None,
+                   quant: QuantizedLoader | None = None) -> None:
     """Assign ``(source, key, tensor)`` triples to ``model`` (built on meta): keys are mapped through
     ``keymap``, every parameter must be set exactly once with the right shape. ``source`` names the file in
     errors; ``dtype`` None keeps the stored dtype. ``tensor_hook(name, tensor)`` may replace each tensor
-    (still memory-mapped) before its shape is checked, e.g. by the slice a tensor-parallel rank holds."""
+    (still memory-mapped) before its shape is checked, e.g. by the slice a tensor-parallel rank holds.
+    ``quant`` takes the tensors of quantized modules (``visualglm.checkpoint.quantized``)."""
     tied = model.tied_parameters() if hasattr(model, "tied_parameters") else {}
     expected = {name: p for name, p in model.named_parameters(remove_duplicate=False) if name not in tied}
     loaded: set[str] = set()
     unexpected: list[str] = []
-    bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
+    total = len(expected) + (len(quant.expected) if quant is not None else 0)
+    bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress, leave=False)
     for path, key, tensor in tensors:
+        if quant is not None and quant.take(path, key, tensor):
+            bar.update(1)
+            continue
         try:
             name = map_key(key, keymap)
         except UnknownKeyError:
@@ -287,7 +313,7 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[Path | str, str, to
         loaded.add(name)
         bar.update(1)
     bar.close()
-    missing = sorted(set(expected) - loaded)
+    missing = sorted(set(expected) - loaded) + (quant.missing() if quant is not None else [])
     if missing or unexpected:
         parts = []
         if missing:

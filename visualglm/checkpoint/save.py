@@ -1,5 +1,9 @@
 """Write a model in the official HF layout: config.json + safetensors shards (+ index when sharded).
 
+A model with weight-only quantized linears is written with its quantized tensors as they are (see
+``visualglm.checkpoint.quantized`` for the tensors and the ``quantization_config`` entry of config.json);
+loading it back gives the identical model without quantizing again.
+
 Writes go to a temporary directory beside the target that is renamed into place at the end, so an
 interrupted save never leaves a half-written checkpoint under the target name.
 """
@@ -14,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from visualglm.checkpoint.keymaps import KEYMAPS, invert, map_key
+from visualglm.checkpoint.keymaps import KEYMAPS, invert
+from visualglm.checkpoint.quantized import QUANT_CONFIG_KEY, map_module_key, quantization_config, quantized_modules
 from visualglm.checkpoint.staging import staged_directory
 from visualglm.config import write_config
 
@@ -25,7 +30,7 @@ def source_state_dict(model: nn.Module, fmt: str = "hf") -> dict[str, torch.Tens
     to_source = invert(KEYMAPS[(config.family, fmt)])
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
-        source = map_key(name, to_source)
+        source = map_module_key(name, to_source)
         if source is None:
             continue
         out[source] = tensor
@@ -38,9 +43,14 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, max_shard_bytes:
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty (pass overwrite=True to replace it)")
+    quant_entry = quantization_config(model)
     state = source_state_dict(model)
+    # Scales of quantized modules keep their own dtype: they are part of the quantized format.
+    to_source = invert(KEYMAPS[(model.config.family, "hf")])
+    fixed = {map_module_key(f"{m}.{t}", to_source) for m in quantized_modules(model)
+             for t in ("scale", "scales_and_zeros")}
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(dtype) if v.is_floating_point() and k not in fixed else v for k, v in state.items()}
     # safetensors refuses tensors that share storage (tied weights): give each its own contiguous copy.
     seen: set[int] = set()
     for key, value in state.items():
@@ -61,9 +71,13 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, max_shard_bytes:
             total = sum(v.numel() * v.element_size() for v in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        stored = dtype or next(v.dtype for v in state.values() if v.is_floating_point())
-        config = dataclasses.replace(model.config, torch_dtype=str(stored).removeprefix("torch."),
-                                     extra=dict(model.config.extra))
+        stored = dtype or next(v.dtype for k, v in state.items() if v.is_floating_point() and k not in fixed)
+        extra = {k: v for k, v in model.config.extra.items() if k not in (QUANT_CONFIG_KEY, "quantization_bit")}
+        if quant_entry is not None:
+            extra[QUANT_CONFIG_KEY] = quant_entry
+        changes = {"quantization_bit": 0} if hasattr(model.config, "quantization_bit") else {}
+        config = dataclasses.replace(model.config, torch_dtype=str(stored).removeprefix("torch."), extra=extra,
+                                     **changes)
         write_config(config, staging)
     return directory
 

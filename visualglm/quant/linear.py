@@ -5,34 +5,50 @@
 
 ``Int4Linear``: 4-bit codes ``q`` in 0..15 with one ``(scale, zero)`` pair per group of ``group_size``
 input columns, ``W = (q - 8) * scale + zero`` (the convention of ``torch._weight_int4pack_mm_for_cpu``;
-symmetric groups have ``zero = 0``). Codes are stored in the tiled nibble layout that
-``torch._convert_weight_to_int4pack_for_cpu`` produces (uint8 ``[out, in/2]``, see ``pack_int4_tiled``), so the
-CPU kernel can use the stored tensor directly; ``unpack_int4_tiled`` reads the same layout in plain PyTorch,
-which gives a dequantize path on any device.
+symmetric groups have ``zero = 0``). In memory the codes sit in the tiled layout of this CPU's kernel (see
+``visualglm.quant.packing``) so the kernel reads them directly; the module's ``state_dict`` holds them in a
+CPU-independent plain layout, so a saved quantized model loads on any machine.
 
-On CPU the aten weight-only kernels are used (they need bf16 activations to be fast, so activations are
-cast to bf16 and the result back to the input dtype); otherwise, or when a gradient w.r.t. the input is
-needed (P-tuning on a quantized model), the weight is dequantized to the activation dtype and ``F.linear``
-runs. Weights are frozen buffers.
+Three ways to run a call, chosen per call:
+- few rows on CPU (decoding): PyTorch's weight-only kernels (``torch._weight_int8pack_mm``,
+  ``torch._weight_int4pack_mm_for_cpu``), which stream the small weights;
+- many rows on CPU (prefill, ``rows >= PREFILL_MIN_ROWS``): the weight is dequantized into one reused scratch
+  buffer and the ordinary GEMM runs (bf16 where the CPU has bf16 matrix instructions, fp32 ``W @ x.T``
+  otherwise). The weight-only kernels work row by row and lose to a real GEMM once the dequantization is
+  spread over enough rows;
+- other devices, or a gradient w.r.t. the input (P-tuning on a quantized model): dequantize + ``F.linear``.
+Weights are frozen buffers.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visualglm.quant.packing import (
+    CHUNK_ROWS,
+    int4_group_codes,
+    kernel_block_n,
+    pack_int4_plain,
+    pack_int4_tiled,
+    quantize_int8_rows,
+    unpack_int4_plain,
+    unpack_int4_tiled,
+    unpack_thudm_int4,
+)
+
 Backend = Literal["auto", "kernel", "dequant"]
 
 _HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
-_HAS_INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
-    torch, "_convert_weight_to_int4pack_for_cpu"
-)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# The tiled int4 layout interleaves blocks of this many output rows (16 in the low nibble, 16 in the high).
-_INT4_BLOCK_N = 32
+# Rows (tokens x batch) from which dequantize + GEMM beats the weight-only kernel, per bit width; None: never.
+# Measured with benchmarks/quant_linear.py (16384x4096 weight) on a 2-core AMD EPYC with AVX-512 BF16.
+PREFILL_MIN_ROWS: dict[int, int | None] = {8: 32, 4: 64}
+
+_scratch: torch.Tensor | None = None
 
 
 def _use_kernel(backend: str, available: bool, x: torch.Tensor) -> bool:
@@ -49,8 +65,45 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float16 if x.dtype == torch.float16 else torch.bfloat16
 
 
+def _native_bf16() -> bool:
+    """CPU with bf16 matrix instructions (AVX-512 BF16 or AMX): bf16 GEMM is then faster than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+_PREFILL_DTYPE = torch.bfloat16 if _native_bf16() else torch.float32
+
+
+def _scratch_buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A ``shape`` view of one process-wide buffer, grown to the largest weight seen (valid until the next
+    call). Reusing it avoids paying for fresh pages on every prefill call."""
+    global _scratch
+    nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    if _scratch is None or _scratch.numel() < nbytes:
+        _scratch = torch.empty(nbytes, dtype=torch.uint8)
+    return _scratch[:nbytes].view(dtype).view(shape)
+
+
+def _use_prefill(bits: int, backend: str, x: torch.Tensor) -> bool:
+    threshold = PREFILL_MIN_ROWS.get(bits)
+    rows = x.numel() // x.shape[-1]
+    return (backend == "auto" and threshold is not None and rows >= threshold and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [rows, in] @ weight [out, in].T`` in ``weight``'s dtype -> ``[rows, out]``."""
+    if weight.dtype == torch.float32:
+        return (weight @ x.float().t()).t()  # MKL's faster orientation for few rows (see kernels.cpu_bf16)
+    return F.linear(x.to(weight.dtype), weight)
+
+
 class Int8Linear(nn.Module):
-    """``y = x @ (weight * scale[:, None]).T + bias`` with an int8 weight and per-row scales."""
+    """``y = x @ (weight * scale[:, None]).T + bias`` with an int8 weight and per-row scales.
+
+    Buffers: ``weight`` int8 ``[out, in]``, ``scale`` fp32 ``[out]``, optional ``bias`` ``[out]``.
+    """
 
     backend: Backend = "auto"
 
@@ -64,13 +117,29 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
+    def empty(cls, out_features: int, in_features: int, bias_dtype: torch.dtype | None = None,
+              device: torch.device | str = "meta") -> Int8Linear:
+        """Unfilled buffers (meta by default) to assign into while loading; ``bias_dtype`` None: no bias."""
+        weight = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        scale = torch.empty(out_features, dtype=torch.float32, device=device)
+        bias = None if bias_dtype is None else torch.empty(out_features, dtype=bias_dtype, device=device)
+        return cls(weight, scale, bias)
+
+    def quantize_(self, weight: torch.Tensor) -> Int8Linear:
+        """Quantize a float ``[out, in]`` weight into this module's buffers (on ``weight``'s device)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
+        self.weight, self.scale = quantize_int8_rows(weight.detach())
+        return self
+
+    @classmethod
     def from_linear(cls, linear: nn.Module) -> Int8Linear:
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1) / 127.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        weight = linear.weight.detach()
         bias = getattr(linear, "bias", None)
-        return cls(q, scale, None if bias is None else bias.detach())
+        module = cls.empty(*weight.shape, None if bias is None else bias.dtype, device=weight.device)
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module.quantize_(weight)
 
     @classmethod
     def from_thudm(cls, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
@@ -82,6 +151,15 @@ class Int8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_prefill(8, self.backend, x):
+            x2d = x.reshape(-1, self.in_features)
+            # int8 values are exact in bf16 and fp32, and the per-row scale factors out of the sum: only
+            # the int8 -> float copy is paid per call, the scale goes on the (much smaller) output.
+            w = _scratch_buffer((self.out_features, self.in_features), _PREFILL_DTYPE).copy_(self.weight)
+            out = _gemm(x2d, w) * self.scale.to(w.dtype)
+            if self.bias is not None:
+                out = out + self.bias.to(w.dtype)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if _use_kernel(self.backend, _HAS_INT8_KERNEL, x):
             kd = _kernel_dtype(x)
             x2d = x.reshape(-1, self.in_features).to(kd).contiguous()
@@ -96,62 +174,41 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_int4_tiled(codes: torch.Tensor) -> torch.Tensor:
-    """int codes 0..15 ``[N, K]`` (N % 32 == 0, K even) -> uint8 ``[N, K/2]`` in the CPU int4 kernel layout.
-
-    The layout (that of ``torch._convert_weight_to_int4pack_for_cpu`` in torch 2.13, checked by the tests):
-    for each block of 32 rows, bytes run over k then over 16 rows n; the low nibble holds row ``n``, the high
-    nibble row ``n + 16``.
-    """
-    n, k = codes.shape
-    blocks = codes.to(torch.uint8).reshape(n // _INT4_BLOCK_N, 2, 16, k)
-    packed = blocks[:, 0] | (blocks[:, 1] << 4)  # [B, 16, K]
-    return packed.transpose(1, 2).contiguous().reshape(n, k // 2)
-
-
-def unpack_int4_tiled(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_int4_tiled``: uint8 ``[N, K/2]`` -> uint8 codes ``[N, K]``."""
-    n, half = packed.shape
-    k = half * 2
-    tiles = packed.reshape(n // _INT4_BLOCK_N, k, 16).transpose(1, 2)  # [B, 16, K]
-    return torch.stack([tiles & 15, tiles >> 4], dim=1).reshape(n, k)
-
-
-def unpack_thudm_int4(packed: torch.Tensor) -> torch.Tensor:
-    """THUDM int4 packing (int8 ``[out, in/2]``, element 2j in the high nibble, 2j+1 in the low, both signed
-    4-bit two's complement) -> int8 values ``[out, in]`` in -8..7."""
-    p = packed.to(torch.int8)
-    high = p >> 4  # arithmetic shift keeps the sign
-    low = (p << 4) >> 4  # int8 shift left wraps, then sign-extends
-    return torch.stack([high, low], dim=-1).reshape(p.shape[0], p.shape[1] * 2)
-
-
-def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    if _HAS_INT4_KERNEL and codes.device.type == "cpu":
-        return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    return pack_int4_tiled(codes)
+def _layout_block() -> int:
+    """Tiled-layout block for new Int4Linear buffers: the kernel's, or 64 where there is no usable kernel."""
+    return kernel_block_n() or 64
 
 
 class Int4Linear(nn.Module):
     """Group-wise 4-bit weight: ``W[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n]``.
 
-    Buffers: ``qweight`` uint8 ``[N_pad, K/2]`` (tiled layout, rows padded to a multiple of 32),
-    ``scales_and_zeros`` bf16 ``[K/g, N_pad, 2]`` (what the CPU kernel takes), optional ``bias``.
+    Buffers: ``qweight`` uint8 ``[N_pad, K/2]`` (tiled layout with ``block_n`` rows per block, rows padded to
+    a multiple of ``block_n``), ``scales_and_zeros`` bf16 ``[K/g, N_pad, 2]`` (what the CPU kernel takes),
+    optional ``bias``. ``state_dict`` entries: ``qweight`` uint8 ``[N, K/2]`` in the plain layout and
+    ``scales_and_zeros`` ``[K/g, N, 2]`` (no padding), ``bias``.
     """
 
     backend: Backend = "auto"
 
     def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, block_n: int | None = None) -> None:
         super().__init__()
         if group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
         self.group_size = group_size
         self.out_features = out_features
         self.in_features = qweight.shape[1] * 2
+        self.block_n = block_n or _layout_block()
+        if qweight.shape[0] % self.block_n or qweight.shape[0] < out_features:
+            raise ValueError(f"qweight rows {qweight.shape[0]} must cover {out_features} rows in blocks of "
+                             f"{self.block_n}")
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def padded_rows(self) -> int:
+        return -(-self.out_features // self.block_n) * self.block_n
 
     @staticmethod
     def pick_group_size(in_features: int, preferred: int = 128) -> int | None:
@@ -164,66 +221,178 @@ class Int4Linear(nn.Module):
         return None
 
     @classmethod
+    def empty(cls, out_features: int, in_features: int, group_size: int, bias_dtype: torch.dtype | None = None,
+              device: torch.device | str = "meta") -> Int4Linear:
+        """Unfilled buffers (meta by default) to assign into while loading; ``bias_dtype`` None: no bias."""
+        block_n = _layout_block()
+        n_pad = -(-out_features // block_n) * block_n
+        qweight = torch.empty(n_pad, in_features // 2, dtype=torch.uint8, device=device)
+        sz = torch.empty(in_features // group_size, n_pad, 2, dtype=torch.bfloat16, device=device)
+        bias = None if bias_dtype is None else torch.empty(out_features, dtype=bias_dtype, device=device)
+        return cls(qweight, sz, group_size, out_features, bias, block_n)
+
+    def _fill(self, rows: int, codes_and_params, device: torch.device) -> None:
+        """Allocate real buffers on ``device`` and fill them chunk by chunk from ``codes_and_params(start,
+        stop)``, which returns (uint8 codes ``[n, K]``, scale ``[n, K/g]``, zero ``[n, K/g]``) for those rows."""
+        n_pad, k, g = self.padded_rows, self.in_features, self.group_size
+        qweight = torch.empty(n_pad, k // 2, dtype=torch.uint8, device=device)
+        sz = torch.zeros(k // g, n_pad, 2, dtype=torch.bfloat16, device=device)
+        for start in range(0, n_pad, CHUNK_ROWS):  # CHUNK_ROWS is a multiple of every block size
+            stop = min(start + CHUNK_ROWS, n_pad)
+            real = max(0, min(stop, rows) - start)
+            codes = torch.full((stop - start, k), 8, dtype=torch.uint8, device=device)  # padding rows: 0.0
+            if real:
+                c, scale, zero = codes_and_params(start, start + real)
+                codes[:real] = c
+                sz[:, start:start + real, 0] = scale.t()
+                sz[:, start:start + real, 1] = zero.t()
+            qweight[start:stop] = pack_int4_tiled(codes, self.block_n)
+        self.qweight, self.scales_and_zeros = qweight, sz
+
+    @classmethod
     def _from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                     bias: torch.Tensor | None) -> Int4Linear:
-        """codes int [N, K] in 0..15; scale, zero float [N, K/g]."""
-        n = codes.shape[0]
-        pad = (-n) % _INT4_BLOCK_N
-        if pad:
-            codes = F.pad(codes, (0, 0, 0, pad), value=8)
-            scale = F.pad(scale, (0, 0, 0, pad))
-            zero = F.pad(zero, (0, 0, 0, pad))
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/g, N_pad, 2]
-        return cls(_pack_codes(codes), sz, group_size, n, bias)
+        """codes int ``[N, K]`` in 0..15; scale, zero float ``[N, K/g]`` (rounded to bf16)."""
+        n, k = codes.shape
+        module = cls.empty(n, k, group_size, None if bias is None else bias.dtype, device=codes.device)
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        module._fill(n, lambda a, b: (codes[a:b].to(torch.uint8), scale[a:b], zero[a:b]), codes.device)
+        return module
+
+    def quantize_(self, weight: torch.Tensor, symmetric: bool = False) -> Int4Linear:
+        """Round-to-nearest group quantization of a float ``[out, in]`` weight into this module's buffers
+        (see ``visualglm.quant.packing.int4_group_codes`` for the rule)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
+        weight = weight.detach()
+        self._fill(self.out_features,
+                   lambda a, b: int4_group_codes(weight[a:b].float(), self.group_size, symmetric), weight.device)
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Module, group_size: int = 128, symmetric: bool = False) -> Int4Linear:
         """Round-to-nearest group quantization. Symmetric: ``scale = max|w| / 7``, codes ``q - 8`` in -7..7,
         ``zero = 0``. Asymmetric: ``scale = (max - min) / 15``, ``zero = min + 8 * scale`` (bf16-rounded)."""
-        w = linear.weight.detach().float()
-        n, k = w.shape
+        weight = linear.weight.detach()
+        n, k = weight.shape
         if k % group_size:
             raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
-        wg = w.reshape(n, k // group_size, group_size)
-        if symmetric:
-            scale = (wg.abs().amax(dim=-1) / 7.0).to(torch.bfloat16).float()
-            zero = torch.zeros_like(scale)
-        else:
-            lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-            scale = ((hi - lo) / 15.0).to(torch.bfloat16).float()
-            zero = (lo + 8.0 * scale).to(torch.bfloat16).float()
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round((wg - zero[..., None]) / safe[..., None]) + 8
-        codes = codes.clamp_(0, 15).reshape(n, k).to(torch.int32)
         bias = getattr(linear, "bias", None)
-        return cls._from_codes(codes, scale, zero, group_size, None if bias is None else bias.detach())
+        module = cls.empty(n, k, group_size, None if bias is None else bias.dtype, device=weight.device)
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module.quantize_(weight, symmetric)
 
     @classmethod
     def from_thudm(cls, weight_int8_packed: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None = None, group_size: int | None = None) -> Int4Linear:
         """THUDM chatglm-6b-int4 tensors: ``weight`` int8 [out, in/2] (see ``unpack_thudm_int4``) and
         ``weight_scale`` fp16 [out] (per channel; repeated over the groups). Exact up to bf16 scales."""
-        values = unpack_thudm_int4(weight_int8_packed)
-        n, k = values.shape
+        n, k = weight_int8_packed.shape[0], weight_int8_packed.shape[1] * 2
         g = group_size or cls.pick_group_size(k, 256)
         if g is None or k % g:
             raise ValueError(f"in_features {k} has no int4 group size")
-        scale = weight_scale.float()[:, None].expand(n, k // g).contiguous()
-        return cls._from_codes(values.to(torch.int32) + 8, scale, torch.zeros_like(scale), g, bias)
+        module = cls.empty(n, k, g, None if bias is None else bias.dtype, device=weight_int8_packed.device)
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module.load_thudm_(weight_int8_packed, weight_scale)
+
+    def load_thudm_(self, weight_int8_packed: torch.Tensor, weight_scale: torch.Tensor) -> Int4Linear:
+        """Fill from THUDM's int4 tensors (int8 ``[N, K/2]`` packed, fp16 ``[N]`` per-row scale): the row's
+        scale becomes every group's scale, codes are THUDM's values + 8, zeros are 0."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if weight_int8_packed.dtype not in (torch.int8, torch.uint8) or tuple(weight_int8_packed.shape) != (n, k // 2):
+            raise ValueError(f"weight must be int8 {(n, k // 2)} (two 4-bit values a byte), got "
+                             f"{weight_int8_packed.dtype} {tuple(weight_int8_packed.shape)}")
+        if tuple(weight_scale.shape) != (n,) or not weight_scale.is_floating_point():
+            raise ValueError(f"weight_scale must be float [{n}], got {weight_scale.dtype} {tuple(weight_scale.shape)}")
+        scale = weight_scale.float()
+
+        def rows(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            codes = (unpack_thudm_int4(weight_int8_packed[a:b]).to(torch.int16) + 8).to(torch.uint8)
+            s = scale[a:b, None].expand(b - a, k // g)
+            return codes, s, torch.zeros_like(s)
+
+        self._fill(n, rows, weight_int8_packed.device)
+        return self
+
+    def load_portable_(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor) -> Int4Linear:
+        """Fill from the ``state_dict`` layout: plain uint8 ``[N, K/2]``, bf16 ``[K/g, N, 2]``."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, k // 2):
+            raise ValueError(f"qweight must be uint8 {(n, k // 2)}, got {qweight.dtype} {tuple(qweight.shape)}")
+        if tuple(scales_and_zeros.shape) != (k // g, n, 2) or not scales_and_zeros.is_floating_point():
+            raise ValueError(f"scales_and_zeros must be float {(k // g, n, 2)}, got {scales_and_zeros.dtype} "
+                             f"{tuple(scales_and_zeros.shape)}")
+        sz = scales_and_zeros.to(torch.bfloat16)
+        self._fill(n, lambda a, b: (unpack_int4_plain(qweight[a:b]), sz[:, a:b, 0].t(), sz[:, a:b, 1].t()),
+                   qweight.device)
+        return self
+
+    def portable_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(plain uint8 ``[N, K/2]``, bf16 ``[K/g, N, 2]``): the CPU-independent form of the weights."""
+        n = self.out_features
+        plain = torch.empty(n, self.in_features // 2, dtype=torch.uint8, device=self.qweight.device)
+        for start in range(0, self.padded_rows, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, self.padded_rows)
+            codes = unpack_int4_tiled(self.qweight[start:stop], self.block_n)
+            if start < n:
+                plain[start:min(stop, n)] = pack_int4_plain(codes[: min(stop, n) - start])
+        return plain, self.scales_and_zeros[:, :n].contiguous()
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        qweight, sz = self.portable_state()
+        destination[prefix + "qweight"] = qweight
+        destination[prefix + "scales_and_zeros"] = sz
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        names = ["qweight", "scales_and_zeros"] + (["bias"] if self.bias is not None else [])
+        absent = [prefix + name for name in names if prefix + name not in state_dict]
+        missing_keys.extend(absent)
+        if absent:
+            return
+        try:
+            self.load_portable_(state_dict[prefix + "qweight"], state_dict[prefix + "scales_and_zeros"])
+        except ValueError as exc:
+            error_msgs.append(f"{prefix}: {exc}")
+            return
+        if self.bias is not None:
+            self.bias = state_dict[prefix + "bias"].detach().clone()
 
     def codes(self) -> torch.Tensor:
         """uint8 codes 0..15, ``[out, in]``."""
-        return unpack_int4_tiled(self.qweight)[: self.out_features]
+        return unpack_int4_tiled(self.qweight, self.block_n)[: self.out_features]
+
+    def _dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the ``[N_pad, K]`` weight into ``out`` (any float dtype) in row chunks, computing in fp32."""
+        k, g = self.in_features, self.group_size
+        sz = self.scales_and_zeros.float().transpose(0, 1)  # [N_pad, K/g, 2]
+        for start in range(0, self.padded_rows, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, self.padded_rows)
+            q = unpack_int4_tiled(self.qweight[start:stop], self.block_n).float().view(stop - start, k // g, g)
+            part = sz[start:stop]
+            # (q - 8) * scale + zero == q * scale + (zero - 8 * scale): two in-place passes over the chunk.
+            q.mul_(part[..., :1]).add_(part[..., 1:] - 8 * part[..., :1])
+            out[start:stop].copy_(q.view(stop - start, k))
+        return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = unpack_int4_tiled(self.qweight).to(torch.float32)  # [N_pad, K]
-        n_pad, k = q.shape
-        sz = self.scales_and_zeros.float().transpose(0, 1)  # [N_pad, K/g, 2]
-        w = (q.reshape(n_pad, k // self.group_size, self.group_size) - 8) * sz[..., :1] + sz[..., 1:]
-        return w.reshape(n_pad, k)[: self.out_features].to(dtype)
+        out = torch.empty(self.padded_rows, self.in_features, dtype=dtype, device=self.qweight.device)
+        return self._dequantize_into(out)[: self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_kernel(self.backend, _HAS_INT4_KERNEL, x):
+        if _use_prefill(4, self.backend, x):
+            x2d = x.reshape(-1, self.in_features)
+            w = self._dequantize_into(_scratch_buffer((self.padded_rows, self.in_features), _PREFILL_DTYPE))
+            out = _gemm(x2d, w[: self.out_features])
+            if self.bias is not None:
+                out = out + self.bias.to(w.dtype)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if _use_kernel(self.backend, kernel_block_n() == self.block_n, x):
             kd = _kernel_dtype(x)
             x2d = x.reshape(-1, self.in_features).to(kd).contiguous()
             out = torch._weight_int4pack_mm_for_cpu(x2d, self.qweight, self.group_size,
@@ -238,3 +407,7 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+__all__ = ["INT4_GROUP_SIZES", "Int4Linear", "Int8Linear", "pack_int4_plain", "pack_int4_tiled",
+           "unpack_int4_plain", "unpack_int4_tiled", "unpack_thudm_int4"]

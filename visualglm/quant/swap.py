@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 from visualglm.quant.linear import Int4Linear, Int8Linear
@@ -34,6 +35,53 @@ def _skip_fn(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
     return matches
 
 
+def plan_quantization(model: nn.Module, bits: int, *, group_size: int = 128, skip: SkipSpec = ()
+                      ) -> dict[str, int | None]:
+    """Which submodules ``quantize_model`` would replace: qualified name -> int4 group size (None for
+    int8). Works on a model built on the meta device (only shapes are read)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    skipped = _skip_fn(skip)
+    plan: dict[str, int | None] = {}
+    for name, module in model.named_modules():
+        if not name or not is_linear_like(module) or skipped(name, module):
+            continue
+        if bits == 8:
+            plan[name] = None
+            continue
+        g = Int4Linear.pick_group_size(module.weight.shape[1], group_size)
+        if g is not None:  # layers no kernel group size divides stay float
+            plan[name] = g
+    return plan
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def swap_empty(model: nn.Module, plan: dict[str, int | None], bits: int,
+               bias_dtype: torch.dtype | None = None) -> dict[str, Int8Linear | Int4Linear]:
+    """Replace the planned linears by quantized modules with unfilled (meta) buffers, to be filled while a
+    checkpoint streams in. Returns the new modules by name. ``bias_dtype`` None keeps each bias's dtype."""
+    new_modules: dict[str, Int8Linear | Int4Linear] = {}
+    for name, group_size in plan.items():
+        module = model.get_submodule(name)
+        out_features, in_features = module.weight.shape
+        bias = getattr(module, "bias", None)
+        dtype = None if bias is None else (bias_dtype or bias.dtype)
+        if bits == 8:
+            new: Int8Linear | Int4Linear = Int8Linear.empty(out_features, in_features, dtype)
+        else:
+            if group_size is None:
+                raise ValueError(f"{name}: int4 needs a group size")
+            new = Int4Linear.empty(out_features, in_features, group_size, dtype)
+        _replace(model, name, new)
+        new_modules[name] = new
+    return new_modules
+
+
 def quantize_model(model: nn.Module, bits: int, *, group_size: int = 128, symmetric: bool = False,
                    skip: SkipSpec = ()) -> int:
     """Quantize every linear-like submodule of ``model`` in place whose qualified name is not skipped.
@@ -43,24 +91,12 @@ def quantize_model(model: nn.Module, bits: int, *, group_size: int = 128, symmet
     ``skip``: fnmatch patterns on qualified names, or a predicate ``(name, module) -> bool``.
     Returns the number of replaced modules. The new weights are buffers (no gradients).
     """
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    skipped = _skip_fn(skip)
-    targets = []
-    for name, module in model.named_modules():
-        if name and is_linear_like(module) and not skipped(name, module):
-            targets.append((name, module))
-    count = 0
-    for name, module in targets:
+    plan = plan_quantization(model, bits, group_size=group_size, skip=skip)
+    for name, g in plan.items():
+        module = model.get_submodule(name)
         if bits == 8:
             new: nn.Module = Int8Linear.from_linear(module)
         else:
-            g = Int4Linear.pick_group_size(module.weight.shape[1], group_size)
-            if g is None:
-                continue
             new = Int4Linear.from_linear(module, group_size=g, symmetric=symmetric)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        count += 1
-    return count
+        _replace(model, name, new)
+    return len(plan)
