@@ -79,7 +79,7 @@ def build_model(config: AnyConfig, device: torch.device | str = "meta") -> nn.Mo
 def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = True, fast_cpu_kernels: bool = True,
          qkv_layout: str = "auto", quantize: int | str | None = None,
-         tensor_parallel: bool = False) -> nn.Module:
+         tensor_parallel: bool = False, quant_group_size: int = 128) -> nn.Module:
     """Load a checkpoint directory, a known name or a hub id into an eval-mode model.
 
     Two directory layouts are read: the official Hugging Face one (``config.json`` + weights) and
@@ -91,9 +91,9 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     ``.config`` and ``.checkpoint_dir`` attributes; its parameters do not require grad. ``fast_cpu_kernels``
     swaps bf16 linears for ones that prefill through fp32 GEMM on CPUs without native bf16 matrix math
     (``visualglm.kernels.cpu_bf16``). ``quantize`` 8/"int8" or 4/"int4" replaces the language model's
-    linears with weight-only INT8 / INT4 (group 128) ones while loading: each weight is quantized as it is
-    read, so the full-precision model is never in memory (``visualglm.models.plans`` says what stays in
-    floating point). Quantized checkpoints (``visualglm.checkpoint.quantized``: ours, or THUDM's
+    linears with weight-only INT8 / INT4 (groups of ``quant_group_size``) ones while loading: each weight
+    is quantized as it is read, so the full-precision model is never in memory (``visualglm.models.plans``
+    says what stays in floating point). Quantized checkpoints (``visualglm.checkpoint.quantized``: ours, or THUDM's
     ``quantization_bit`` 4/8 layout) load as stored, with no ``quantize`` needed. ``tensor_parallel``
     (under an initialized process group, e.g. torchrun) keeps only this rank's shard, read slice by slice
     from the checkpoint (``visualglm.distributed.tp``); quantization then applies to the shard.
@@ -110,7 +110,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
 
             apply_tensor_parallel(model)
         if quantize is not None:
-            apply_quantization(model, quantize)
+            apply_quantization(model, quantize, quant_group_size)
         if fast_cpu_kernels:
             apply_cpu_kernels(model)
         return model
@@ -132,7 +132,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     keymap = KEYMAPS[(config.family, "hf")]
     # Quantized linears are swapped in on the meta model and filled (quantized) tensor by tensor.
     quant = prepare_quantized_load(model, config, quantize, keymap, target_dtype, device, directory,
-                                   tensor_hook=tensor_hook)
+                                   tensor_hook=tensor_hook, group_size=quant_group_size)
     load_weights(model, weight_files(directory), keymap, target_dtype, device, progress, tensor_hook=tensor_hook,
                  quant=quant)
     model.config = config
@@ -153,12 +153,12 @@ def quantize_bits(quantize: int | str) -> int:
     return bits
 
 
-def apply_quantization(model: nn.Module, quantize: int | str) -> int:
+def apply_quantization(model: nn.Module, quantize: int | str, group_size: int = 128) -> int:
     """Weight-only quantization of a loaded model following its family's plan; returns modules replaced."""
     bits, skip = quantize_bits(quantize), QUANT_SKIP[model.config.family]
     model.quantization = {"bits": bits, "symmetric": False, "skip": list(skip),
-                          **({"group_size": 128} if bits == 4 else {})}
-    return quantize_model(model, bits, skip=skip)
+                          **({"group_size": group_size} if bits == 4 else {})}
+    return quantize_model(model, bits, group_size=group_size, skip=skip)
 
 
 def check_device(device: str | torch.device) -> torch.device:

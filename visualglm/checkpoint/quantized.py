@@ -210,8 +210,8 @@ def _check(tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> 
 
 def prepare_quantized_load(model: nn.Module, config: AnyConfig, quantize: int | str | None, keymap: KeyMap,
                            dtype: torch.dtype | None, device: torch.device, where: Path | str,
-                           symmetric: bool = False, tensor_hook: TensorHook | None = None
-                           ) -> QuantizedLoader | None:
+                           symmetric: bool = False, tensor_hook: TensorHook | None = None,
+                           group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedLoader | None:
     """Swap ``model``'s (meta) linears for empty quantized modules as the checkpoint or ``quantize`` asks,
     and return the loader that fills them (None when nothing is quantized). Sets ``model.quantization``."""
     stored = config.extra.get(QUANT_CONFIG_KEY)
@@ -229,9 +229,11 @@ def prepare_quantized_load(model: nn.Module, config: AnyConfig, quantize: int | 
         mode, info = "thudm", {"source": f"THUDM int{bits}"}
     elif requested is not None:
         bits, skip = requested, QUANT_SKIP[config.family]
-        plan = plan_quantization(model, bits, group_size=DEFAULT_GROUP_SIZE, skip=skip)
+        if bits == 4 and group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
+        plan = plan_quantization(model, bits, group_size=group_size, skip=skip)
         mode = "quantize"
-        info = {"symmetric": symmetric, "skip": list(skip), **({"group_size": DEFAULT_GROUP_SIZE} if bits == 4 else {})}
+        info = {"symmetric": symmetric, "skip": list(skip), **({"group_size": group_size} if bits == 4 else {})}
     else:
         return None
     if requested is not None and requested != bits:

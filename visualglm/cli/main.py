@@ -12,8 +12,9 @@ import sys
 
 from visualglm import __version__
 from visualglm.cli import ask, bench, chat, convert, demo, info
+from visualglm.cli import quantize as quantize_command
 
-SUBCOMMANDS = (demo, chat, ask, info, convert, bench)
+SUBCOMMANDS = (demo, chat, ask, info, convert, quantize_command, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
