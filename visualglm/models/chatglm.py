@@ -17,7 +17,7 @@ ids exactly like the reference tokenizer/model do.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,17 @@ class ChatGLMAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.kv_cache: KVCache | None = None
+        # Optional extra keys/values every query attends to, e.g. P-tuning v2 prefixes: a callable
+        # ``batch_size -> (k, v)``, each ``[B, heads, P, head_dim]``, neither rotated nor cached.
+        self.extra_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
                 cache_positions: torch.Tensor | None, kv_length: int) -> torch.Tensor:
         """x ``[B, T, hidden]``; cos/sin ``[B, T, 1, head_dim]``; bias ``[B, 1, T, kv_length]`` or None.
 
         With a cache the new keys/values go to slots ``cache_positions`` ``[T]`` and the queries attend to
-        slots ``[0, kv_length)``; without one they attend to the T tokens themselves.
+        slots ``[0, kv_length)``; without one they attend to the T tokens themselves. ``extra_kv`` keys and
+        values, when set, are placed before those and visible to every query.
         """
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3 * self.head_dim)
@@ -64,6 +68,12 @@ class ChatGLMAttention(nn.Module):
                 raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
             k_all, v_all = self.kv_cache.update(cache_positions, k, v)
             k, v = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
+        if self.extra_kv is not None:
+            extra_k, extra_v = self.extra_kv(batch)
+            k = torch.cat((extra_k.to(k.dtype), k), dim=2)
+            v = torch.cat((extra_v.to(v.dtype), v), dim=2)
+            if bias is not None:
+                bias = F.pad(bias, (extra_k.shape[2], 0))  # 0 = visible
         out = attention(q, k, v, bias)  # [B, H, T, D]
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
 

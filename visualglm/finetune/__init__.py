@@ -1,0 +1,1 @@
+"""Fine-tuning: data formats with label masking (``data``), the training loop with exact resume (``train``)."""
