@@ -11,10 +11,10 @@ import os
 import sys
 
 from visualglm import __version__
-from visualglm.cli import ask, bench, chat, convert, demo, info
+from visualglm.cli import ask, bench, chat, convert, demo, finetune, info, merge_lora
 from visualglm.cli import quantize as quantize_command
 
-SUBCOMMANDS = (demo, chat, ask, info, convert, quantize_command, bench)
+SUBCOMMANDS = (demo, chat, ask, info, convert, quantize_command, bench, finetune, merge_lora)
 
 
 def build_parser() -> argparse.ArgumentParser:

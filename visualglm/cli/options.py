@@ -15,6 +15,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--quant", type=int, choices=(8, 4), default=None,
                         help="weight-only INT8 or INT4 (group 128) for the language model's linears")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="LoRA or P-tuning adapter folder (peft layout, e.g. from `visualglm finetune`)")
 
 
 def add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +66,10 @@ def build_session(args: argparse.Namespace):
     SamplingParams(**overrides).validate()  # bad flags fail before the (slow) model load
     tokenizer = visualglm.load_tokenizer(args.model)
     model = visualglm.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quant)
+    if getattr(args, "adapter", None):
+        from visualglm.peft import apply_adapter
+
+        apply_adapter(model, args.adapter)
     english = True if getattr(args, "english", False) else None
     max_length = -1 if args.max_length is None else args.max_length  # -1: the model's reference default
     session = ChatSession(model, tokenizer, max_length=max_length, max_new_tokens=args.max_new_tokens,
