@@ -12,9 +12,10 @@ import sys
 
 from visualglm import __version__
 from visualglm.cli import ask, bench, chat, convert, demo, finetune, info, merge_lora
+from visualglm.cli import eval as eval_command
 from visualglm.cli import quantize as quantize_command
 
-SUBCOMMANDS = (demo, chat, ask, info, convert, quantize_command, bench, finetune, merge_lora)
+SUBCOMMANDS = (demo, chat, ask, eval_command, info, convert, quantize_command, bench, finetune, merge_lora)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
 DEMO_MODEL_NAME = "visualglm-demo"
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # images drawn in easy-VQA's style
 
 
 def default_model_dir() -> Path:

@@ -1,0 +1,167 @@
+"""Visual question answering accuracy: free-text answers from the chat templates, scored by normalised match.
+
+Questions are answered in batches through the generation engine with the prompts ``ChatSession`` builds
+(VisualGLM-6B's template, ``Q:/A:`` for English and ``问：/答：`` for Chinese, one image per question) and
+greedy decoding, so the figure is what a user of ``visualglm chat`` sees, reproducibly. No classifier
+head is involved: the model writes its answer and :mod:`visualglm.demo.scoring` judges it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from visualglm.demo.data import Record, build_records
+from visualglm.demo.scoring import is_correct
+from visualglm.generation.chat import has_cjk, undecodable_ranges
+from visualglm.generation.detok import DecodeStream
+from visualglm.generation.engine import GenerationParams, generate_steps, left_pad
+from visualglm.generation.sampling import SamplingParams
+from visualglm.image import load_image, preprocess
+from visualglm.tokenizers.templates import visualglm_ids
+
+
+@dataclass
+class EvalResult:
+    """Correct/total per question type, and every (record, answer, correct) when kept."""
+
+    correct: Counter = field(default_factory=Counter)
+    total: Counter = field(default_factory=Counter)
+    rows: list[tuple[Record, str, bool]] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return sum(self.total.values())
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct.values()) / self.n if self.n else 0.0
+
+    def by_type(self) -> dict[str, dict[str, float | int]]:
+        return {t: {"accuracy": self.correct[t] / self.total[t], "correct": self.correct[t], "n": self.total[t]}
+                for t in sorted(self.total)}
+
+    def summary(self) -> dict:
+        return {"accuracy": self.accuracy, "n": self.n, "correct": sum(self.correct.values()),
+                "by_type": self.by_type()}
+
+
+def easyvqa_records(split: str = "test", lang: str = "en", limit: int | None = None, seed: int = 0) -> list[Record]:
+    """easy-VQA questions of ``split`` in ``lang``; ``limit`` picks a fixed seeded sample of that many."""
+    records = build_records(split, langs=(lang,), describe_task=False)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {limit}")
+        if limit < len(records):
+            records = random.Random(seed).sample(records, limit)
+    return records
+
+
+def read_vqa_jsonl(path: str | Path) -> list[Record]:
+    """Records from a jsonl file of ``{"image": path, "question": str, "answer": str | [str, ...]}`` lines
+    (image paths relative to the file). Any bad line raises ValueError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQA data file not found: {path}")
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected a JSON object with image, question and answer")
+        missing = [k for k in ("image", "question", "answer") if k not in item]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        image, question, answer = item["image"], item["question"], item["answer"]
+        if not isinstance(image, str) or not image.strip():
+            raise ValueError(f"{where}: image must be a non-empty path string")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: question must be a non-empty string")
+        answers = [answer] if isinstance(answer, str) else answer
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip()
+                                                                    for a in answers):
+            raise ValueError(f"{where}: answer must be a non-empty string or a list of them")
+        image_path = Path(image) if Path(image).is_absolute() else path.parent / image
+        if not image_path.is_file():
+            raise ValueError(f"{where}: image file not found: {image_path}")
+        lang = "zh" if has_cjk(question) else "en"
+        qtype = item.get("type") if isinstance(item.get("type"), str) else "all"
+        records.append(Record(str(image_path), question, tuple(answers), lang, qtype, number))
+    if not records:
+        raise ValueError(f"{path} holds no questions")
+    return records
+
+
+@torch.inference_mode()
+def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers to ``records`` (one image each) in one batched generation."""
+    config = model.config
+    size = config.eva_config.image_size
+    size = (size, size) if isinstance(size, int) else (size[0], size[1])
+    device = next(model.parameters()).device
+    cache: dict[str, torch.Tensor] = {}
+    for record in records:
+        if record.image not in cache:
+            cache[record.image] = preprocess(load_image(record.image), size)
+    paths = list(cache)
+    image_embeds = model.encode_images(torch.cat([cache[p] for p in paths]).to(device))
+    row_of = {p: i for i, p in enumerate(paths)}
+    prompts, starts = [], []
+    for record in records:
+        ids, start = visualglm_ids(tokenizer, record.question, image_length=config.image_length,
+                                   english=record.lang == "en")
+        prompts.append(ids)
+        starts.append(start)
+    padded, pads = left_pad(prompts, config.pad_token_id)
+    embeds = model.embed_with_images(padded.to(device), image_embeds[[row_of[r.image] for r in records]],
+                                     [s + p for s, p in zip(starts, pads, strict=True)])
+    banned = tuple(undecodable_ranges(tokenizer.known_ids(), model.get_input_embeddings().num_embeddings))
+    params = GenerationParams(max_new_tokens=max_new_tokens, stop_ids=(config.eos_token_id,),
+                              sampling=SamplingParams(do_sample=False, banned_ranges=banned))
+    streams = [DecodeStream(tokenizer, postprocess="chatglm") for _ in records]
+    done = [False] * len(records)
+    for step in generate_steps(model, prompts, params=params, inputs_embeds=embeds):
+        for row, token in enumerate(step.tokens.tolist()):
+            if not done[row]:
+                if bool(step.finished[row]):
+                    done[row] = True
+                else:
+                    streams[row].push(token)
+    for stream in streams:
+        stream.flush()
+    return [stream.text.strip() for stream in streams]
+
+
+def evaluate(model, tokenizer, records: Iterable[Record], *, batch_size: int = 64, keep_rows: bool = False,
+             on_batch: Callable[[int], None] | None = None) -> EvalResult:
+    """Answer every record and score it. ``on_batch(n)`` is called after each batch of n records."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    records = list(records)
+    result = EvalResult()
+    for begin in range(0, len(records), batch_size):
+        chunk = records[begin:begin + batch_size]
+        for record, answer in zip(chunk, answer_batch(model, tokenizer, chunk), strict=True):
+            ok = is_correct(answer, record.answers)
+            result.total[record.qtype] += 1
+            result.correct[record.qtype] += int(ok)
+            if keep_rows:
+                result.rows.append((record, answer, ok))
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return result
