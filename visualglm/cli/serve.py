@@ -1,0 +1,71 @@
+"""``visualglm serve``: the HTTP API (reference api.py ``POST /`` and OpenAI-compatible ``/v1``) over one model."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from visualglm.cli.options import add_model_flags
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="serve a model over HTTP (reference api.py + OpenAI API)",
+                                 description=__doc__)
+    add_model_flags(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (default: 8080, as the reference)")
+    parser.add_argument("--api-key", default=os.environ.get("VISUALGLM_API_KEY"),
+                        help="require `Authorization: Bearer KEY` on every route but /health (default: "
+                        "$VISUALGLM_API_KEY, else no key)")
+    parser.add_argument("--allow-remote-images", action="store_true",
+                        help="let clients pass http(s) image URLs for the server to fetch (public addresses "
+                        "only; default: data: URLs and base64 only)")
+    parser.add_argument("--max-queue", type=int, default=16,
+                        help="requests allowed to wait for the model; more get 503 (default: 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024,
+                        help="answer tokens one request may ask for (default: 1024)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt tokens one request may send (default: the model's context)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="server log level (default: info)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from visualglm.serving import require_extra
+
+    require_extra("serve")
+    import uvicorn
+
+    from visualglm.serving.api import create_app
+    from visualglm.serving.protocol import ServeLimits
+    from visualglm.serving.worker import load_worker
+
+    for name in ("max_queue", "max_new_tokens", "max_prompt_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
+              file=sys.stderr)
+    limits = ServeLimits(max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
+                         max_prompt_tokens=args.max_prompt_tokens)
+    worker = load_worker(args.model, quant=args.quant, dtype=args.dtype, device=args.device, limits=limits)
+    app = create_app(worker, api_key=args.api_key, allow_remote_images=args.allow_remote_images)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        worker.stop()
+    return 0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

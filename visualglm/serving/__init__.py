@@ -1,0 +1,19 @@
+"""Serving the models: an HTTP API (reference ``api.py`` + OpenAI-compatible) and a Gradio web UI.
+
+FastAPI/uvicorn (extra ``serve``) and Gradio (extra ``web``) are optional: import
+:mod:`visualglm.serving.api` or :mod:`visualglm.serving.web` only after :func:`require_extra` said yes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+EXTRAS = {"serve": ("fastapi", "uvicorn"), "web": ("gradio",)}
+
+
+def require_extra(extra: str) -> None:
+    """Raise a RuntimeError naming the pip extra when one of its packages is not installed."""
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not installed: install the extra with "
+                           f"pip install 'visualglm[{extra}]'")

@@ -1,0 +1,337 @@
+"""The HTTP API (FastAPI): the reference ``api.py`` endpoint and OpenAI-compatible chat completions.
+
+Routes: ``GET /health`` (never needs the key), ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/chat/completions`` (JSON or server-sent events), ``POST /`` (reference VisualGLM-6B body).
+
+Safety: every route but ``/health`` needs ``Authorization: Bearer KEY`` when a key is set; the body size is
+checked before anything is parsed; schemas bound every field (:mod:`visualglm.serving.protocol`); images
+are decoded with byte and pixel limits and remote URLs are fetched only when allowed; a full queue is a 503
+with ``Retry-After``; a client that disconnects cancels its job (polled while waiting, and by the closed
+stream); every error is OpenAI's JSON error object, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from visualglm.image import ImageError, load_image
+from visualglm.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    LegacyRequest,
+    LegacyResponse,
+    check_conversation,
+    chunk_body,
+    completion_body,
+    completion_usage,
+    openai_conversation,
+)
+from visualglm.serving.worker import Event, GenerationRequest, Worker
+
+log = logging.getLogger("visualglm.serving")
+
+_DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_OPEN_PATHS = frozenset({"/health"})
+
+
+class ClientGone(Exception):
+    """The client closed the connection; its job has been cancelled."""
+
+
+class _Guard:
+    """Pure ASGI middleware in front of the app: the API key, then the body size (read fully here, up to
+    the limit, and replayed to the app, so an oversized or endless body is refused without parsing)."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.api_key is not None and scope.get("path") not in _OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+                await _send_error(scope, receive, send, APIError(
+                    401, "missing or wrong API key: send `Authorization: Bearer KEY`", type="authentication_error",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+                return
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _send_error(scope, receive, send, APIError(400, "bad Content-Length header"))
+                return
+            if int(declared) > self.max_body_bytes:
+                await _send_error(scope, receive, send, _too_large(self.max_body_bytes))
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await _send_error(scope, receive, send, _too_large(self.max_body_bytes))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: the real channel, which reports a disconnect
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+
+
+async def _send_error(scope: dict, receive: Any, send: Any, error: APIError) -> None:
+    await _error_response(error)(scope, receive, send)
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class _JobStream:
+    """A submitted job's events, read from the event loop; waiting notices a client that disconnects."""
+
+    def __init__(self, worker: Worker, request: Request, generation: GenerationRequest) -> None:
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.request = request
+        self.job = worker.submit(generation, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event))
+        self._loop = loop
+        self._next_poll = loop.time() + _DISCONNECT_POLL_S
+
+    async def next(self) -> Event:
+        # Poll by the clock, not only when idle: a steady flow of tokens must not hide a departed client.
+        while True:
+            now = self._loop.time()
+            if now >= self._next_poll:
+                self._next_poll = now + _DISCONNECT_POLL_S
+                if await self.request.is_disconnected():
+                    self.job.cancel.set()
+                    raise ClientGone
+            try:
+                return await asyncio.wait_for(self.events.get(), max(0.001, self._next_poll - now))
+            except asyncio.TimeoutError:
+                continue
+
+    async def collect(self) -> tuple[str, Event]:
+        """The whole answer and the ``done`` event; an ``error`` event is raised."""
+        parts: list[str] = []
+        try:
+            while True:
+                event = await self.next()
+                if event.kind == "delta":
+                    parts.append(event.text)
+                elif event.kind == "error":
+                    raise event.error
+                elif event.kind == "done":
+                    return "".join(parts), event
+        finally:
+            self.job.cancel.set()  # no-op when done; stops the job if this coroutine was cancelled
+
+
+def _sampling(temperature: float | None, top_p: float | None, top_k: int | None,
+              repetition_penalty: float | None, seed: int | None = None) -> dict[str, Any]:
+    """Request fields -> SamplingParams overrides (unset fields keep the model's reference defaults)."""
+    overrides: dict[str, Any] = {}
+    if temperature is not None:
+        overrides.update(do_sample=False) if temperature == 0 else overrides.update(temperature=temperature)
+    for name, value in (("top_p", top_p), ("top_k", top_k), ("repetition_penalty", repetition_penalty)):
+        if value is not None:
+            overrides[name] = value
+    if seed is not None:
+        overrides["seed"] = seed % 2**64  # OpenAI seeds may be negative int64s
+    return overrides
+
+
+def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_images: bool = False) -> FastAPI:
+    """The FastAPI app serving ``worker``'s model (start the worker first; the app does not own it)."""
+    limits = worker.limits
+    app = FastAPI(title="VisualGLM API", version="1", description="Reference api.py and OpenAI-compatible "
+                  "chat completions for ChatGLM-6B, VisualGLM-6B and GLM-4V-9B.")
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return _error_response(APIError(400, "the body is not valid JSON", code="invalid_json"))
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
+        return _error_response(APIError(400, message, param=".".join(where) or None, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+        return _error_response(APIError(exc.status_code, detail, type=kind, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(APIError(500, "internal server error", type="server_error"))
+
+    async def load_request_image(source: str, param: str, *, remote_ok: bool) -> tuple[Any, str | None]:
+        """Decode a client's image under the limits; the key (hash of the text) lets the worker reuse its
+        encoding when the same image comes back next turn."""
+        if not worker.multimodal:
+            raise APIError(400, "this model reads no images (it is a text-only ChatGLM-6B checkpoint)",
+                           param=param, code="image_not_supported")
+        remote = source[:8].lower().startswith(("http://", "https://"))
+        if remote and not remote_ok:
+            raise APIError(400, "remote image URLs are disabled (start the server with --allow-remote-images); "
+                           "send a data: URL", param=param, code="remote_images_disabled")
+        try:
+            image = await run_in_threadpool(load_image, source, allow_remote=remote, allow_files=False,
+                                            max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+        except ImageError as exc:
+            raise APIError(400, f"bad image: {exc}", param=param, code="invalid_image") from None
+        key = None if remote else hashlib.sha256(source.encode("utf-8", "replace")).hexdigest()
+        return image, key
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": worker.name, "busy": worker.busy, "queued": worker.queued}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": worker.name, "object": "model", "created": created, "owned_by": "visualglm"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != worker.name:
+            raise APIError(404, f"model {model_id[:100]!r} not found (this server runs {worker.name!r})",
+                           type="not_found_error", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
+        history, query, image_url = openai_conversation(body.messages, limits)
+        if body.presence_penalty or body.frequency_penalty:
+            raise APIError(400, "presence_penalty and frequency_penalty are not supported (use "
+                           "repetition_penalty)", param="presence_penalty")
+        answer_limit = body.answer_limit()
+        if answer_limit is not None and answer_limit > limits.max_new_tokens:
+            raise APIError(400, f"max_tokens {answer_limit} is more than the {limits.max_new_tokens} allowed",
+                           param="max_tokens", code="max_tokens_exceeded")
+        image, key = (None, None)
+        if image_url is not None:
+            image, key = await load_request_image(image_url, "messages", remote_ok=allow_remote_images)
+        generation = GenerationRequest(
+            query=query, history=history, image=image, image_key=key,
+            sampling=_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty, body.seed),
+            max_new_tokens=answer_limit or limits.max_new_tokens, stop=body.stop_strings(limits))
+        stream = _JobStream(worker, request, generation)
+        completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not body.stream:
+            try:
+                text, done = await stream.collect()
+            except ClientGone:
+                return Response(status_code=499)
+            usage = completion_usage(done.prompt_tokens, done.completion_tokens)
+            return completion_body(completion_id, now, worker.name, text, done.finish_reason, usage)
+        try:  # wait for the prompt to be accepted, so that its errors are still proper HTTP statuses
+            first = await stream.next()
+        except ClientGone:
+            return Response(status_code=499)
+        if first.kind == "error":
+            raise first.error
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(stream, first, completion_id, now, worker.name, include_usage),
+                                 media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/", response_model=LegacyResponse)
+    async def legacy(body: LegacyRequest, request: Request) -> Response | dict[str, Any]:
+        query = body.query()
+        history = [(q, r) for q, r in body.history]
+        check_conversation(history, query, limits, "history")
+        image, key = (None, None)
+        if body.image:  # the reference requires it; an empty string or null means a text-only turn here
+            image, key = await load_request_image(body.image, "image", remote_ok=False)
+        max_length = body.max_length or (8192 if worker.family == "glm4v" else 2048)  # the reference default
+        generation = GenerationRequest(
+            query=query, history=history, image=image, image_key=key,
+            sampling=_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty),
+            max_length=max_length, max_new_tokens=limits.max_new_tokens)
+        try:
+            text, _ = await _JobStream(worker, request, generation).collect()
+        except ClientGone:
+            return Response(status_code=499)
+        return {"result": text, "response": text, "history": [*history, (query, text)], "status": 200,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    return app
+
+
+def _sse_line(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def _sse(stream: _JobStream, first: Event, completion_id: str, created: int, model: str,
+               include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: a role chunk, content chunks, a chunk with finish_reason, optionally a
+    usage chunk, then ``data: [DONE]``. An error after the stream started is sent as an error event (the
+    ``openai`` client raises it). Leaving this generator early (client gone) cancels the job."""
+    prompt_tokens = first.prompt_tokens
+    try:
+        yield _sse_line(chunk_body(completion_id, created, model, {"role": "assistant", "content": ""}))
+        while True:
+            event = await stream.next()
+            if event.kind == "delta":
+                yield _sse_line(chunk_body(completion_id, created, model, {"content": event.text}))
+            elif event.kind == "error":
+                yield _sse_line(event.error.body())
+                break
+            elif event.kind == "done":
+                yield _sse_line(chunk_body(completion_id, created, model, {}, event.finish_reason))
+                if include_usage:
+                    usage = completion_usage(prompt_tokens, event.completion_tokens)
+                    yield _sse_line(chunk_body(completion_id, created, model, {}, usage=usage, with_choice=False))
+                break
+        yield _sse_line("[DONE]")
+    except ClientGone:
+        return
+    finally:
+        stream.job.cancel.set()
+

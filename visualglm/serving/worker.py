@@ -1,0 +1,271 @@
+"""One model, one worker thread, a bounded queue of generation jobs, and cancellation between tokens.
+
+The HTTP API and the web UI both submit :class:`GenerationRequest` s here. A request is stateless (it
+carries its whole history), so every job builds a fresh :class:`ChatSession` over the shared model; the
+model (and its KV cache) is only ever touched by the worker thread, one job at a time. Jobs report through a
+``sink`` callback (called on the worker thread) with :class:`Event` s: ``start`` once the prompt is accepted,
+``delta`` for each piece of text, then exactly one of ``done`` or ``error``. A job whose ``cancel`` flag is
+set (the client went away) stops before its next token, or is skipped if it has not started.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visualglm.generation.chat import ChatSession
+from visualglm.generation.detok import DecodeStream
+from visualglm.generation.engine import GenerationParams, generate_steps
+from visualglm.generation.sampling import SamplingParams, make_generator
+from visualglm.image import ImageError
+from visualglm.serving.protocol import APIError, ServeLimits
+
+log = logging.getLogger("visualglm.serving")
+
+_FAMILY_SAMPLING = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
+                    "glm4v": SamplingParams.glm4v}
+_IMAGE_CACHE_SIZE = 4  # encoded images kept: multi-turn clients resend the same image every turn
+
+
+@dataclass
+class GenerationRequest:
+    """One answer to generate. ``sampling`` overrides the family's reference defaults (SamplingParams
+    fields); ``max_length`` is the reference's prompt + answer total, ``max_new_tokens`` the answer alone;
+    ``image`` is a decoded PIL image and ``image_key`` (e.g. a hash of its bytes) lets the worker reuse
+    the encoding of an image it saw recently."""
+
+    query: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+    image: Any = None
+    image_key: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Event:
+    """What a job reports: kind ``start`` | ``delta`` | ``done`` | ``error``."""
+
+    kind: str
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # done: "stop" (stop id or stop string), "length", or "cancelled"
+    error: APIError | None = None
+
+
+class Job:
+    """A submitted request; ``cancel`` may be set from any thread."""
+
+    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None]) -> None:
+        self.request = request
+        self.cancel = threading.Event()
+        self._sink = sink
+
+    def emit(self, event: Event) -> None:
+        try:
+            self._sink(event)
+        except Exception:  # a consumer that went away (closed event loop) must not stop the worker
+            log.debug("dropped %s event", event.kind, exc_info=True)
+
+
+class QueueFullError(APIError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(503, "the server is busy: too many queued requests, retry later",
+                         type="server_overloaded", code="queue_full",
+                         headers={"Retry-After": str(retry_after_s)})
+
+
+class _RequestSession(ChatSession):
+    """A ChatSession whose encoded image can be read and handed back (for the worker's image cache)."""
+
+    @property
+    def image_embeds(self) -> torch.Tensor | None:
+        return self._image_embeds
+
+    def attach_image_embeds(self, embeds: torch.Tensor) -> None:
+        self._image_embeds = embeds
+        self._cached_ids = []
+
+
+class Worker:
+    """Runs jobs one at a time on a daemon thread. ``submit`` never blocks: a full queue raises
+    :class:`QueueFullError` (503)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, name: str = "visualglm",
+                 limits: ServeLimits | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.limits = limits or ServeLimits()
+        self.family: str = model.config.family
+        self.multimodal = hasattr(model, "encode_images")
+        self.context: int = model.config.max_sequence_length
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.limits.max_queue)
+        self._thread: threading.Thread | None = None
+        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.busy = False
+        self.served = 0  # jobs run (answered, failed or cancelled while running)
+        self.skipped = 0  # jobs dropped before they started: their client had left
+        self.images_encoded = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> Worker:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="visualglm-worker", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the running job's current token, drop the queue, and end the thread."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel.set()
+                job.emit(Event("done", finish_reason="cancelled"))
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Job:
+        job = Job(request, sink)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFullError(self.limits.retry_after_s) from None
+        return job
+
+    # -- the thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancel.is_set():  # the client left while the job waited
+                self.skipped += 1
+                job.emit(Event("done", finish_reason="cancelled"))
+                continue
+            self.busy = True
+            try:
+                self._generate(job)
+            except APIError as exc:
+                job.emit(Event("error", error=exc))
+            except (ImageError, ValueError) as exc:
+                job.emit(Event("error", error=APIError(400, str(exc))))
+            except Exception:  # never lose the worker; never send the trace to the client
+                log.exception("generation failed")
+                job.emit(Event("error", error=APIError(500, "internal error while generating",
+                                                       type="server_error")))
+            finally:
+                self.busy = False
+                self.served += 1
+
+    def _session(self, request: GenerationRequest) -> _RequestSession:
+        sampling = _FAMILY_SAMPLING[self.family]().replace(**request.sampling).validate()
+        return _RequestSession(self.model, self.tokenizer, sampling=sampling, max_length=request.max_length,
+                               max_new_tokens=request.max_new_tokens, history=request.history)
+
+    def _attach_image(self, session: _RequestSession, request: GenerationRequest) -> None:
+        key = request.image_key
+        if key is not None and key in self._images:
+            self._images.move_to_end(key)
+            session.attach_image_embeds(self._images[key])
+            return
+        session.set_image(request.image)
+        self.images_encoded += 1
+        if key is not None:
+            self._images[key] = session.image_embeds
+            while len(self._images) > _IMAGE_CACHE_SIZE:
+                self._images.popitem(last=False)
+
+    @torch.inference_mode()
+    def _generate(self, job: Job) -> None:
+        request = job.request
+        if request.image is not None and not self.multimodal:
+            raise APIError(400, "this model reads no images (it is a text-only ChatGLM-6B checkpoint)",
+                           param="image", code="image_not_supported")
+        session = self._session(request)
+        if request.image is not None:
+            self._attach_image(session, request)
+        ids, image_start = session.prompt_ids(request.query)
+        limit = self.limits.prompt_limit(self.context)
+        if len(ids) > limit:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, more than the {limit} allowed: shorten the "
+                           "messages or the history", param="messages", code="context_length_exceeded")
+        config = self.model.config
+        stop_ids = tuple(config.stop_ids) if self.family == "glm4v" else (config.eos_token_id,)
+        params = GenerationParams(max_new_tokens=request.max_new_tokens, max_length=request.max_length,
+                                  stop_ids=stop_ids, sampling=session.sampling)
+        params.budget(len(ids), self.context)  # a prompt that leaves no room is a 400 before anything runs
+        embeds = None
+        if image_start is not None:
+            device = session.image_embeds.device
+            embeds = self.model.embed_with_images(torch.tensor([ids], device=device), session.image_embeds,
+                                                  [image_start])
+        job.emit(Event("start", prompt_tokens=len(ids)))
+        decoded = DecodeStream(self.tokenizer, stop=request.stop,
+                               postprocess="glm4" if self.family == "glm4v" else "chatglm")
+        generator = make_generator(session.sampling.seed, next(self.model.parameters()).device)
+        steps = generate_steps(self.model, [ids], params=params, generator=generator, keep_cache=True,
+                               inputs_embeds=embeds)
+        count, finish = 0, "length"
+        try:
+            for step in steps:
+                if job.cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if bool(step.finished[0]):
+                    finish = "stop"
+                    break
+                count += 1
+                delta = decoded.push(int(step.tokens[0]))
+                if delta:
+                    job.emit(Event("delta", text=delta))
+                if decoded.stopped:
+                    finish = "stop"
+                    break
+        finally:
+            steps.close()  # a generator left mid-way: release it now, not at garbage collection
+        if finish != "cancelled":
+            tail = decoded.flush()
+            if tail:
+                job.emit(Event("delta", text=tail))
+        job.emit(Event("done", prompt_tokens=len(ids), completion_tokens=count, finish_reason=finish))
+
+
+def load_worker(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
+                device: str = "cpu", limits: ServeLimits | None = None) -> Worker:
+    """Load ``model`` (default: the shipped demo model) and return a started :class:`Worker`."""
+    from visualglm.checkpoint.load import load
+    from visualglm.checkpoint.tokenizer import load_tokenizer
+    from visualglm.demo import DEMO_MODEL_NAME, resolve_model
+
+    path = resolve_model(model)
+    name = DEMO_MODEL_NAME if not model else (Path(str(model)).name or str(model))
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(path)
+    loaded = load(path, dtype=dtype, device=device, quantize=quant)
+    log.info("loaded %s in %.1f s", name, time.perf_counter() - started)
+    return Worker(loaded, tokenizer, name=name, limits=limits).start()
