@@ -9,7 +9,9 @@ from visualglm.cli.options import (
     add_generation_flags,
     add_image_flags,
     add_model_flags,
+    add_parallel_flags,
     build_session,
+    relaunch_for_tp,
     terminal_safe,
 )
 
@@ -22,11 +24,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         add_model_flags(parser)
         add_image_flags(parser)
         add_generation_flags(parser)
+        add_parallel_flags(parser)
         parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    question = args.question if args.question is not None else sys.stdin.read()
+    if (status := relaunch_for_tp(args)) is not None:
+        return status
+    from visualglm.distributed.launch import init_from_env, rank0_call
+
+    init_from_env(args.device)  # under torchrun: rank 0 alone reads stdin, the others receive the question
+    question = args.question if args.question is not None else rank0_call(sys.stdin.read)
     if not question.strip():
         raise ValueError("empty question (pass it as an argument or on stdin)")
     session = build_session(args)

@@ -15,7 +15,10 @@ from visualglm.cli.options import (
     add_generation_flags,
     add_image_flags,
     add_model_flags,
+    add_parallel_flags,
     build_session,
+    relaunch_for_tp,
+    set_session_image,
     terminal_safe,
 )
 
@@ -33,11 +36,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_model_flags(parser)
     add_image_flags(parser)
     add_generation_flags(parser)
+    add_parallel_flags(parser)
     parser.set_defaults(run=run)
 
 
 def _read(prompt: str) -> str:
-    """One line of input; Ctrl-C drops the line (returns ""), Ctrl-D / 'stop' leaves."""
+    """One line of input; Ctrl-C drops the line (returns ""), Ctrl-D / 'stop' leaves. Under tensor
+    parallelism rank 0 reads and every rank gets the line (or leaves), so all follow the same chat."""
+    from visualglm.distributed.launch import rank0_call
+
+    return rank0_call(_read_line, prompt)
+
+
+def _read_line(prompt: str) -> str:
     try:
         line = input(prompt)
     except EOFError:
@@ -58,7 +69,7 @@ def _choose_image(session) -> None:
         if not source:
             return
         try:
-            session.set_image(source, allow_remote=True)
+            set_session_image(session, source)
             return
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -82,6 +93,8 @@ def _answer(session, query: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (status := relaunch_for_tp(args)) is not None:
+        return status
     session = build_session(args)
     print(WELCOME)
     try:
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 print(WELCOME)
             elif command.startswith("image "):
                 try:
-                    session.set_image(command[len("image "):].strip(), allow_remote=True)
+                    set_session_image(session, command[len("image "):].strip())
                     session.clear_history()
                     print("(image loaded; new conversation)")
                 except ValueError as exc:

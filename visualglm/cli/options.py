@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import unicodedata
 
 
@@ -17,6 +19,41 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="weight-only INT8 or INT4 (group 128) for the language model's linears")
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="LoRA or P-tuning adapter folder (peft layout, e.g. from `visualglm finetune`)")
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallelism: run on N processes, each holding 1/N of the language model "
+                        "(relaunches itself under torch.distributed.run; with --device cuda one GPU each)")
+
+
+def relaunch_for_tp(args: argparse.Namespace) -> int | None:
+    """With ``--tp N`` (N > 1) outside torchrun: run this command line on N processes and return their exit
+    status. None when the command should run here (no --tp, or already one of torchrun's ranks)."""
+    tp = getattr(args, "tp", None)
+    if tp is None or tp == 1:
+        return None
+    if tp < 1:
+        raise ValueError(f"--tp must be at least 1, got {tp}")
+    from visualglm.distributed.launch import launched_by_torchrun, relaunch
+
+    if launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if world != tp:
+            raise ValueError(f"--tp {tp} does not match the {world} processes torchrun started")
+        return None
+    if args.command not in sys.argv[1:]:
+        raise ValueError("--tp relaunches the command line it was given; run `visualglm ...` or use torchrun")
+    return relaunch(tp, sys.argv[1:])
+
+
+def set_session_image(session, source) -> None:
+    """Attach an image (path or URL) to the session. Under tensor parallelism rank 0 reads it and every
+    rank gets the same picture, so the ranks cannot disagree about a file or a download."""
+    from visualglm.distributed.launch import rank0_call
+    from visualglm.image import load_image
+
+    session.set_image(rank0_call(load_image, source, allow_remote=True))
 
 
 def add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +89,15 @@ def build_session(args: argparse.Namespace):
     """Load the model and tokenizer named by the flags and return a ChatSession."""
     import visualglm
     from visualglm.demo import resolve_model
+    from visualglm.distributed.launch import init_from_env, shared_seed
     from visualglm.generation.chat import ChatSession
     from visualglm.generation.sampling import SamplingParams
 
     args.model = resolve_model(args.model)
+    # Under torchrun: join the process group; this rank loads its shard only and, unless it is rank 0, is silent.
+    parallel = init_from_env(args.device)
+    if parallel is not None and args.compile:
+        raise ValueError("--compile is not supported with tensor parallelism")
     if args.max_length is not None and args.max_length < 2:
         raise ValueError("--max-length must be at least 2")
     overrides = {name: value for name, value in (
@@ -63,10 +105,15 @@ def build_session(args: argparse.Namespace):
         ("repetition_penalty", args.repetition_penalty), ("seed", args.seed)) if value is not None}
     if args.greedy:
         overrides["do_sample"] = False
+    if parallel is not None:  # every rank must sample the same tokens: one seed, chosen by rank 0
+        overrides["seed"] = shared_seed(overrides.get("seed"))
     SamplingParams(**overrides).validate()  # bad flags fail before the (slow) model load
     tokenizer = visualglm.load_tokenizer(args.model)
-    model = visualglm.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quant)
+    model = visualglm.load(args.model, dtype=args.dtype, device=parallel.device if parallel else args.device,
+                           quantize=args.quant, tensor_parallel=parallel is not None)
     if getattr(args, "adapter", None):
+        if parallel is not None:
+            raise ValueError("--adapter does not combine with --tp (merge it first: visualglm merge-lora)")
         from visualglm.peft import apply_adapter
 
         apply_adapter(model, args.adapter)
@@ -77,7 +124,7 @@ def build_session(args: argparse.Namespace):
     session.sampling = session.sampling.replace(**overrides).validate()
     session.reseed()
     if getattr(args, "image", None):
-        session.set_image(args.image, allow_remote=True)
+        set_session_image(session, args.image)
     return session
 
 

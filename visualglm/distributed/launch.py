@@ -38,6 +38,9 @@ class DistributedContext:
         return self.rank == 0
 
 
+_context: DistributedContext | None = None  # the first init_from_env's answer
+
+
 def launched_by_torchrun() -> bool:
     """True when torchrun (torch.distributed.run) started this process as one of several ranks."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
@@ -55,8 +58,11 @@ def init_from_env(device: str | torch.device = "cpu", quiet_workers: bool = True
     ``quiet_workers`` ranks other than 0 write their stdout and stderr to /dev/null (unless
     ``VISUALGLM_DEBUG`` is set), so the user sees one answer, one progress bar and one error message.
     """
+    global _context
     if not launched_by_torchrun():
         return None
+    if _context is not None:
+        return _context
     device = torch.device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -70,11 +76,18 @@ def init_from_env(device: str | torch.device = "cpu", quiet_workers: bool = True
     if quiet_workers and not context.is_main and not os.environ.get("VISUALGLM_DEBUG"):
         devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
         sys.stdout = sys.stderr = devnull
+    _context = context
     return context
 
 
 def _shutdown() -> None:
     if dist.is_initialized():
+        # Leave together: a rank that tears its connections down while another still uses them can make
+        # the other abort ("terminate called without an active exception").
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already failed; torchrun reports that one
+            pass
         dist.destroy_process_group()
 
 
