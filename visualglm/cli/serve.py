@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     limits = ServeLimits(max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
                          max_prompt_tokens=args.max_prompt_tokens)
-    worker = load_worker(args.model, quant=args.quant, dtype=args.dtype, device=args.device, limits=limits)
+    worker = load_worker(args.model, quant=args.quant, dtype=args.dtype, device=args.device,
+                         adapter=getattr(args, "adapter", None), limits=limits)
     app = create_app(worker, api_key=args.api_key, allow_remote_images=args.allow_remote_images)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -276,6 +276,8 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
             return Response(status_code=499)
         if first.kind == "error":
             raise first.error
+        if first.kind != "start":  # dropped unstarted: the worker is shutting down
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(stream, first, completion_id, now, worker.name, include_usage),
                                  media_type="text/event-stream", headers=_SSE_HEADERS)

@@ -32,7 +32,7 @@ from visualglm.serving.protocol import APIError, ServeLimits
 
 log = logging.getLogger("visualglm.serving")
 
-_FAMILY_SAMPLING = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
+FAMILY_SAMPLING = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
                     "glm4v": SamplingParams.glm4v}
 _IMAGE_CACHE_SIZE = 4  # encoded images kept: multi-turn clients resend the same image every turn
 
@@ -183,7 +183,7 @@ class Worker:
                 self.served += 1
 
     def _session(self, request: GenerationRequest) -> _RequestSession:
-        sampling = _FAMILY_SAMPLING[self.family]().replace(**request.sampling).validate()
+        sampling = FAMILY_SAMPLING[self.family]().replace(**request.sampling).validate()
         return _RequestSession(self.model, self.tokenizer, sampling=sampling, max_length=request.max_length,
                                max_new_tokens=request.max_new_tokens, history=request.history)
 
@@ -256,8 +256,10 @@ class Worker:
 
 
 def load_worker(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
-                device: str = "cpu", limits: ServeLimits | None = None) -> Worker:
-    """Load ``model`` (default: the shipped demo model) and return a started :class:`Worker`."""
+                device: str = "cpu", adapter: str | Path | None = None, limits: ServeLimits | None = None
+                ) -> Worker:
+    """Load ``model`` (default: the shipped demo model), with a LoRA / P-tuning ``adapter`` folder if given,
+    and return a started :class:`Worker`."""
     from visualglm.checkpoint.load import load
     from visualglm.checkpoint.tokenizer import load_tokenizer
     from visualglm.demo import DEMO_MODEL_NAME, resolve_model
@@ -267,5 +269,9 @@ def load_worker(model: str | Path | None, *, quant: int | None = None, dtype: st
     started = time.perf_counter()
     tokenizer = load_tokenizer(path)
     loaded = load(path, dtype=dtype, device=device, quantize=quant)
+    if adapter:
+        from visualglm.peft import apply_adapter
+
+        apply_adapter(loaded, adapter)
     log.info("loaded %s in %.1f s", name, time.perf_counter() - started)
     return Worker(loaded, tokenizer, name=name, limits=limits).start()
