@@ -4,11 +4,16 @@ Writes a random ChatGLM-6B checkpoint in the official HF layout (safetensors sha
 to a temporary directory, then loads it with ``visualglm.load`` in a fresh process and prints:
 - the loaded weights' bytes,
 - peak RSS right after loading (memory-mapped weights are not all touched yet),
-- peak RSS after one forward pass over a short prompt (every weight page touched): the honest figure,
+- peak RSS after one forward pass over a short prompt and a read of every weight (every weight page
+  touched): the honest figure,
 - the ratio of that peak to the weights' bytes (target <= 1.2).
 
+With ``--quantize 4|8`` the language model is quantized while loading (the vision tower and the embeddings
+stay 16-bit); the weights' bytes are then those of the quantized model. ``--dir DIR`` with a checkpoint
+already there reuses it (write it once with ``--keep``, e.g. for ``--config visualglm-6b``, ~16 GB).
+
 Usage: python -m benchmarks.load_memory [--config chatglm-6b] [--store-dtype bfloat16] [--dtype bfloat16]
-                                         [--shard-gb 2] [--dir DIR] [--keep] [--json]
+                                         [--quantize 4|8] [--shard-gb 2] [--dir DIR] [--keep] [--json]
 """
 
 from __future__ import annotations
@@ -58,17 +63,41 @@ def write_random_checkpoint(directory: Path, config_name: str, store_dtype: str,
     directory.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     generator = torch.Generator().manual_seed(0)
+    # Values are drawn from one pool of 16M normal samples at random offsets: drawing ~8 billion normals
+    # one by one takes many minutes on a small CPU, and only the sizes matter here.
+    pool = (torch.randn(1 << 24, generator=generator) * 0.02).to(dtype)
+
+    def fill(shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        start = int(torch.randint(0, pool.numel(), (1,), generator=generator))
+        return pool.roll(-start).repeat(n // pool.numel() + 1)[:n].reshape(shape).clone()
+
     for i, keys in enumerate(shards):
         file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: (torch.randn(shapes[k], generator=generator) * 0.02).to(dtype) for k in keys}
-        save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = sum(element * math.prod(shapes[k]) for k in keys)
+        if not _complete_shard(directory / file_name, keys):  # resume an interrupted write
+            tensors = {k: fill(shapes[k]) for k in keys}
+            save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
+            del tensors
+        total += nbytes
         weight_map.update({k: file_name for k in keys})
-        del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     write_config(config, directory)
     return total
+
+
+def _complete_shard(path: Path, keys: list[str]) -> bool:
+    """A shard file written before that holds exactly ``keys``."""
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return sorted(handle.keys()) == sorted(keys)
+    except Exception:  # truncated or not a safetensors file: write it again
+        return False
 
 
 def _vm(field: str) -> int:
@@ -80,19 +109,22 @@ def _vm(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_load(directory: Path, dtype: str) -> dict:
+def measure_load(directory: Path, dtype: str, quantize: int | None = None) -> dict:
     """Runs in a fresh process: load, forward once, report RSS figures (bytes)."""
     import torch
 
     import visualglm
+    from visualglm.quant import Int4Linear, Int8Linear
 
     baseline = _vm("VmHWM")
     start = time.perf_counter()
-    model = visualglm.load(directory, dtype=dtype, progress=False)
+    model = visualglm.load(directory, dtype=dtype, progress=False, quantize=quantize)
     load_s = time.perf_counter() - start
     peak_after_load = _vm("VmHWM")
     seen, weight_bytes = set(), 0
-    for p in model.parameters():
+    quantized = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    tensors = [*model.parameters(), *(b for m in quantized for b in m.buffers())]
+    for p in tensors:
         if id(p) not in seen:
             seen.add(id(p))
             weight_bytes += p.numel() * p.element_size()
@@ -101,6 +133,9 @@ def measure_load(directory: Path, dtype: str) -> dict:
     start = time.perf_counter()
     with torch.inference_mode():
         model(torch.tensor([prompt]), logits_to_keep=1)
+        # A text prompt does not read the vision tower: read every weight so its pages count too.
+        for tensor in tensors:
+            tensor.sum()
     forward_s = time.perf_counter() - start
     peak_after_forward = _vm("VmHWM")
     return {"weight_bytes": weight_bytes, "baseline_rss": baseline, "peak_rss_after_load": peak_after_load,
@@ -113,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="chatglm-6b", help="named config to write (default: chatglm-6b)")
     parser.add_argument("--store-dtype", default="bfloat16", help="dtype of the written checkpoint")
     parser.add_argument("--dtype", default="bfloat16", help="dtype to load into")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                        help="quantize the language model to INT4/INT8 while loading")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GiB (default 2)")
     parser.add_argument("--dir", type=Path, help="write the checkpoint here (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
@@ -120,22 +157,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child-process mode
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure_load(args.measure, args.dtype)))
+        print(json.dumps(measure_load(args.measure, args.dtype, args.quantize)))
         return 0
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="visualglm-loadmem-"))
     try:
         start = time.perf_counter()
-        written = write_random_checkpoint(directory, args.config, args.store_dtype, int(args.shard_gb * GIB))
+        if (directory / "config.json").is_file():  # reuse a checkpoint written before (--keep)
+            written = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+        else:  # (shards already complete in --dir are kept)
+            written = write_random_checkpoint(directory, args.config, args.store_dtype, int(args.shard_gb * GIB))
         write_s = time.perf_counter() - start
+        quant = ["--quantize", str(args.quantize)] if args.quantize else []
         child = subprocess.run([sys.executable, "-m", "benchmarks.load_memory", "--measure", str(directory),
-                                "--dtype", args.dtype], capture_output=True, text=True, check=False,
+                                "--dtype", args.dtype, *quant], capture_output=True, text=True, check=False,
                                cwd=Path(__file__).resolve().parent.parent, env={**os.environ})
         if child.returncode != 0:
             print(child.stderr, file=sys.stderr)
             return 1
         result = json.loads(child.stdout.strip().splitlines()[-1])
         result.update({"config": args.config, "store_dtype": args.store_dtype, "dtype": args.dtype,
+                       "quantize": args.quantize,
                        "checkpoint_bytes": written, "write_seconds": write_s})
     finally:
         if not args.keep and args.dir is None:
@@ -144,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
-        print(f"checkpoint: {args.config}, stored {args.store_dtype} ({gib(written)}), loaded as {args.dtype}")
+        quant = f", language model quantized to INT{args.quantize} while loading" if args.quantize else ""
+        print(f"checkpoint: {args.config}, stored {args.store_dtype} ({gib(written)}), loaded as {args.dtype}{quant}")
         print(f"loaded weights:           {gib(result['weight_bytes'])}")
         print(f"peak RSS after imports:   {gib(result['baseline_rss'])}")
         print(f"peak RSS after load:      {gib(result['peak_rss_after_load'])}  ({result['load_seconds']:.1f} s)")

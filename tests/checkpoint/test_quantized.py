@@ -63,6 +63,37 @@ def test_streaming_equals_load_then_quantize(tiny_checkpoint: Path, bits: int, d
     assert all(b.device.type == "cpu" for b in model.buffers())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_streaming_quantizes_each_weight_as_it_is_read(tiny_checkpoint: Path, bits: int, monkeypatch) -> None:
+    """While loading, no planned linear ever holds a float weight, and each quantized module is filled
+    right after its weight is read (load-then-quantize would hold every float weight until the end)."""
+    from visualglm.checkpoint import load as load_module
+
+    built: list[torch.nn.Module] = []
+    real_build, real_iter = load_module.build_model, load_module.iter_tensors
+    monkeypatch.setattr(load_module, "build_model", lambda config: built.append(real_build(config)) or built[-1])
+    planned = [f"transformer.layers.{i}.{name}" for i in range(2) for name in
+               ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")]
+    float_weights_seen, filled_after_read = 0, []
+
+    def tracking(path):
+        nonlocal float_weights_seen
+        for key, tensor in real_iter(path):
+            yield key, tensor
+            modules = [built[0].get_submodule(name) for name in planned]
+            float_weights_seen = max(float_weights_seen, sum(
+                isinstance(getattr(m, "weight", None), torch.nn.Parameter) and m.weight.device.type != "meta"
+                for m in modules))
+            if key.removesuffix(".weight") in planned:
+                module = built[0].get_submodule(key.removesuffix(".weight"))
+                filled_after_read.append(next(iter(module.buffers())).device.type != "meta")
+
+    monkeypatch.setattr(load_module, "iter_tensors", tracking)
+    model = visualglm.load(tiny_checkpoint, dtype="float32", quantize=bits, progress=False)
+    assert model is built[0]
+    assert float_weights_seen == 0 and filled_after_read == [True] * 8
+
+
 def test_streaming_visualglm_keeps_the_image_encoder(tiny_visual_checkpoint: Path) -> None:
     reference = visualglm.load(tiny_visual_checkpoint, progress=False, fast_cpu_kernels=False)
     apply_quantization(reference, 4)

@@ -45,8 +45,10 @@ Backend = Literal["auto", "kernel", "dequant"]
 _HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows (tokens x batch) from which dequantize + GEMM beats the weight-only kernel, per bit width; None: never.
-# Measured with benchmarks/quant_linear.py (16384x4096 weight) on a 2-core AMD EPYC with AVX-512 BF16.
-PREFILL_MIN_ROWS: dict[int, int | None] = {8: 32, 4: 64}
+# Measured with benchmarks/quant_linear.py (16384x4096 weight) on a 2-core AMD EPYC with AVX-512 BF16: int8
+# at 32 rows 56 ms vs 100 ms (kernel), at 128 rows 110 ms vs 282 ms. Unpacking int4 nibbles in eager PyTorch
+# costs more than the int4 kernel saves (0.4-2 s per call), so int4 stays on its kernel.
+PREFILL_MIN_ROWS: dict[int, int | None] = {8: 32, 4: None}
 
 _scratch: torch.Tensor | None = None
 

@@ -1,0 +1,88 @@
+"""Logit error of weight-only INT8 / INT4 against float32, on the golden tiny models.
+
+For every case of every folder under the golden directory (chatglm-6b, visualglm-6b, glm-4v-9b), the prompt
+logits (last 3 positions) of the model loaded in float32 with ``quantize=8`` / ``quantize=4`` are compared
+with the reference's float32 logits stored there. VisualGLM and GLM-4V cases take the stored input
+embeddings (image spliced in), so only the quantized language model differs. Prints, per model and width, the
+largest absolute error, that error relative to the largest |logit|, and the relative L2 error.
+
+These are tiny random models (hidden 64): the figures show the scheme works end to end, not the error of
+the full-size models, whose rows are 4096 wide.
+Run: .venv/bin/python -m benchmarks.quant_accuracy [--golden DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import visualglm
+from visualglm.config import read_config
+
+DEFAULT_GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
+
+
+def _strip_left_pad(row: list[int], pad_id: int) -> list[int]:
+    start = 0
+    while start < len(row) and row[start] == pad_id:
+        start += 1
+    return row[start:]
+
+
+def case_logits(model: torch.nn.Module, family: str, case: dict, expected: dict) -> torch.Tensor:
+    """The model's logits at the positions the golden file stores, ``[B, 3, vocab]``."""
+    name = case["name"]
+    want = expected[f"{name}.logits_last3"]
+    with torch.no_grad():
+        if family == "chatglm":
+            from visualglm.generation.engine import left_pad
+
+            prompts = [_strip_left_pad(row, model.config.pad_token_id) for row in case["input_ids"]]
+            ids, num_pad = left_pad(prompts, model.config.pad_token_id)
+            positions, allowed = model.prompt_inputs(ids, num_pad)
+            logits = model(ids, positions, allowed)
+        elif family == "visualglm":
+            ids = torch.tensor(case["input_ids"])
+            positions, allowed = model.prompt_inputs(ids)
+            embeds = model.embed_with_images(ids, expected["image.image_embeds"], [case["image_span"][0]])
+            logits = model(ids, positions, allowed, inputs_embeds=embeds)
+        else:
+            ids, _ = model.expand_image_placeholders(case["input_ids"][0])
+            tokens = torch.tensor([ids])
+            positions, allowed = model.prompt_inputs(tokens)
+            logits = model(tokens, positions, allowed, inputs_embeds=expected[f"{name}.encoder_input_embeds"])
+    return logits[:, -want.shape[1]:].float()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN, help="golden directory")
+    args = parser.parse_args(argv)
+    folders = sorted(p for p in args.golden.iterdir() if (p / "cases.json").is_file())
+    print(f"{'model':14s} {'weights':8s} {'max |err|':>10s} {'/ max|logit|':>13s} {'rel L2':>8s}  cases")
+    for folder in folders:
+        family = read_config(folder).family
+        cases = json.loads((folder / "cases.json").read_text(encoding="utf-8"))["cases"]
+        expected = load_file(folder / "expected.safetensors")
+        for quantize in (None, 8, 4):
+            model = visualglm.load(folder, dtype="float32", progress=False, quantize=quantize)
+            max_err = scale = sq_err = sq_ref = 0.0
+            for case in cases:
+                want = expected[f"{case['name']}.logits_last3"].float()
+                got = case_logits(model, family, case, expected)
+                max_err = max(max_err, (got - want).abs().max().item())
+                scale = max(scale, want.abs().max().item())
+                sq_err += (got - want).pow(2).sum().item()
+                sq_ref += want.pow(2).sum().item()
+            label = "float32" if quantize is None else f"int{quantize}" + ("/g64" if quantize == 4 else "")
+            print(f"{folder.name:14s} {label:8s} {max_err:10.4f} {max_err / scale:13.4f} "
+                  f"{(sq_err / sq_ref) ** 0.5:8.4f}  {len(cases)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
