@@ -40,16 +40,39 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
 
 
+_TILE = 1 << 20
+
+
+def random_bf16(shape: torch.Size, std: float = 0.02) -> torch.Tensor:
+    """A bf16 tensor of ``shape`` filled (every page written, so it counts in RSS) by repeating one random
+    tile: random enough for a memory measurement, and far cheaper than drawing billions of normals."""
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    flat = out.view(-1)
+    tile = (torch.randn(min(_TILE, flat.numel())) * std).to(torch.bfloat16)
+    for start in range(0, flat.numel(), tile.numel()):
+        stop = min(start + tile.numel(), flat.numel())
+        flat[start:stop] = tile[: stop - start]
+    return out
+
+
 def build_int4_random(config_name: str, seed: int = 0) -> nn.Module:
-    """The model with INT4 language-model linears and bf16 everything else, random weights."""
+    """The model with INT4 language-model linears and bf16 everything else, random weights.
+
+    Each distinct linear shape is quantized once from random weights; every module then gets its own copy of
+    those buffers (the memory of a real INT4 model, without quantizing 6 billion random numbers)."""
     torch.manual_seed(seed)
     config = get_config(config_name)
     model = build_model(config)  # meta: no memory
     model.config = config
     plan = plan_quantization(model, 4, skip=QUANT_SKIP[config.family])
+    quantized: dict[tuple[int, int], nn.Module] = {}
     for module in swap_empty(model, plan, 4, bias_dtype=torch.bfloat16).values():
-        weight = torch.randn(module.out_features, module.in_features, dtype=torch.bfloat16) * 0.02
-        module.quantize_(weight)  # the float weight is dropped right after
+        key = (module.out_features, module.in_features)
+        if key not in quantized:
+            quantized[key] = module.quantize_(random_bf16(torch.Size(key)))  # the float weight is dropped
+        else:
+            source = quantized[key]
+            module.qweight, module.scales_and_zeros = source.qweight.clone(), source.scales_and_zeros.clone()
         if module.bias is not None:
             module.bias = torch.zeros(module.out_features, dtype=torch.bfloat16)
     for module in model.modules():
@@ -59,7 +82,7 @@ def build_int4_random(config_name: str, seed: int = 0) -> nn.Module:
             if isinstance(module, nn.LayerNorm) and name == "weight":
                 value = torch.ones(param.shape, dtype=torch.bfloat16)
             else:
-                value = torch.randn(param.shape, dtype=torch.bfloat16) * 0.02
+                value = random_bf16(param.shape)
             module._parameters[name] = nn.Parameter(value, requires_grad=False)
     model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -107,7 +130,7 @@ def main() -> None:
     result = {"config": args.config, "sequence_tokens": ids.shape[1], "trainable_parameters": trainable,
               "parameters": total, "build_s": round(built_s, 1), "rss_after_build_gb": round(built_rss, 2),
               "step_s": round(time.time() - step_start, 1), "peak_rss_gb": round(peak_rss_gb(), 2),
-              "loss": round(float(loss / tokens), 4), "torch": torch.__version__}
+              "loss": round(float(loss.detach() / tokens), 4), "torch": torch.__version__}
     if args.json:
         print(json.dumps(result))
     else:

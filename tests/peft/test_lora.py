@@ -90,7 +90,17 @@ def test_qlora_gradient_flows_through_the_int4_base_and_merges_against_its_dequa
     expected = torch.ones(3, base.out_features) @ base.dequantize(torch.float32)
     torch.testing.assert_close(x.grad, expected, atol=1e-4, rtol=1e-4)
 
-    loss = model(IDS).float().logsumexp(-1).mean()
+    # Only layer 1 has adapters: layer 0's input needs no gradient, layer 1's does, and no quantized layer
+    # (adapted or not) may keep a float copy of its weight for the backward.
+    model = random_chatglm()
+    apply_quantization(model, 4)
+    inject_lora(model, LoraConfig(rank=4, alpha=8.0, layer_range=[0]))
+    _randomize(model)
+    weight_shapes = {(m.out_features, m.in_features) for m in model.modules() if hasattr(m, "qweight")}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = model(IDS).float().logsumexp(-1).mean()
+    assert not weight_shapes & set(saved)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -14,6 +14,7 @@ fused QKV adapter into three rank-r pairs; here, as in ``peft``, each target mod
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -102,7 +103,7 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
         ctx.base = base
         ctx.x_dtype = x.dtype
         with torch.no_grad():
-            return base(x)
+            return type(base).forward(base, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
@@ -112,9 +113,24 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
 
 def frozen_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``base(x)`` for a frozen base module; quantized bases keep activation memory low (see above)."""
-    if is_quantized(base) and torch.is_grad_enabled() and x.requires_grad:
-        return _FrozenQuantizedLinear.apply(x, base)
+    if is_quantized(base):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenQuantizedLinear.apply(x, base)
+        return type(base).forward(base, x)  # the class's forward: the instance's may be routed here
     return base(x)
+
+
+def route_frozen_quantized(model: nn.Module) -> int:
+    """Send every quantized linear of ``model`` through ``frozen_forward`` (by setting the instance's
+    ``forward``; names and types do not change). Needed for the ones without an adapter too: once any
+    earlier layer is trainable their input needs a gradient, and their own dequantize path would keep a
+    float copy of each weight for the backward, i.e. the whole model. Returns how many."""
+    count = 0
+    for module in model.modules():
+        if is_quantized(module) and not isinstance(module, LoRALinear):
+            module.forward = functools.partial(frozen_forward, module)
+            count += 1
+    return count
 
 
 class LoRALinear(nn.Module):
@@ -207,6 +223,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, names: Sequence[str] | Non
             raise ValueError(f"layer_range: the model has no layer(s) {missing} with targets "
                              f"{list(config.target_modules)}")
     freeze(model)
+    route_frozen_quantized(model)
     for name in selected:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -311,4 +328,4 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 __all__ = ["LORA_DEFAULTS", "VISION_TOWERS", "LoRALinear", "LoraConfig", "count_parameters", "dequantize_model",
            "freeze", "frozen_forward", "inject_lora", "lora_modules", "lora_state_dict", "lora_target_names",
-           "merge_lora"]
+           "merge_lora", "route_frozen_quantized"]

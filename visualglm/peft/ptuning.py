@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visualglm.peft.lora import freeze
+from visualglm.peft.lora import freeze, route_frozen_quantized
 
 
 class PrefixEncoder(nn.Module):
@@ -92,6 +92,7 @@ def inject_ptuning(model: nn.Module, pre_seq_len: int, prefix_projection: bool =
         raise ValueError("the model already has a P-tuning prefix encoder")
     config = model.config
     freeze(model)
+    route_frozen_quantized(model)
     device = model.get_input_embeddings().weight.device
     encoder = PrefixEncoder(pre_seq_len, len(modules), config.hidden_size, config.num_attention_heads,
                             prefix_projection, dropout, device=device)
