@@ -24,11 +24,18 @@ class TrainRecipe:
     """Hyperparameters of ``visualglm demo train`` (defaults are the shipped model's)."""
 
     seed: int = 0
-    steps: int = 2400
-    images_per_step: int = 32  # each image is encoded once per step ...
-    questions_per_image: int = 4  # ... and asked this many of its (English or Chinese) questions
-    learning_rate: float = 1.5e-3
-    warmup_steps: int = 150
+    # Stage 1: the vision tower alone learns colour and shape through a temporary linear head on its
+    # mean-pooled tokens (the role a pretrained EVA-CLIP plays for VisualGLM-6B). Trained end to end from
+    # scratch, answer tokens teach it colours quickly but not shapes (chance after 1,200 steps).
+    vision_steps: int = 1000
+    vision_learning_rate: float = 2e-3
+    # Stage 2: the Q-Former, projection and language model on the questions (the vision tower frozen).
+    steps: int = 2000
+    freeze_vision: bool = True
+    images_per_step: int = 64  # each image is encoded once per step ...
+    questions_per_image: int = 2  # ... and asked this many of its (English or Chinese) questions
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     # Curriculum: the first ``focus_steps`` steps ask only questions whose answer names what is in the image

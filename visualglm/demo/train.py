@@ -1,7 +1,9 @@
 """``visualglm demo train``: train the shipped demo model from scratch on easy-VQA's train split.
 
 Recipe (all seeded): a SentencePiece vocabulary on the data's text; the VisualGLM-6B architecture at a
-small size (:func:`visualglm.demo.recipe.demo_config`); AdamW with warmup and cosine decay. Each step
+small size (:func:`visualglm.demo.recipe.demo_config`). Stage 1 trains the vision tower alone to name each
+image's colour and shape (a temporary linear head, not shipped), as VisualGLM-6B starts from a pretrained
+EVA-CLIP. Stage 2 trains everything on the questions with AdamW, warmup and cosine decay: each step
 encodes ``images_per_step`` randomly translated/flipped train images once and asks each of them
 ``questions_per_image`` of its own questions (English, Chinese or the description task), so the vision
 tower's cost is shared by several answers. The loss is next-token cross entropy on the answer and the
@@ -26,13 +28,16 @@ import torch.nn.functional as F
 from visualglm.checkpoint.load import build_model
 from visualglm.checkpoint.save import save_checkpoint
 from visualglm.checkpoint.staging import staged_directory
-from visualglm.demo.data import Record, build_records
+from visualglm.demo.data import PALETTE, Record, build_records
 from visualglm.demo.plot import plot_curve
 from visualglm.demo.recipe import IMAGE_SIZE, TrainRecipe, demo_config, train_tokenizer
 from visualglm.image import CLIP_MEAN, CLIP_STD
 from visualglm.models.chatglm import chatglm_prompt_inputs
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
 from visualglm.tokenizers.templates import visualglm_ids
+
+COLOR_NAMES = sorted(PALETTE)
+SHAPE_NAMES = ("circle", "rectangle", "triangle")
 
 
 class Example:
@@ -148,6 +153,52 @@ def batch_loss(model, examples: list[Example], image_embeds: torch.Tensor, pad_i
     return F.cross_entropy(logits.float(), torch.tensor(targets))
 
 
+def image_labels(records: list[Record]) -> dict[int, tuple[int, int]]:
+    """``{image_id: (colour index, shape index)}`` from the description records (``A blue rectangle.``)."""
+    labels = {}
+    for record in records:
+        if record.qtype == "describe" and record.lang == "en":
+            color, shape = record.answers[0].removeprefix("A ").rstrip(".").split(" ")
+            labels[record.image_id] = (COLOR_NAMES.index(color), SHAPE_NAMES.index(shape))
+    return labels
+
+
+def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                    recipe: TrainRecipe, rng: random.Random, bar=None, log=print) -> list[float]:
+    """Stage 1: train ``model.image_encoder.vit`` to tell colours and shapes apart, through a temporary
+    linear head over its mean-pooled output tokens (dropped afterwards). ``labels`` ``[N, 2]``."""
+    vit = model.image_encoder.vit
+    hidden = vit.config.hidden_size
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    head = torch.nn.Linear(hidden, len(COLOR_NAMES) + len(SHAPE_NAMES))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / hidden**0.5)
+        head.bias.zero_()
+    params = list(vit.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.vision_learning_rate, weight_decay=recipe.weight_decay)
+    losses = []
+    for step in range(recipe.vision_steps):
+        rows = torch.tensor(rng.sample(range(len(labels)), min(recipe.images_per_step, len(labels))))
+        images = augment(pixels[rows], boxes[rows], rng, recipe.max_shift)
+        logits = head(vit(images).mean(dim=1))
+        colors = len(COLOR_NAMES)
+        loss = (F.cross_entropy(logits[:, :colors], labels[rows, 0])
+                + F.cross_entropy(logits[:, colors:], labels[rows, 1]))
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.vision_learning_rate * min(1.0, (step + 1) / recipe.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(vision_loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        elif step % 100 == 0 or step == recipe.vision_steps - 1:
+            log(f"vision step {step + 1}/{recipe.vision_steps} loss {losses[-1]:.4f}")
+    return losses
+
+
 def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: bool = True,
           log=print) -> Path:
     """Train the demo model and write it to ``out_dir`` (HF layout + tokenizer + ``training/`` with the
@@ -172,8 +223,19 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
     examples = tokenize(records, tokenizer, config.image_length, rng)
     index, pixels, boxes = load_pixels(records)
     image_ids = sorted(examples)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    bar = _progress(recipe.vision_steps + recipe.steps, progress)
+    labels = image_labels(records)
+    labelled = [i for i in image_ids if i in labels]
+    rows = torch.tensor([index[i] for i in labelled])
+    vision_losses = pretrain_vision(model, pixels[rows], boxes[rows], torch.tensor([labels[i] for i in labelled]),
+                                    recipe, rng, bar, log) if recipe.vision_steps else []
+    if recipe.freeze_vision:
+        # As BLIP-2 and VisualGLM-6B keep their image encoder frozen. Left trainable, stage 2's early,
+        # still meaningless gradients wash the shape features out of the tower (shape answers end at chance).
+        model.image_encoder.vit.requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.learning_rate,
                                   betas=(0.9, 0.98))
@@ -183,7 +245,6 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
         rng.shuffle(examples[image_id])
     direct = {image_id: [e for e in examples[image_id] if e.direct] for image_id in image_ids}
     losses: list[float] = []
-    bar = _progress(recipe.steps, progress)
     for step in range(recipe.steps):
         if len(order) < recipe.images_per_step:
             fresh = image_ids[:]
@@ -204,7 +265,7 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
         loss = batch_loss(model, batch, image_embeds, config.pad_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], recipe.grad_clip)
         optimizer.step()
         losses.append(loss.item())
         if bar is not None:
@@ -218,6 +279,7 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
     log(f"trained {recipe.steps} steps in {minutes:.1f} min; final loss (mean of last 100) "
         f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
     model.eval()
+    model.requires_grad_(True)
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="visualglm-demo-ckpt-") as tmp:
         checkpoint = save_checkpoint(model, Path(tmp) / "model")
@@ -236,7 +298,12 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
                 {**asdict(recipe), "minutes": round(minutes, 2), "records": len(records)}, indent=2) + "\n")
             (training / "loss.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": round(v, 5)}) + "\n"
                                                          for i, v in enumerate(losses)))
-            plot_curve(losses, training / "loss.png", title="visualglm-demo training loss")
+            plot_curve(losses, training / "loss.png", title="visualglm-demo training loss (stage 2: answers)")
+            if vision_losses:
+                (training / "vision_loss.jsonl").write_text("".join(
+                    json.dumps({"step": i + 1, "loss": round(v, 5)}) + "\n" for i, v in enumerate(vision_losses)))
+                plot_curve(vision_losses, training / "vision_loss.png",
+                           title="visualglm-demo stage 1: vision tower, colour + shape")
     log(f"wrote {out_dir}")
     return out_dir
 

@@ -1,0 +1,52 @@
+"""``visualglm demo train`` writes a loadable checkpoint in the official layout, with its training record."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from visualglm.demo.recipe import TrainRecipe
+from visualglm.demo.train import augment, lr_at
+
+pytest.importorskip("easy_vqa", reason="the easy-vqa package (dev extra) holds the data set")
+
+
+def test_a_short_training_run_writes_a_loadable_model(tmp_path) -> None:
+    import visualglm
+    from visualglm.demo.train import train
+
+    out = train(tmp_path / "demo", TrainRecipe(steps=3, images_per_step=4, questions_per_image=2, focus_steps=1),
+                progress=False, log=lambda *_: None)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "ice_text.model", "tokenizer_config.json", "training"} <= names
+    assert (out / "training" / "loss.png").stat().st_size > 0
+    losses = [json.loads(line)["loss"] for line in (out / "training" / "loss.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    assert json.loads((out / "training" / "recipe.json").read_text())["steps"] == 3
+    model = visualglm.load(out, progress=False)
+    assert model.config.family == "visualglm" and model.config.eva_config.image_size == [64, 64]
+    tokenizer = visualglm.load_tokenizer(out)
+    assert tokenizer.vocab_size == model.config.vocab_size
+    assert not list(tmp_path.glob(".demo.*")), "the staging directory was left behind"
+
+
+def test_augmentation_keeps_the_shape_whole_and_is_seeded() -> None:
+    pixels = torch.full((2, 3, 64, 64), 240, dtype=torch.uint8)
+    pixels[:, 0, 10:20, 30:50] = 10  # a 10x20 block
+    boxes = torch.tensor([[10, 19, 30, 49]] * 2)
+    first = augment(pixels, boxes, random.Random(5), max_shift=64)
+    again = augment(pixels, boxes, random.Random(5), max_shift=64)
+    assert torch.equal(first, again)
+    dark = first[:, 0] < first[:, 0].max() - 1  # the block, wherever it went
+    assert dark.sum(dim=(1, 2)).tolist() == [200, 200]
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    recipe = TrainRecipe(steps=100, warmup_steps=10, learning_rate=1.0)
+    rates = [lr_at(step, recipe) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    assert rates[-1] == pytest.approx(0.05, abs=0.01)
