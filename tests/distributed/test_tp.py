@@ -17,6 +17,7 @@ from tests.conftest import GOLDEN_DIR, REPO_ROOT, make_png
 from tests.distributed import tp_worker
 from visualglm.checkpoint.load import build_model
 from visualglm.config import get_config
+from visualglm.demo import DEMO_MODEL_DIR
 from visualglm.distributed.tp import ShardSpec, TensorParallelError, apply_tensor_parallel, shard_quantized
 from visualglm.models.plans import TP_PLANS
 from visualglm.quant.linear import Int4Linear, Int8Linear
@@ -33,7 +34,8 @@ def _torchrun(*args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cases(tiny_chat_checkpoint, tiny_visual_checkpoint, glm4v_checkpoint, tmp_path_factory) -> dict[str, dict]:
+def cases(tiny_checkpoint, tiny_chat_checkpoint, tiny_visual_checkpoint, glm4v_checkpoint,
+          tmp_path_factory) -> dict[str, dict]:
     image = make_png(tmp_path_factory.mktemp("img") / "red.png")
     chat = str(tiny_chat_checkpoint)
     return {
@@ -42,6 +44,10 @@ def cases(tiny_chat_checkpoint, tiny_visual_checkpoint, glm4v_checkpoint, tmp_pa
         "glm4v": {"path": str(glm4v_checkpoint), "image": str(GOLDEN_DIR / "glm-4v-9b" / "image.png")},
         "chatglm_int8": {"path": chat, "quant": 8},  # each rank quantizes its slices while loading
         "chatglm_int8_sliced": {"path": chat, "quant": 8, "quant_then_split": True},
+        # the shipped demo model: tied embeddings, a vocabulary of 541 (the last rank's rows are padded)
+        "demo": {"path": str(DEMO_MODEL_DIR), "image": str(DEMO_MODEL_DIR.parent / "examples" / "example-1.png")},
+        # tied word embedding and output layer (chatglm-tiny's default), no tokenizer: one forward pass
+        "chatglm_tied": {"path": str(tiny_checkpoint), "ids": [5, 6, 7, 8, 1001, 1004, 9, 10]},
     }
 
 
@@ -52,7 +58,7 @@ def parallel(cases, tmp_path_factory) -> list[dict]:
     (out / "cases.json").write_text(json.dumps(cases), encoding="utf-8")
     worker = str(Path(tp_worker.__file__))
     done = subprocess.run(_torchrun(worker, str(out), str(out / "cases.json")), env=_env(), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
 
@@ -62,7 +68,7 @@ def single(cases) -> dict[str, dict]:
     return tp_worker.run_cases(cases)
 
 
-@pytest.mark.parametrize("name", ["chatglm", "visualglm", "glm4v", "chatglm_int8_sliced"])
+@pytest.mark.parametrize("name", ["chatglm", "visualglm", "glm4v", "demo", "chatglm_int8_sliced"])
 def test_two_ranks_match_one_process(name, parallel, single) -> None:
     ref, rank0, rank1 = single[name], parallel[0][name], parallel[1][name]
     assert rank0["tokens"] == ref["tokens"]
@@ -72,6 +78,11 @@ def test_two_ranks_match_one_process(name, parallel, single) -> None:
     assert torch.equal(rank0["logits"], rank1["logits"]) and rank0["texts"] == rank1["texts"]
     # Each rank's KV cache holds its share of the heads (GLM-4: of the key/value groups).
     assert rank0["cache_heads"] * WORLD == ref["cache_heads"]
+
+
+def test_tied_embedding_and_output_layer(parallel, single) -> None:
+    torch.testing.assert_close(parallel[0]["chatglm_tied"]["logits"], single["chatglm_tied"]["logits"], atol=1e-4,
+                               rtol=0)
 
 
 def test_quantized_shards_match_within_quantization_error(parallel, single) -> None:
@@ -97,7 +108,7 @@ def test_cli_chat_under_torchrun_matches_one_process(tiny_visual_checkpoint, tmp
     assert main(flags) == 0
     expected = capsys.readouterr().out
     done = subprocess.run(_torchrun("-m", "visualglm", *flags), input=script, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == expected  # one transcript: rank 1 is silent
     assert expected.count("ChatGLM: ") == 2

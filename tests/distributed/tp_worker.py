@@ -26,7 +26,7 @@ NEW_TOKENS = 6
 
 
 def run_case(case: dict, tensor_parallel: bool) -> dict:
-    """case: ``{"path", "image"?, "quant"?: 8, "quant_then_split"?: bool, "dtype"?}``."""
+    """case: ``{"path", "image"?, "quant"?: 8, "quant_then_split"?: bool, "dtype"?, "ids"?}``."""
     dtype = case.get("dtype", "float32")
     # fp32 dequantized matmuls: the CPU int8 kernel rounds activations and outputs to bf16, which would
     # hide the comparison under rounding noise.
@@ -41,6 +41,9 @@ def run_case(case: dict, tensor_parallel: bool) -> dict:
     else:
         model = load(case["path"], dtype=dtype, progress=False, quantize=case.get("quant"),
                      tensor_parallel=tensor_parallel)
+    if "ids" in case:  # a checkpoint without a tokenizer: the logits of one forward pass
+        with torch.inference_mode():
+            return {"logits": model(torch.tensor([case["ids"]])).float()}
     tokenizer = load_tokenizer(case["path"])
     session = ChatSession(model, tokenizer, sampling=SamplingParams(do_sample=False), max_new_tokens=NEW_TOKENS)
     if case.get("image"):
