@@ -12,7 +12,7 @@ import pytest
 from .conftest import TEST_LIMITS, probe, running
 
 LONG = dataclasses.replace(TEST_LIMITS, max_new_tokens=200, max_queue=1)
-SLOW_S = 0.05  # per forward pass: an uncancelled 200-token answer takes 10 s or more
+SLOW_S = 0.05  # per forward pass: an uncancelled 200-token answer would take 10 s or more
 
 
 def _chat(max_tokens: int, stream: bool = False, seed: int = 0) -> dict:
@@ -20,7 +20,7 @@ def _chat(max_tokens: int, stream: bool = False, seed: int = 0) -> dict:
             "stream": stream, "seed": seed, "temperature": 0.8, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> None:
+def _wait_for(predicate, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
@@ -62,11 +62,10 @@ def test_closing_a_stream_cancels_its_generation(long_server, long_seed, visual_
     with probe(visual_model[0], SLOW_S) as forwards, httpx.Client(base_url=url, timeout=30) as client:
         context = _start_stream(client, long_seed)
         context.__exit__(None, None, None)  # the client goes away mid-answer
-        started = time.monotonic()
         response = client.post("/v1/chat/completions", json=_chat(2))
-        elapsed = time.monotonic() - started
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 2
-        assert elapsed < 4, f"the next request waited {elapsed:.1f} s: the closed stream was not cancelled"
+        # One job at a time: had the abandoned answer gone on, it would have made its 200 forward passes
+        # before this request could be answered.
         assert forwards.calls < 60, f"{forwards.calls} forward passes: the abandoned answer kept generating"
         _wait_for(lambda: not worker.busy, timeout=2)
 
@@ -76,10 +75,8 @@ def test_a_client_that_times_out_cancels_its_job(long_server, long_seed, visual_
     with probe(visual_model[0], SLOW_S) as forwards:
         with httpx.Client(base_url=url, timeout=0.5) as impatient, pytest.raises(httpx.ReadTimeout):
             impatient.post("/v1/chat/completions", json=_chat(200, seed=long_seed))
-        started = time.monotonic()
-        response = httpx.post(f"{url}/", json={"text": "hi", "max_length": 30}, timeout=30)
+        response = httpx.post(f"{url}/", json={"text": "hi", "max_length": 30}, timeout=60)
         assert response.status_code == 200
-        assert time.monotonic() - started < 4
         assert forwards.calls < 60, f"{forwards.calls} forward passes: the abandoned answer kept generating"
 
 

@@ -38,8 +38,6 @@ def test_body_size(client) -> None:
             yield b"y" * 65536
 
     assert _error(client.post("/", content=chunks()), 413)["code"] == "request_too_large"
-    bad_length = client.post("/", content=b"{}", headers={"content-length": "-5"})
-    assert bad_length.status_code == 400
 
 
 def test_image_bytes_and_pixels(client) -> None:
@@ -93,7 +91,8 @@ def test_api_key_guards_every_route_but_health(visual_model) -> None:
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/"),
                              ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/nowhere")):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k3y"},
-                            {"Authorization": "Bearer k3y "}):
+                            {"Authorization": "bearer k3y"},
+                            {"Authorization": "Bearer k3y2"}):
                 response = client.request(method, path, json=_user("hi"), headers=headers)
                 error = _error(response, 401)
                 assert error["type"] == "authentication_error" and response.headers["www-authenticate"] == "Bearer"

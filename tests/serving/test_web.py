@@ -135,7 +135,8 @@ def test_upload_ask_and_read_the_streamed_answer(browser, web, tmp_path) -> None
     with probe(worker.model, seconds_per_forward=0.05):  # slow enough to see the answer grow
         partials = _ask(page, question, first)
     page.screenshot(path=str(tmp_path / "web-ui.png"), full_page=True)
-    assert partials >= 3, f"the answer was shown in {partials} piece(s): it was not streamed"
+    # Streamed: at least one partial answer was on the page before the final one.
+    assert partials >= 2, f"the answer was shown in {partials} piece(s): it was not streamed"
 
     _ask(page, follow_up, second)  # the second turn of the same conversation (history kept)
     assert len(_bot_messages(page)) == 2
