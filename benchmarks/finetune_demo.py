@@ -73,16 +73,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="base model (default: the shipped demo model)")
     parser.add_argument("--out", default="runs/finetune-demo", help="adapter and metrics folder")
-    parser.add_argument("--task", choices=sorted(TASKS), default="slash")
-    parser.add_argument("--train-examples", type=int, default=152, help="new-skill examples (default: 152)")
-    parser.add_argument("--replay", type=int, default=48,
-                        help="ordinary easy-VQA train questions mixed in, so old skills stay (default: 48)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="zh")
+    parser.add_argument("--train-examples", type=int, default=100, help="new-skill examples (default: 100)")
+    parser.add_argument("--replay", type=int, default=100,
+                        help="ordinary easy-VQA train questions mixed in, so old skills stay (default: 100)")
     parser.add_argument("--heldout", type=int, default=240, help="held-out test images (default: 240)")
     parser.add_argument("--easyvqa", type=int, default=600, help="easy-VQA test questions to check (default: 600)")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.train_examples + args.replay > 200:
