@@ -79,3 +79,8 @@ def test_ask_uses_the_demo_model_without_model_flag() -> None:
     result = _run("ask", "--image", str(EXAMPLES_DIR / "example-2.png"), "--greedy", "What shape is in the image?")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "triangle"
+
+
+def test_eval_refuses_a_missing_adapter_clearly(tmp_path) -> None:
+    result = _run("eval", "easyvqa", "--limit", "5", "--adapter", str(tmp_path / "no-adapter"))
+    assert result.returncode == 2 and "no-adapter" in result.stderr and "Traceback" not in result.stderr

@@ -32,6 +32,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
         sub.add_argument("--quant", type=int, choices=(8, 4), default=None,
                          help="weight-only INT8 or INT4 for the language model's linears")
+        sub.add_argument("--adapter", default=None, metavar="DIR",
+                         help="LoRA or P-tuning adapter folder (peft layout, e.g. from `visualglm finetune`)")
         sub.add_argument("--batch-size", type=int, default=64, help="questions per batch (default: 64)")
         sub.add_argument("--show-errors", type=int, default=0, metavar="N",
                          help="print up to N wrong answers (default: 0)")
@@ -56,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     model = visualglm.load(model_path, dtype=args.dtype, device=args.device, quantize=args.quant, progress=False)
     if not hasattr(model, "encode_images") or model.config.family != "visualglm":
         raise ValueError(f"{model_path} is not a VisualGLM-6B-architecture model: eval needs one")
+    if args.adapter:
+        from visualglm.peft import apply_adapter
+
+        apply_adapter(model, args.adapter)
     tokenizer = visualglm.load_tokenizer(model_path)
     started = time.perf_counter()
     bar = _progress(len(records))
@@ -64,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
-    print(f"{label}: {result.n} questions, model {model_path}" + (f", int{args.quant}" if args.quant else ""))
+    print(f"{label}: {result.n} questions, model {model_path}" + (f", int{args.quant}" if args.quant else "")
+          + (f", adapter {args.adapter}" if args.adapter else ""))
     print(f"{'type':<10} {'correct':>8} {'n':>6} {'accuracy':>9}")
     for qtype, row in result.by_type().items():
         print(f"{qtype:<10} {row['correct']:>8} {row['n']:>6} {row['accuracy'] * 100:>8.2f}%")
@@ -75,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  wrong: {record.image} | {record.question} -> {answer!r} (expected {record.answers[0]!r})")
     if args.json:
         summary = {**result.summary(), "model": str(model_path), "data": label, "quant": args.quant,
+                   "adapter": args.adapter,
                    "seconds": round(seconds, 2)}
         print(json.dumps(summary, ensure_ascii=False))
     return 0
