@@ -115,7 +115,7 @@ def test_a_client_that_leaves_while_queued_is_skipped(long_server, visual_model)
         _wait_for(lambda: client.get("/health").json()["busy"])
         with httpx.Client(base_url=url, timeout=0.5) as impatient, pytest.raises(httpx.ReadTimeout):
             impatient.post("/v1/chat/completions", json=_chat(200))  # queued, then abandoned
-        _wait_for(lambda: client.get("/health").json()["queued"] == 1)
+        _wait_for(lambda: worker.cancelled_waiting() == 1)  # the server noticed the client leave
         served, skipped = worker.served, worker.skipped
         forwards.gate.set()
         blocker.join(30)

@@ -148,6 +148,11 @@ class Worker:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    def cancelled_waiting(self) -> int:
+        """Queued jobs already cancelled (their clients left): they will be skipped, not run."""
+        with self._queue.mutex:
+            return sum(1 for job in self._queue.queue if job is not None and job.cancel.is_set())
+
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Job:
         job = Job(request, sink)
         try:
