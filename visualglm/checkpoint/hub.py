@@ -41,7 +41,8 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, etag_timeout=10))
     except Exception as exc:  # offline, unknown repo, gated repo, ...: all end the same way for the user
+        cause = " ".join(str(exc).split())  # the hub's messages span lines; ours is one line
         raise CheckpointNotFound(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {cause}). "
             "If this machine is offline, download the checkpoint elsewhere (e.g. `huggingface-cli download "
             f"{repo_id} --local-dir DIR`) and pass the local directory path.") from None
