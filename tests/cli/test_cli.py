@@ -137,7 +137,10 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, t
             process.stdin.write(query + "\n")
             process.stdin.flush()
             wait_for("ChatGLM: ", turn)
-            time.sleep(0.3)  # let the answer stream for a moment
+            deadline = time.monotonic() + 60  # interrupt only once the answer is streaming, not before
+            while not "".join(output).rsplit("ChatGLM: ", 1)[-1].strip():
+                assert time.monotonic() < deadline, "the answer never started"
+                time.sleep(0.05)
             process.send_signal(signal.SIGINT)
             wait_for("用户: ", turn + 1)
         process.stdin.write("stop\n")
