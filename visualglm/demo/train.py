@@ -186,16 +186,8 @@ def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: to
                 + F.cross_entropy(logits[:, colors:], labels[rows, 1]))
         for group in optimizer.param_groups:
             group["lr"] = recipe.vision_learning_rate * min(1.0, (step + 1) / recipe.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(vision_loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        elif step % 100 == 0 or step == recipe.vision_steps - 1:
-            log(f"vision step {step + 1}/{recipe.vision_steps} loss {losses[-1]:.4f}")
+        _step(optimizer, loss, params, recipe.grad_clip, losses)
+        _report(bar, log, losses, step, recipe.vision_steps, "vision step")
     return losses
 
 
@@ -263,16 +255,8 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
             group["lr"] = lr_at(step, recipe)
         image_embeds = model.image_encoder(images).repeat_interleave(recipe.questions_per_image, dim=0)
         loss = batch_loss(model, batch, image_embeds, config.pad_token_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], recipe.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        elif step % 100 == 0 or step == recipe.steps - 1:
-            log(f"step {step + 1}/{recipe.steps} loss {losses[-1]:.4f}")
+        _step(optimizer, loss, [p for _, p in trainable], recipe.grad_clip, losses)
+        _report(bar, log, losses, step, recipe.steps, "step")
     if bar is not None:
         bar.close()
     minutes = (time.perf_counter() - started) / 60
@@ -306,6 +290,24 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
                            title="visualglm-demo stage 1: vision tower, colour + shape")
     log(f"wrote {out_dir}")
     return out_dir
+
+
+def _step(optimizer, loss: torch.Tensor, params: list, grad_clip: float, losses: list[float]) -> None:
+    """One clipped optimizer step on ``loss``; its value is appended to ``losses``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    losses.append(loss.item())
+
+
+def _report(bar, log, losses: list[float], step: int, total: int, label: str) -> None:
+    """Advance the progress bar (mean loss of the last 50 steps), or log every 100 steps without one."""
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", stage=label.split()[0])
+    elif step % 100 == 0 or step == total - 1:
+        log(f"{label} {step + 1}/{total} loss {losses[-1]:.4f}")
 
 
 def _progress(total: int, enabled: bool):
