@@ -17,7 +17,7 @@ from visualglm.checkpoint.hub import resolve_checkpoint_dir
 from visualglm.checkpoint.load import load, parse_dtype
 from visualglm.checkpoint.sat import QKV_LAYOUTS
 from visualglm.checkpoint.save import save_checkpoint
-from visualglm.checkpoint.staging import staged_directory
+from visualglm.checkpoint.staging import check_target, paths_overlap, staged_directory
 
 # Tokenizer files a checkpoint directory may carry (ChatGLM-6B's SentencePiece model and its settings).
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
@@ -67,9 +67,9 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, dtype: str | t
         raise ValueError(f"qkv_layout must be one of {', '.join(QKV_LAYOUTS)}; got {qkv_layout!r}")
     torch_dtype = parse_dtype(dtype)
     target = Path(target)
-    _check_target(target, overwrite)
+    check_target(target, overwrite, flag="--overwrite")
     source_dir = resolve_checkpoint_dir(source)
-    if _overlap(source_dir, target):
+    if paths_overlap(source_dir, target):
         raise ValueError(f"target {target} overlaps the source {source_dir}: choose another directory")
     model = load(source_dir, dtype=torch_dtype or "stored", qkv_layout=qkv_layout, progress=progress,
                  fast_cpu_kernels=False)
@@ -82,19 +82,8 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, dtype: str | t
                 shutil.copyfile(source_dir / name, written / name)
                 copied.append(name)
         shards = len(list(written.glob("*.safetensors")))
-        _check_target(target, overwrite)  # nothing appeared meanwhile
+        check_target(target, overwrite, flag="--overwrite")  # nothing appeared meanwhile
     tensors = len({id(p) for p in model.parameters()})
     dtypes = sorted({str(torch_dtype or p.dtype).removeprefix("torch.") for p in model.parameters()})
     return ConvertResult(target, model.config.family, tensors, shards, "+".join(dtypes), copied)
 
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
-
-
-def _overlap(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)

@@ -17,7 +17,7 @@ from visualglm.checkpoint.hub import resolve_checkpoint_dir
 from visualglm.checkpoint.load import load, parse_dtype, quantize_bits
 from visualglm.checkpoint.quantized import quantized_modules
 from visualglm.checkpoint.save import save_checkpoint
-from visualglm.checkpoint.staging import staged_directory
+from visualglm.checkpoint.staging import check_target, paths_overlap, staged_directory
 from visualglm.quant.linear import INT4_GROUP_SIZES
 
 # Tokenizer files a checkpoint directory may carry: ChatGLM-6B's SentencePiece model, GLM-4's tiktoken
@@ -55,9 +55,9 @@ def quantize_checkpoint(source: str | Path, target: str | Path, bits: int | str,
         raise ValueError(f"group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
     torch_dtype = parse_dtype(dtype)
     target = Path(target)
-    _check_target(target, overwrite)
+    check_target(target, overwrite, flag="--force")
     source_dir = resolve_checkpoint_dir(source)
-    if _overlap(source_dir, target):
+    if paths_overlap(source_dir, target):
         raise ValueError(f"target {target} overlaps the source {source_dir}: choose another directory")
     model = load(source_dir, dtype=torch_dtype, quantize=bits, quant_group_size=group_size, progress=progress,
                  fast_cpu_kernels=False)
@@ -72,18 +72,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, bits: int | str,
                 shutil.copyfile(source_dir / name, written / name)
                 copied.append(name)
         size = sum(p.stat().st_size for p in written.glob("*.safetensors"))
-        _check_target(target, overwrite)  # nothing appeared meanwhile
+        check_target(target, overwrite, flag="--force")  # nothing appeared meanwhile
     group = model.quantization.get("group_size") if bits == 4 else None
     return QuantizeResult(target, model.config.family, bits, group, count, size, copied)
 
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty (pass --force to replace it)")
-
-
-def _overlap(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)

@@ -25,3 +25,18 @@ def staged_directory(directory: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_target(target: Path, overwrite: bool, flag: str) -> None:
+    """Refuse a ``target`` that is a file, or a non-empty directory unless ``overwrite`` (``flag`` names the
+    command-line option that allows it)."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty (pass {flag} to replace it)")
+
+
+def paths_overlap(a: Path, b: Path) -> bool:
+    """True when one directory is, or lies inside, the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
