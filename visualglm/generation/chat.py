@@ -9,7 +9,7 @@ change the answers (tests/generation/test_chat.py shows the difference).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -106,24 +106,12 @@ class ChatSession:
 
     def messages(self, query: str) -> list[dict]:
         """The conversation in GLM-4's message format (the image, if any, in the first user message)."""
-        messages: list[dict] = []
-        for q, r in self.history:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
-        messages.append({"role": "user", "content": query})
-        if self._image_embeds is not None:
-            messages[0]["image"] = True
-        return messages
+        return glm4_messages(query, self.history, image=self._image_embeds is not None)
 
     def prompt_ids(self, query: str) -> tuple[list[int], int | None]:
         """The prompt's ids and where the image placeholders start (None without an image)."""
-        if self.family == "glm4v":
-            ids, _ = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True)
-            return self.model.expand_image_placeholders(ids)
-        if not self.multimodal:
-            return self.tokenizer.encode(chatglm_prompt(query, self.history)), None
-        image_length = None if self._image_embeds is None else self.model.config.image_length
-        english = self.english if self.english is not None else not has_cjk(query)
-        return visualglm_ids(self.tokenizer, query, self.history, image_length=image_length, english=english)
+        return build_prompt_ids(self.model, self.tokenizer, query, self.history,
+                                image=self._image_embeds is not None, english=self.english)
 
     def stream(self, query: str) -> Iterator[str]:
         """Yield the answer as text deltas; the turn is added to ``history`` when the stream ends (also
@@ -167,6 +155,39 @@ class ChatSession:
     def chat(self, query: str) -> str:
         """The whole answer to ``query`` (and the turn appended to ``history``)."""
         return "".join(self.stream(query))
+
+
+def glm4_messages(query: str, history: Sequence[tuple[str, str]], *, image: bool) -> list[dict]:
+    """``history`` pairs + ``query`` in GLM-4's message format; ``image`` marks the first user message as
+    carrying the conversation's image."""
+    messages: list[dict] = []
+    for q, r in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+    messages.append({"role": "user", "content": query})
+    if image:
+        messages[0]["image"] = True
+    return messages
+
+
+def build_prompt_ids(model: nn.Module, tokenizer, query: str, history: Sequence[tuple[str, str]], *,
+                     image: bool, english: bool | None = None) -> tuple[list[int], int | None]:
+    """The reference chat template's prompt ids for ``query`` after ``history``, and where the image
+    placeholders start (None without an image).
+
+    Only ids are built: the placeholders' count comes from the config (VisualGLM ``image_length``, GLM-4V
+    ``expand_image_placeholders``), so a server can check a prompt's length before encoding its image.
+    ``english`` (VisualGLM only): None picks ``Q:/A:`` for a query without CJK characters.
+    """
+    family = model.config.family
+    if family == "glm4v":
+        ids, _ = tokenizer.apply_chat_template(glm4_messages(query, history, image=image),
+                                               add_generation_prompt=True)
+        return model.expand_image_placeholders(ids)
+    if not hasattr(model, "encode_images"):
+        return tokenizer.encode(chatglm_prompt(query, list(history))), None
+    image_length = model.config.image_length if image else None
+    english = english if english is not None else not has_cjk(query)
+    return visualglm_ids(tokenizer, query, history, image_length=image_length, english=english)
 
 
 def undecodable_ranges(known_ids, vocab: int) -> list[tuple[int, int]]:

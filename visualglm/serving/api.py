@@ -40,7 +40,7 @@ from visualglm.serving.protocol import (
     completion_usage,
     openai_conversation,
 )
-from visualglm.serving.worker import Event, GenerationRequest, Worker
+from visualglm.serving.worker import Event, GenerationRequest, Job, Worker
 
 log = logging.getLogger("visualglm.serving")
 
@@ -121,15 +121,26 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 class _JobStream:
-    """A submitted job's events, read from the event loop; waiting notices a client that disconnects."""
+    """A submitted job's events, read from the event loop; waiting notices a client that disconnects.
+    Create it with :meth:`open`."""
 
-    def __init__(self, worker: Worker, request: Request, generation: GenerationRequest) -> None:
+    def __init__(self, request: Request, job: Job, events: asyncio.Queue[Event]) -> None:
         loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.events = events
         self.request = request
-        self.job = worker.submit(generation, lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event))
+        self.job = job
         self._loop = loop
         self._next_poll = loop.time() + _DISCONNECT_POLL_S
+
+    @classmethod
+    async def open(cls, worker: Worker, request: Request, generation: GenerationRequest) -> _JobStream:
+        """Admit and queue ``generation``. Admission tokenizes the whole conversation (a long one takes a
+        while), so it runs in a thread, not on the event loop; its 400s and the queue's 503 are raised here."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job = await run_in_threadpool(worker.submit, generation,
+                                      lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        return cls(request, job, events)
 
     async def next(self) -> Event:
         # Poll by the clock, not only when idle: a steady flow of tokens must not hide a departed client.
@@ -261,7 +272,7 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
             query=query, history=history, image=image, image_key=key,
             sampling=_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty, body.seed),
             max_new_tokens=answer_limit or limits.max_new_tokens, stop=body.stop_strings(limits))
-        stream = _JobStream(worker, request, generation)
+        stream = await _JobStream.open(worker, request, generation)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             try:
@@ -296,7 +307,8 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
             sampling=_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty),
             max_length=max_length, max_new_tokens=limits.max_new_tokens)
         try:
-            text, _ = await _JobStream(worker, request, generation).collect()
+            stream = await _JobStream.open(worker, request, generation)
+            text, _ = await stream.collect()
         except ClientGone:
             return Response(status_code=499)
         return {"result": text, "response": text, "history": [*history, (query, text)], "status": 200,

@@ -23,7 +23,7 @@ import gradio as gr  # noqa: E402
 
 from visualglm.image import ImageError, load_image  # noqa: E402
 from visualglm.serving.protocol import APIError  # noqa: E402
-from visualglm.serving.worker import FAMILY_SAMPLING, GenerationRequest, Worker  # noqa: E402
+from visualglm.serving.worker import FAMILY_SAMPLING, GenerationRequest, QueueFullError, Worker  # noqa: E402
 
 BUSY_MESSAGE = "The server is busy: please try again in a moment."
 # System fonts only: the page must render offline (the default theme pulls fonts from the internet).
@@ -79,8 +79,12 @@ def build_demo(worker: Worker, *, seed: int | None = None) -> gr.Blocks:
         events: queue.SimpleQueue = queue.SimpleQueue()
         try:
             job = worker.submit(request, events.put)
-        except APIError:
+        except QueueFullError:
             chat[-1] = {"role": "assistant", "content": BUSY_MESSAGE}
+            yield chat, history, ""
+            return
+        except APIError as exc:  # refused at admission (too long a conversation, ...)
+            chat[-1] = {"role": "assistant", "content": f"Error: {exc.message}"}
             yield chat, history, ""
             return
         answer = ""

@@ -1,8 +1,10 @@
 """One model, one worker thread, a bounded queue of generation jobs, and cancellation between tokens.
 
 The HTTP API and the web UI both submit :class:`GenerationRequest` s here. A request is stateless (it
-carries its whole history), so every job builds a fresh :class:`ChatSession` over the shared model; the
-model (and its KV cache) is only ever touched by the worker thread, one job at a time. Jobs report through a
+carries its whole history). ``submit`` admits it first, in the caller's thread: it builds the prompt ids
+and checks every limit (prompt tokens, length budget, sampling settings, an image for a text-only model),
+so a request that cannot run is refused with a 400 at once and never takes a queue slot. The model (and
+its KV cache) is only ever touched by the worker thread, one job at a time. Jobs report through a
 ``sink`` callback (called on the worker thread) with :class:`Event` s: ``start`` once the prompt is accepted,
 ``delta`` for each piece of text, then exactly one of ``done`` or ``error``. A job whose ``cancel`` flag is
 set (the client went away) stops before its next token, or is skipped if it has not started.
@@ -23,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from visualglm.generation.chat import ChatSession
+from visualglm.generation.chat import build_prompt_ids, undecodable_ranges
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, generate_steps
 from visualglm.generation.sampling import SamplingParams, make_generator
-from visualglm.image import ImageError
+from visualglm.image import ImageError, load_image, preprocess
 from visualglm.serving.protocol import APIError, ServeLimits
 
 log = logging.getLogger("visualglm.serving")
@@ -66,11 +68,27 @@ class Event:
     error: APIError | None = None
 
 
-class Job:
-    """A submitted request; ``cancel`` may be set from any thread."""
+@dataclass
+class Admitted:
+    """What admission worked out for a request: its prompt ``ids``, where the image placeholders start in
+    them (None without an image), and the stopping and sampling rules (``params``) it will run with."""
 
-    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None]) -> None:
+    ids: list[int]
+    image_start: int | None
+    params: GenerationParams
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
+
+
+class Job:
+    """A submitted, admitted request; ``cancel`` may be set from any thread."""
+
+    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None],
+                 admitted: Admitted | None = None) -> None:
         self.request = request
+        self.admitted = admitted
         self.cancel = threading.Event()
         self._sink = sink
 
@@ -86,18 +104,6 @@ class QueueFullError(APIError):
         super().__init__(503, "the server is busy: too many queued requests, retry later",
                          type="server_overloaded", code="queue_full",
                          headers={"Retry-After": str(retry_after_s)})
-
-
-class _RequestSession(ChatSession):
-    """A ChatSession whose encoded image can be read and handed back (for the worker's image cache)."""
-
-    @property
-    def image_embeds(self) -> torch.Tensor | None:
-        return self._image_embeds
-
-    def attach_image_embeds(self, embeds: torch.Tensor) -> None:
-        self._image_embeds = embeds
-        self._cached_ids = []
 
 
 class Worker:
@@ -120,6 +126,11 @@ class Worker:
         self.served = 0  # jobs run (answered, failed or cancelled while running)
         self.skipped = 0  # jobs dropped before they started: their client had left
         self.images_encoded = 0
+        # The output layer has rows the tokenizer cannot decode (padding): never sample them (as ChatSession).
+        vocab = model.get_input_embeddings().num_embeddings
+        self._undecodable = tuple(undecodable_ranges(tokenizer.known_ids(), vocab))
+        config = model.config
+        self._stop_ids = tuple(config.stop_ids) if self.family == "glm4v" else (config.eos_token_id,)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -153,8 +164,40 @@ class Worker:
         with self._queue.mutex:
             return sum(1 for job in self._queue.queue if job is not None and job.cancel.is_set())
 
+    def admit(self, request: GenerationRequest) -> Admitted:
+        """Build ``request``'s prompt ids and check every limit; raises :class:`APIError` (400) for a
+        request that cannot run. Needs no encoded image and does not touch the model's weights or cache,
+        so it runs in the caller's thread while the worker generates."""
+        if request.image is not None and not self.multimodal:
+            raise APIError(400, "this model reads no images (it is a text-only ChatGLM-6B checkpoint)",
+                           param="image", code="image_not_supported")
+        try:
+            sampling = FAMILY_SAMPLING[self.family]().replace(**request.sampling)
+            banned = tuple(sampling.banned_ranges) + self._undecodable
+            sampling = sampling.replace(banned_ranges=banned).validate()
+        except (TypeError, ValueError) as exc:
+            raise APIError(400, f"bad sampling settings: {exc}") from None
+        try:
+            ids, image_start = build_prompt_ids(self.model, self.tokenizer, request.query, request.history,
+                                                image=request.image is not None)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        limit = self.limits.prompt_limit(self.context)
+        if len(ids) > limit:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, more than the {limit} allowed: shorten the "
+                           "messages or the history", param="messages", code="context_length_exceeded")
+        params = GenerationParams(max_new_tokens=request.max_new_tokens, max_length=request.max_length,
+                                  stop_ids=self._stop_ids, sampling=sampling)
+        try:
+            params.budget(len(ids), self.context)  # a prompt that leaves no room to answer
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="context_length_exceeded") from None
+        return Admitted(ids, image_start, params)
+
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Job:
-        job = Job(request, sink)
+        """Admit ``request`` (a 400 :class:`APIError` if it cannot run) and queue it; a full queue raises
+        :class:`QueueFullError` (503). Never blocks on the worker."""
+        job = Job(request, sink, self.admit(request))
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -187,52 +230,39 @@ class Worker:
                 self.busy = False
                 self.served += 1
 
-    def _session(self, request: GenerationRequest) -> _RequestSession:
-        sampling = FAMILY_SAMPLING[self.family]().replace(**request.sampling).validate()
-        return _RequestSession(self.model, self.tokenizer, sampling=sampling, max_length=request.max_length,
-                               max_new_tokens=request.max_new_tokens, history=request.history)
-
-    def _attach_image(self, session: _RequestSession, request: GenerationRequest) -> None:
+    def _encode_image(self, request: GenerationRequest) -> torch.Tensor:
+        """The request's image embeddings ``[1, image_length, hidden]``, from the small cache when the same
+        image (same ``image_key``) came recently."""
         key = request.image_key
         if key is not None and key in self._images:
             self._images.move_to_end(key)
-            session.attach_image_embeds(self._images[key])
-            return
-        session.set_image(request.image)
+            return self._images[key]
+        config = self.model.config
+        size = config.vision_config.image_size if self.family == "glm4v" else config.eva_config.image_size
+        size = (size, size) if isinstance(size, int) else (size[0], size[1])
+        device = next(self.model.parameters()).device
+        embeds = self.model.encode_images(preprocess(load_image(request.image), size).to(device))
         self.images_encoded += 1
         if key is not None:
-            self._images[key] = session.image_embeds
+            self._images[key] = embeds
             while len(self._images) > _IMAGE_CACHE_SIZE:
                 self._images.popitem(last=False)
+        return embeds
 
     @torch.inference_mode()
     def _generate(self, job: Job) -> None:
-        request = job.request
-        if request.image is not None and not self.multimodal:
-            raise APIError(400, "this model reads no images (it is a text-only ChatGLM-6B checkpoint)",
-                           param="image", code="image_not_supported")
-        session = self._session(request)
-        if request.image is not None:
-            self._attach_image(session, request)
-        ids, image_start = session.prompt_ids(request.query)
-        limit = self.limits.prompt_limit(self.context)
-        if len(ids) > limit:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, more than the {limit} allowed: shorten the "
-                           "messages or the history", param="messages", code="context_length_exceeded")
-        config = self.model.config
-        stop_ids = tuple(config.stop_ids) if self.family == "glm4v" else (config.eos_token_id,)
-        params = GenerationParams(max_new_tokens=request.max_new_tokens, max_length=request.max_length,
-                                  stop_ids=stop_ids, sampling=session.sampling)
-        params.budget(len(ids), self.context)  # a prompt that leaves no room is a 400 before anything runs
+        request, admitted = job.request, job.admitted
+        if admitted is None:  # submitted by hand, not through submit()
+            admitted = self.admit(request)
+        ids, image_start, params = admitted.ids, admitted.image_start, admitted.params
         embeds = None
         if image_start is not None:
-            device = session.image_embeds.device
-            embeds = self.model.embed_with_images(torch.tensor([ids], device=device), session.image_embeds,
-                                                  [image_start])
+            image = self._encode_image(request)
+            embeds = self.model.embed_with_images(torch.tensor([ids], device=image.device), image, [image_start])
         job.emit(Event("start", prompt_tokens=len(ids)))
         decoded = DecodeStream(self.tokenizer, stop=request.stop,
                                postprocess="glm4" if self.family == "glm4v" else "chatglm")
-        generator = make_generator(session.sampling.seed, next(self.model.parameters()).device)
+        generator = make_generator(params.sampling.seed, next(self.model.parameters()).device)
         steps = generate_steps(self.model, [ids], params=params, generator=generator, keep_cache=True,
                                inputs_embeds=embeds)
         count, finish = 0, "length"
