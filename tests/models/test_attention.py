@@ -1,0 +1,57 @@
+"""The single-query (decode step) attention path against PyTorch's fused kernel."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visualglm.models.layers import MASK_FILL, attention, attention_gqa
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                          attn_mask=None if bias is None else bias.double(),
+                                          scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+def _inputs(heads: int, kv_heads: int, slots: int, masked: bool, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(heads * 100 + slots)
+    q = torch.randn(2, heads, 1, 16, generator=gen, dtype=dtype)
+    k = torch.randn(2, kv_heads, slots, 16, generator=gen, dtype=dtype)
+    v = torch.randn(2, kv_heads, slots, 16, generator=gen, dtype=dtype)
+    bias = None
+    if masked:  # row 1 is left-padded by 3 slots
+        allowed = torch.ones(2, 1, 1, slots, dtype=torch.bool)
+        allowed[1, ..., :3] = False
+        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, MASK_FILL)
+    return q, k, v, bias
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("slots", [1, 7, 40])
+def test_one_query_per_head_matches_fused_kernel(slots: int, masked: bool) -> None:
+    q, k, v, bias = _inputs(4, 4, slots, masked)
+    out = attention(q, k, v, bias)
+    assert out.shape == (2, 4, 1, 16)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_query_decode_matches_fused_kernel(kv_heads: int, masked: bool) -> None:
+    q, k, v, bias = _inputs(8, kv_heads, 9, masked)
+    out = attention_gqa(q, k, v, bias)
+    assert out.shape == (2, 8, 1, 16)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_decode_stays_close_to_float64() -> None:
+    q, k, v, bias = _inputs(8, 8, 64, True, dtype=torch.bfloat16)
+    out = attention(q, k, v, bias)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), _reference(q, k, v, bias), atol=3e-2, rtol=3e-2)
