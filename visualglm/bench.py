@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visualglm.checkpoint.load import apply_cpu_kernels, apply_quantization, build_model, load, parse_dtype
+from visualglm.checkpoint.load import apply_cpu_kernels, build_model, load, parse_dtype, quantize_bits
 from visualglm.checkpoint.tiny import init_random_weights
 from visualglm.config import get_config
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
+from visualglm.models.plans import QUANT_SKIP
+from visualglm.quant.swap import plan_quantization, swap_empty
 
 
 @dataclass
@@ -54,16 +56,34 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 10) -> float:
     return buffer.numel() * 4 / min(times) / 1e9
 
 
-def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None) -> nn.Module:
-    """A model of a named config with random weights (small values) in ``dtype``, optionally quantized
-    (after filling: the full-precision model must fit in memory once)."""
+def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None, group_size: int = 128
+                 ) -> nn.Module:
+    """A model of a named config with random weights (small values) in ``dtype``, optionally quantized.
+
+    With ``quant`` the family's planned linears are swapped for empty quantized modules before anything is
+    allocated and then filled one at a time from a random float weight, so the full-precision model never
+    exists: peak memory stays near the quantized size plus one layer, as when loading a checkpoint.
+    """
     config = get_config(config_name)
-    model = build_model(config).to_empty(device="cpu").to(dtype)
+    model = build_model(config)  # meta: shapes only
+    planned: dict[str, nn.Module] = {}
+    if quant:
+        bits = quantize_bits(quant)
+        skip = QUANT_SKIP[config.family]
+        planned = swap_empty(model, plan_quantization(model, bits, group_size=group_size, skip=skip), bits,
+                             bias_dtype=dtype)
+        model.quantization = {"bits": bits, "symmetric": False, "skip": list(skip),
+                              **({"group_size": group_size} if bits == 4 else {})}
+    model = model.to_empty(device="cpu").to(dtype)
     # Small weights (std ~0.02 at width 4096) keep a 28-layer random network's activations finite.
     init_random_weights(model, weight_scale=1.28, layernorm_std=0.0, bias_std=0.0)
+    generator = torch.Generator().manual_seed(1)
+    for module in planned.values():
+        weight = torch.randn(module.out_features, module.in_features, generator=generator)
+        module.quantize_(weight.mul_(1.28 / module.in_features**0.5))
+        if module.bias is not None:
+            module.bias.zero_()
     model.config = config
-    if quant:
-        apply_quantization(model, quant)
     apply_cpu_kernels(model)
     return model.eval()
 

@@ -1,0 +1,32 @@
+"""`visualglm bench` on a tiny random model: quantized random models and the figures it reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visualglm.bench import random_model, run_bench
+from visualglm.quant import Int4Linear, Int8Linear
+
+
+@pytest.mark.parametrize(("bits", "kind"), [(8, Int8Linear), (4, Int4Linear)])
+def test_random_quantized_model_is_built_quantized(bits: int, kind: type) -> None:
+    model = random_model("chatglm-tiny", torch.float32, quant=bits)
+    quantized = [m for m in model.modules() if isinstance(m, kind)]
+    # Every transformer linear (4 per layer) is quantized; the output layer stays float (the plan skips it).
+    assert len(quantized) == 4 * model.config.num_layers
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert all(not p.is_meta for p in [*model.parameters(), *model.buffers()])
+    for module in quantized:  # filled from a random weight, not left as uninitialised memory
+        weight = module.dequantize()
+        assert torch.isfinite(weight).all() and weight.abs().max() > 0
+        if module.bias is not None:
+            assert not module.bias.any()
+
+
+def test_bench_reports_decode_figures() -> None:
+    result = run_bench(None, "chatglm-tiny", "float32", batch=1, prompt_tokens=6, new_tokens=4, quant=4)
+    assert result.new_tokens == 4
+    assert result.decode_tokens_per_s > 0 and result.decode_limit_tokens_per_s > 0
+    assert 0 < result.ratio_to_limit
+    assert "int4" in result.model
