@@ -30,3 +30,9 @@ def test_bench_reports_decode_figures() -> None:
     assert result.decode_tokens_per_s > 0 and result.decode_limit_tokens_per_s > 0
     assert 0 < result.ratio_to_limit
     assert "int4" in result.model
+
+
+def test_random_model_keeps_tied_embeddings() -> None:
+    model = random_model("chatglm-tiny", torch.float32, quant=8)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.get_input_embeddings().weight

@@ -75,6 +75,8 @@ def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None,
         model.quantization = {"bits": bits, "symmetric": False, "skip": list(skip),
                               **({"group_size": group_size} if bits == 4 else {})}
     model = model.to_empty(device="cpu").to(dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty gives every module its own new tensor: share the embedding again
     # Small weights (std ~0.02 at width 4096) keep a 28-layer random network's activations finite.
     init_random_weights(model, weight_scale=1.28, layernorm_std=0.0, bias_std=0.0)
     generator = torch.Generator().manual_seed(1)

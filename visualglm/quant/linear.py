@@ -46,10 +46,11 @@ _HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows (tokens x batch) from which dequantize + GEMM beats the weight-only kernel, per bit width; None: never.
 # Measured with benchmarks/quant_linear.py (16384x4096 weight) on a 2-core AMD EPYC with AVX-512 BF16: int8
-# at 32 rows 56 ms vs 100 ms (kernel), at 128 rows 110 ms vs 282 ms. Unpacking int4 nibbles in eager PyTorch
-# costs more than the int4 kernel saves (0.4-2 s per call), so int4 stays on its kernel.
-PREFILL_MIN_ROWS: dict[int, int | None] = {8: 32, 4: None}
-
+# at 32 rows 20 ms vs 38 ms (kernel), at 128 rows 53 ms vs 146 ms; int4 (dequantizing costs ~40 ms) breaks
+# even near 100 rows: 82 vs 80 ms at 96, 86 vs 105 ms at 128, 135 vs 216 ms at 256. The int4 threshold
+# needs a bf16 GEMM: without bf16 matrix instructions the fp32 GEMM and the nibble unpacking cost more than
+# the kernel saves, so there int4 stays on its kernel.
+_INT4_PREFILL_ROWS = 112
 _scratch: torch.Tensor | None = None
 
 
@@ -75,6 +76,7 @@ def _native_bf16() -> bool:
 
 
 _PREFILL_DTYPE = torch.bfloat16 if _native_bf16() else torch.float32
+PREFILL_MIN_ROWS: dict[int, int | None] = {8: 32, 4: _INT4_PREFILL_ROWS if _native_bf16() else None}
 
 
 def _scratch_buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
