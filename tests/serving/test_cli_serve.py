@@ -26,7 +26,8 @@ def test_missing_extra_names_it(monkeypatch) -> None:
 
 
 def test_help_lists_the_flags() -> None:
-    for command, flags in (("serve", ("--api-key", "--allow-remote-images", "--quant", "--host", "--port")),
+    serve_flags = ("--api-key", "--allow-remote-images", "--quant", "--host", "--port", "--max-batch")
+    for command, flags in (("serve", serve_flags),
                            ("web", ("--share", "--quant", "--port"))):
         result = subprocess.run([sys.executable, "-m", "visualglm", command, "--help"], capture_output=True,
                                 text=True, timeout=60, check=True)

@@ -25,6 +25,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "only; default: data: URLs and base64 only)")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests allowed to wait for the model; more get 503 (default: 16)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="requests generated together: when the model is free it takes up to this many "
+                        "waiting requests in one batch (default: 8; 1 = one at a time)")
     parser.add_argument("--max-new-tokens", type=int, default=1024,
                         help="answer tokens one request may ask for (default: 1024)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -44,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from visualglm.serving.protocol import ServeLimits
     from visualglm.serving.worker import load_worker
 
-    for name in ("max_queue", "max_new_tokens", "max_prompt_tokens"):
+    for name in ("max_queue", "max_batch", "max_new_tokens", "max_prompt_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if not is_loopback(args.host) and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
-    limits = ServeLimits(max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
+    limits = ServeLimits(max_queue=args.max_queue, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
                          max_prompt_tokens=args.max_prompt_tokens)
     worker = load_worker(args.model, quant=args.quant, dtype=args.dtype, device=args.device,
                          adapter=getattr(args, "adapter", None), limits=limits)

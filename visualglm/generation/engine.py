@@ -3,6 +3,11 @@
 The engine knows nothing of a model family: the model supplies ``prompt_inputs`` (positions and mask of
 left-padded prompts), ``next_position_ids`` (how positions advance while decoding) and its config's
 ``max_sequence_length``. Every front end (CLI, HTTP API, web UI) reads the same token stream.
+
+A batch runs either under one :class:`GenerationParams` for every row (chat, eval, benchmarks) or, given a
+list of them, row by row (the server's batches of unrelated requests): each row then has its own sampling
+settings, generator, stop ids and length budget, the caller may end rows early, and finished rows can be
+dropped from the batch so that they stop costing compute.
 """
 
 from __future__ import annotations
@@ -51,11 +56,17 @@ class GenerationParams:
 @dataclass
 class Step:
     """One decoding step: chosen ``tokens`` ``[B]``, the ``logits`` ``[B, vocab]`` they came from, and
-    ``finished`` ``[B]`` (True for rows that emitted a stop id now or earlier; their tokens are padding)."""
+    ``finished`` ``[B]`` (True for rows that emitted a stop id now or earlier; their tokens are padding).
+
+    With per-row params, ``reasons`` says for each row why it is finished: None (still running: its token
+    is an answer token), ``"stop"`` (it chose a stop id, now or earlier), ``"length"`` (its own budget is
+    spent) or ``"ended"`` (the caller ended it). A row still None when the steps run out ended by length.
+    Logits of rows already dropped from the batch are zeros."""
 
     tokens: torch.Tensor
     logits: torch.Tensor
     finished: torch.Tensor
+    reasons: tuple[str | None, ...] | None = None
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, list[int]]:
@@ -83,6 +94,11 @@ class DecodeState:
         self.position = position
         self.length = length  # slots written so far
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices ``[B']``) of the batch."""
+        self.mask = self.mask.index_select(0, rows)
+        self.position = self.position.index_select(0, rows)
+
     def advance(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Make room for one more token: returns its cache slot ``[1]`` and positions ``[B, P, 1]``."""
         self.position = model.next_position_ids(self.position)
@@ -97,7 +113,9 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
                    pad_id: int | None = None, *,
                    params: GenerationParams | None = None, generator: torch.Generator | None = None,
                    reuse_prefix: int = 0, keep_cache: bool = False, compiled: Callable | None = None,
-                   inputs_embeds: torch.Tensor | None = None) -> Iterator[Step]:
+                   inputs_embeds: torch.Tensor | None = None,
+                   end_rows: Callable[[], Sequence[int]] | None = None,
+                   drop_finished: bool = False) -> Iterator[Step]:
     """Generate for a batch of prompts; one ``Step`` per new token until every row stops.
 
     ``params`` gives stop ids, length limits and sampling (default: greedy, no stop ids, which with
@@ -107,7 +125,25 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     (see ``ChatSession``). ``compiled`` is an optional compiled forward used for decode steps.
     ``inputs_embeds`` ``[B, T, hidden]`` (aligned with the left-padded prompts) replaces the prompt's token
     embeddings in the prefill: this is how images enter (the ids still define positions and masks).
+
+    Per-row mode: ``params`` a list (one per prompt) and ``generator`` optionally a list (one per row, None
+    for a fresh one from that row's seed). Each row stops on its own stop ids and its own budget (its own
+    prompt length counts for ``max_length``); the call runs until the largest budget is spent or every row
+    is finished. ``end_rows`` is called after each step the caller has read and returns the rows (original
+    indices) to end now (client gone, stop string matched); under tensor parallelism every rank must return
+    the same rows. ``drop_finished`` removes finished rows from the batch (and from the KV cache) before
+    the next forward, so they stop costing compute. Not with ``reuse_prefix`` or ``compiled``.
     """
+    if isinstance(params, (list, tuple)):
+        if reuse_prefix or compiled is not None:
+            raise ValueError("per-row params combine with neither reuse_prefix nor compiled decoding")
+        rows = [p if max_new_tokens is None else dataclasses.replace(p, max_new_tokens=max_new_tokens)
+                for p in params]
+        yield from _generate_rows(model, prompts, rows, generator, pad_id, keep_cache=keep_cache,
+                                  inputs_embeds=inputs_embeds, end_rows=end_rows, drop_finished=drop_finished)
+        return
+    if end_rows is not None or drop_finished or isinstance(generator, (list, tuple)):
+        raise ValueError("end_rows, drop_finished and per-row generators need per-row params (a list)")
     config = model.config
     params = params or GenerationParams()
     if max_new_tokens is not None:
@@ -165,6 +201,105 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     finally:
         if not keep_cache:
             model.delete_kv_cache()
+
+
+def _generate_rows(model: nn.Module, prompts: Sequence[Sequence[int]], params: list[GenerationParams],
+                   generator: torch.Generator | Sequence[torch.Generator | None] | None, pad_id: int | None, *,
+                   keep_cache: bool, inputs_embeds: torch.Tensor | None,
+                   end_rows: Callable[[], Sequence[int]] | None, drop_finished: bool) -> Iterator[Step]:
+    """``generate_steps`` with one GenerationParams (and generator) per row; see there."""
+    config = model.config
+    pad_id = config.pad_token_id if pad_id is None else pad_id
+    device = _model_device(model)
+    input_ids, num_pad = left_pad(prompts, pad_id)
+    input_ids = input_ids.to(device)
+    batch, length = input_ids.shape
+    if len(params) != batch:
+        raise ValueError(f"{len(params)} GenerationParams for {batch} prompts")
+    if isinstance(generator, torch.Generator):
+        if batch != 1:
+            raise ValueError("per-row params need one generator per row (or none)")
+        generator = [generator]
+    generator = [None] * batch if generator is None else list(generator)
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for {batch} prompts")
+    # Each row's budget counts its own prompt, as if it ran alone; the batch runs to the largest.
+    budgets = [p.budget(len(prompt), config.max_sequence_length) for p, prompt in zip(params, prompts, strict=True)]
+    budget = max(budgets)
+    positions, mask = model.prompt_inputs(input_ids, num_pad)
+    if not _cache_fits(model, batch, length + budget):
+        model.setup_kv_cache(batch, length + budget)
+    if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+        raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} do not match the padded prompts "
+                         f"{tuple(input_ids.shape)}")
+    prompt_embeds = None if inputs_embeds is None else inputs_embeds.to(device)
+    logits = model(input_ids, positions, mask, cache_positions=torch.arange(0, length, device=device),
+                   inputs_embeds=prompt_embeds, logits_to_keep=1)[:, -1].float()
+
+    state = DecodeState(mask[:, :, -1:, :], positions[..., -1:], _cache_capacity(model))
+    samplings = [p.sampling.validate() for p in params]
+    generators = [g or make_generator(s.seed, device) for g, s in zip(generator, samplings, strict=True)]
+    stops = [frozenset(p.stop_ids) for p in params]
+    valid = torch.tensor([[i >= n for i in range(length)] for n in num_pad], device=device)
+    tokens = input_ids
+    reasons: list[str | None] = [None] * batch
+    produced = [0] * batch
+    active = list(range(batch))  # the original row of each row of the (possibly shrunk) batch tensors
+    try:
+        for _ in range(budget):
+            # Each row is sampled alone, with its own settings and generator: a seeded request picks the
+            # same tokens whether it is batched or not (up to the float noise of batched matmuls).
+            chosen = torch.full((len(active),), pad_id, dtype=torch.long, device=device)
+            for j, row in enumerate(active):
+                if reasons[row] is not None:
+                    continue
+                token = next_tokens(logits[j:j + 1], tokens[j:j + 1], samplings[row], generators[row],
+                                    valid=valid[j:j + 1])
+                chosen[j] = token[0]
+                produced[row] += 1
+                if int(token[0]) in stops[row]:
+                    reasons[row] = "stop"
+            if len(active) == batch:
+                out, out_logits = chosen, logits
+            else:
+                index = torch.tensor(active, device=device)
+                out = torch.full((batch,), pad_id, dtype=torch.long, device=device).index_copy_(0, index, chosen)
+                out_logits = logits.new_zeros(batch, logits.shape[-1]).index_copy_(0, index, logits)
+            finished = torch.tensor([r is not None for r in reasons], device=device)
+            yield Step(out, out_logits, finished, tuple(reasons))
+            for row in active:
+                if reasons[row] is None and produced[row] >= budgets[row]:
+                    reasons[row] = "length"
+            for row in (end_rows() if end_rows is not None else ()):
+                if 0 <= row < batch and reasons[row] is None:
+                    reasons[row] = "ended"
+            live = [j for j, row in enumerate(active) if reasons[row] is None]
+            if not live:
+                break
+            tokens = torch.cat((tokens, chosen[:, None]), dim=1)
+            alive = torch.tensor([reasons[row] is None for row in active], device=device)
+            valid = torch.cat((valid, alive[:, None]), dim=1)
+            if drop_finished and len(live) < len(active):
+                keep = torch.tensor(live, device=device)
+                tokens, valid, chosen = tokens[keep], valid[keep], chosen[keep]
+                state.select(keep)
+                _select_cache_rows(model, keep)
+                active = [active[j] for j in live]
+            slot, position = state.advance(model)
+            # Attend to the written slots only; with no left padding left, no mask at all (as a lone request).
+            row_mask = state.mask[..., :state.length] if any(num_pad[row] for row in active) else None
+            logits = model(chosen[:, None], position, row_mask, cache_positions=slot)[:, -1].float()
+    finally:
+        if not keep_cache:
+            model.delete_kv_cache()
+
+
+def _select_cache_rows(model: nn.Module, rows: torch.Tensor) -> None:
+    """Keep only batch ``rows`` (indices ``[B']``) of every layer's KV cache (new, smaller tensors)."""
+    for attention in model.attention_modules():
+        cache = attention.kv_cache
+        cache.k = cache.k.index_select(0, rows)
+        cache.v = cache.v.index_select(0, rows)
 
 
 def compile_decode(model: nn.Module) -> Callable:

@@ -33,6 +33,7 @@ class ServeLimits:
     max_stop_strings: int = 4  # as OpenAI
     max_stop_chars: int = 64
     max_queue: int = 16  # requests waiting for the worker; more get 503 + Retry-After
+    max_batch: int = 8  # requests generated together in one batch (1: one at a time)
     retry_after_s: int = 2  # the Retry-After hint sent with 503
 
     def prompt_limit(self, context: int) -> int:

@@ -3,8 +3,8 @@
 Like the reference ``web_demo.py`` / ``web_demo_hf.py``: uploading (or removing) an image starts a new
 conversation; sliders for maximum length (prompt + answer), top-p and temperature; "Clear" forgets the
 conversation and the image. Generation goes through the same :class:`Worker` as the HTTP API (one model,
-one job at a time, image encodings reused across turns); a page that is closed, or a Clear pressed while
-an answer streams, cancels the job before its next token. Uploaded files are read with the server's byte
+waiting requests batched, image encodings reused across turns); a page that is closed, or a Clear pressed
+while an answer streams, cancels the job before its next token. Uploaded files are read with the server's byte
 and pixel limits.
 """
 

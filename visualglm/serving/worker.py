@@ -1,22 +1,29 @@
-"""One model, one worker thread, a bounded queue of generation jobs, and cancellation between tokens.
+"""One model, one worker thread, a bounded queue of generation jobs run in batches, cancellation per row.
 
 The HTTP API and the web UI both submit :class:`GenerationRequest` s here. A request is stateless (it
 carries its whole history). ``submit`` admits it first, in the caller's thread: it builds the prompt ids
 and checks every limit (prompt tokens, length budget, sampling settings, an image for a text-only model),
 so a request that cannot run is refused with a 400 at once and never takes a queue slot. The model (and
-its KV cache) is only ever touched by the worker thread, one job at a time. Jobs report through a
-``sink`` callback (called on the worker thread) with :class:`Event` s: ``start`` once the prompt is accepted,
-``delta`` for each piece of text, then exactly one of ``done`` or ``error``. A job whose ``cancel`` flag is
-set (the client went away) stops before its next token, or is skipped if it has not started.
+its KV cache) is only ever touched by the worker thread. When it takes a job it also takes the jobs
+already waiting (up to ``limits.max_batch``) and generates for all of them in one batched call, each row
+with its own sampling settings, seed, stop strings and length budget (:mod:`visualglm.serving.batch`).
+Jobs report through a ``sink`` callback (called on the worker thread) with :class:`Event` s: ``start`` once
+the batch starts, ``delta`` for each piece of text, then exactly one of ``done`` or ``error``. A job whose
+``cancel`` flag is set (the client went away) stops before the next token and leaves the batch, or is
+skipped if it has not started.
+
+Under tensor parallelism (``channel`` set, rank 0) each batch and each step's ended rows are sent to the
+other ranks, which run the same batch in lockstep (:mod:`visualglm.serving.follower`).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +33,10 @@ import torch
 from torch import nn
 
 from visualglm.generation.chat import build_prompt_ids, undecodable_ranges
-from visualglm.generation.detok import DecodeStream
-from visualglm.generation.engine import GenerationParams, generate_steps
-from visualglm.generation.sampling import SamplingParams, make_generator
+from visualglm.generation.engine import GenerationParams
+from visualglm.generation.sampling import SamplingParams
 from visualglm.image import ImageError, load_image, preprocess
+from visualglm.serving.batch import Row, RowOutput, batch_steps, rows_to_end
 from visualglm.serving.protocol import APIError, ServeLimits
 
 log = logging.getLogger("visualglm.serving")
@@ -76,6 +83,7 @@ class Admitted:
     ids: list[int]
     image_start: int | None
     params: GenerationParams
+    budget: int  # answer tokens it may generate
 
     @property
     def prompt_tokens(self) -> int:
@@ -85,8 +93,7 @@ class Admitted:
 class Job:
     """A submitted, admitted request; ``cancel`` may be set from any thread."""
 
-    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None],
-                 admitted: Admitted | None = None) -> None:
+    def __init__(self, request: GenerationRequest, sink: Callable[[Event], None], admitted: Admitted) -> None:
         self.request = request
         self.admitted = admitted
         self.cancel = threading.Event()
@@ -107,11 +114,12 @@ class QueueFullError(APIError):
 
 
 class Worker:
-    """Runs jobs one at a time on a daemon thread. ``submit`` never blocks: a full queue raises
-    :class:`QueueFullError` (503)."""
+    """Runs batches of jobs on a daemon thread. ``submit`` never blocks: a full queue raises
+    :class:`QueueFullError` (503). ``channel`` (rank 0 under tensor parallelism) sends every batch to the
+    other ranks; see :class:`visualglm.serving.follower.Leader`."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, name: str = "visualglm",
-                 limits: ServeLimits | None = None) -> None:
+                 limits: ServeLimits | None = None, channel: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -119,12 +127,18 @@ class Worker:
         self.family: str = model.config.family
         self.multimodal = hasattr(model, "encode_images")
         self.context: int = model.config.max_sequence_length
+        if self.limits.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.limits.max_batch}")
+        self.channel = channel
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.limits.max_queue)
+        self._held: deque[Job] = deque()  # taken from the queue but left for the next batch (see _take_batch)
         self._thread: threading.Thread | None = None
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.busy = False
         self.served = 0  # jobs run (answered, failed or cancelled while running)
         self.skipped = 0  # jobs dropped before they started: their client had left
+        self.batches = 0  # batched generate calls made
+        self.largest_batch = 0
         self.images_encoded = 0
         # The output layer has rows the tokenizer cannot decode (padding): never sample them (as ChatSession).
         vocab = model.get_input_embeddings().num_embeddings
@@ -141,10 +155,10 @@ class Worker:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running job's current token, drop the queue, and end the thread."""
+        """Finish the running batch's current token, drop the queue, and end the thread."""
         while True:
             try:
-                job = self._queue.get_nowait()
+                job = self._held.popleft() if self._held else self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
@@ -189,10 +203,10 @@ class Worker:
         params = GenerationParams(max_new_tokens=request.max_new_tokens, max_length=request.max_length,
                                   stop_ids=self._stop_ids, sampling=sampling)
         try:
-            params.budget(len(ids), self.context)  # a prompt that leaves no room to answer
+            budget = params.budget(len(ids), self.context)  # a prompt that leaves no room to answer
         except ValueError as exc:
             raise APIError(400, str(exc), code="context_length_exceeded") from None
-        return Admitted(ids, image_start, params)
+        return Admitted(ids, image_start, params, budget)
 
     def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> Job:
         """Admit ``request`` (a 400 :class:`APIError` if it cannot run) and queue it; a full queue raises
@@ -206,30 +220,135 @@ class Worker:
 
     # -- the thread --------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _next_job(self) -> Job | None:
+        """The next job to run (None: stop). Idle under tensor parallelism, the followers get a heartbeat
+        every ``channel.heartbeat_s`` seconds."""
+        if self._held:
+            return self._held.popleft()
+        if self.channel is None:
+            return self._queue.get()
         while True:
-            job = self._queue.get()
+            try:
+                return self._queue.get(timeout=self.channel.heartbeat_s)
+            except queue.Empty:
+                self.channel.heartbeat()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                first = self._next_job()
+                if first is None:
+                    return
+                batch, stopping = self._take_batch(first)
+                self.busy = True
+                try:
+                    self._run_batch(batch)
+                except Exception:  # never lose the worker (the jobs got their errors in _run_batch)
+                    log.exception("batch failed")
+                finally:
+                    self.busy = False
+                if stopping:
+                    return
+        finally:
+            if self.channel is not None:
+                self.channel.close()  # the followers leave their loop
+
+    def _take_batch(self, first: Job) -> tuple[list[Job], bool]:
+        """``first`` and the jobs already waiting, up to ``limits.max_batch``; True when the stop sentinel
+        was met. A job whose prompt and budget would make the batch's KV cache longer than the model's
+        context is left for the next batch, so a batch never needs more cache than the longest request
+        could alone, times its rows."""
+        batch, stopping = [first], False
+        longest, budget = len(first.admitted.ids), first.admitted.budget
+        while len(batch) < self.limits.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
             if job is None:
-                return
+                stopping = True
+                break
+            admitted = job.admitted
+            if max(longest, len(admitted.ids)) + max(budget, admitted.budget) > self.context:
+                self._held.append(job)
+                break
+            longest, budget = max(longest, len(admitted.ids)), max(budget, admitted.budget)
+            batch.append(job)
+        return batch, stopping
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` (skipping those whose client left) and count them in ``served`` once they end."""
+        started = []
+        for job in jobs:
             if job.cancel.is_set():  # the client left while the job waited
                 self.skipped += 1
                 job.emit(Event("done", finish_reason="cancelled"))
-                continue
-            self.busy = True
+            else:
+                started.append(job)
+        try:
+            self._generate(started)
+        finally:
+            self.served += len(started)
+
+    def _generate(self, jobs: list[Job]) -> None:
+        """Encode each job's image (a failure fails that job only), then generate for all of them at once.
+        An exception in the batched generation fails every unfinished row with a 500."""
+        ready: list[tuple[Job, torch.Tensor | None]] = []
+        for job in jobs:
             try:
-                self._generate(job)
+                image = self._encode_image(job.request) if job.admitted.image_start is not None else None
             except APIError as exc:
                 job.emit(Event("error", error=exc))
             except (ImageError, ValueError) as exc:
-                job.emit(Event("error", error=APIError(400, str(exc))))
-            except Exception:  # never lose the worker; never send the trace to the client
-                log.exception("generation failed")
-                job.emit(Event("error", error=APIError(500, "internal error while generating",
+                job.emit(Event("error", error=APIError(400, f"bad image: {exc}", param="image",
+                                                       code="invalid_image")))
+            except Exception:  # never send the trace to the client
+                log.exception("image encoding failed")
+                job.emit(Event("error", error=APIError(500, "internal error while reading the image",
                                                        type="server_error")))
-            finally:
-                self.busy = False
-                self.served += 1
+            else:
+                ready.append((job, image))
+        if not ready:
+            return
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(ready))
+        # Every row gets an explicit seed: followers must build the same generators (random for rows
+        # without one, as a fresh generator would be).
+        rows = [Row(job.admitted.ids, job.admitted.image_start, job.admitted.params,
+                    job.admitted.params.sampling.seed if job.admitted.params.sampling.seed is not None
+                    else random.SystemRandom().randrange(2**63)) for job, _ in ready]
+        images = [image for _, image in ready]
+        outputs = [RowOutput(job.admitted.prompt_tokens, self.tokenizer, self.family, job.request.stop,
+                             _emitter(job), job.cancel.is_set) for job, _ in ready]
+        channel = self.channel
 
+        def end_rows() -> list[int]:
+            ended = rows_to_end(outputs)
+            # Under tensor parallelism rank 0 decides, and every rank ends the same rows at the same step.
+            return ended if channel is None else channel.share_ended(ended)
+
+        for output in outputs:
+            output.emit("start", prompt_tokens=output.prompt_tokens)
+        try:
+            if channel is not None:
+                channel.send_batch(rows, images)
+            with torch.inference_mode():
+                for step in batch_steps(self.model, rows, images, end_rows):
+                    for index, output in enumerate(outputs):
+                        try:
+                            output.take(step, index)
+                        except Exception:  # one row's text handling fails that row only
+                            log.exception("streaming an answer failed")
+                            output.fail(APIError(500, "internal error while generating", type="server_error"))
+        except Exception:  # the batched forward failed: every unfinished row of the batch, never a trace
+            log.exception("generation failed")
+            for output in outputs:
+                output.fail(APIError(500, "internal error while generating", type="server_error"))
+            return
+        for output in outputs:
+            output.finish("length")  # rows still open when the steps ran out used their whole budget
+
+    @torch.inference_mode()
     def _encode_image(self, request: GenerationRequest) -> torch.Tensor:
         """The request's image embeddings ``[1, image_length, hidden]``, from the small cache when the same
         image (same ``image_key``) came recently."""
@@ -249,45 +368,11 @@ class Worker:
                 self._images.popitem(last=False)
         return embeds
 
-    @torch.inference_mode()
-    def _generate(self, job: Job) -> None:
-        request, admitted = job.request, job.admitted
-        if admitted is None:  # submitted by hand, not through submit()
-            admitted = self.admit(request)
-        ids, image_start, params = admitted.ids, admitted.image_start, admitted.params
-        embeds = None
-        if image_start is not None:
-            image = self._encode_image(request)
-            embeds = self.model.embed_with_images(torch.tensor([ids], device=image.device), image, [image_start])
-        job.emit(Event("start", prompt_tokens=len(ids)))
-        decoded = DecodeStream(self.tokenizer, stop=request.stop,
-                               postprocess="glm4" if self.family == "glm4v" else "chatglm")
-        generator = make_generator(params.sampling.seed, next(self.model.parameters()).device)
-        steps = generate_steps(self.model, [ids], params=params, generator=generator, keep_cache=True,
-                               inputs_embeds=embeds)
-        count, finish = 0, "length"
-        try:
-            for step in steps:
-                if job.cancel.is_set():
-                    finish = "cancelled"
-                    break
-                if bool(step.finished[0]):
-                    finish = "stop"
-                    break
-                count += 1
-                delta = decoded.push(int(step.tokens[0]))
-                if delta:
-                    job.emit(Event("delta", text=delta))
-                if decoded.stopped:
-                    finish = "stop"
-                    break
-        finally:
-            steps.close()  # a generator left mid-way: release it now, not at garbage collection
-        if finish != "cancelled":
-            tail = decoded.flush()
-            if tail:
-                job.emit(Event("delta", text=tail))
-        job.emit(Event("done", prompt_tokens=len(ids), completion_tokens=count, finish_reason=finish))
+
+
+def _emitter(job: Job) -> Callable[..., None]:
+    """``emit(kind, **fields)`` for ``job``'s sink."""
+    return lambda kind, **fields: job.emit(Event(kind, **fields))
 
 
 def load_worker(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
