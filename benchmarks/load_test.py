@@ -2,6 +2,7 @@
 
     python benchmarks/load_test.py                      # tiny random VisualGLM checkpoint (written to a temp dir)
     python benchmarks/load_test.py --model visualglm-demo --requests 200 --concurrency 8
+    python benchmarks/load_test.py --model visualglm-demo --max-batch 1   # one request at a time
 
 The mix cycles through: reference ``POST /`` (text, and with a base64 image), OpenAI chat completions
 (plain, streaming, streaming with an image data URL) and invalid requests (each must get its 4xx). A
@@ -120,8 +121,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
     command = [sys.executable, "-m", "visualglm", "serve", "--model", model, "--host", "127.0.0.1", "--port",
-               str(port), "--max-queue", str(args.max_queue), "--max-new-tokens", str(max(args.max_tokens, 64)),
-               "--log-level", "warning"]
+               str(port), "--max-queue", str(args.max_queue), "--max-batch", str(args.max_batch),
+               "--max-new-tokens", str(max(args.max_tokens, 64)), "--log-level", "warning"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
     parser.add_argument("--max-tokens", type=int, default=16, help="answer tokens per request (default: 16)")
     parser.add_argument("--max-queue", type=int, default=16, help="server queue size (default: 16)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="server's --max-batch: requests generated together (default: 8; 1 = one at a time)")
     parser.add_argument("--warmup", type=int, default=10, help="requests before the RSS baseline (default: 10)")
     args = parser.parse_args(argv)
 
@@ -194,7 +197,8 @@ def report(results: list[Result], elapsed: float, rss_loaded: int, rss_before: i
     firsts = [r.first_chunk_s for r in ok if r.first_chunk_s is not None]
     tokens = sum(r.completion_tokens for r in results)
     print(f"model: {model}")
-    print(f"requests: {len(results)} ({args.concurrency} at a time, max_tokens {args.max_tokens}) in {elapsed:.1f} s")
+    print(f"requests: {len(results)} ({args.concurrency} at a time, max_tokens {args.max_tokens}, server max-batch "
+          f"{args.max_batch}) in {elapsed:.1f} s")
     print(f"successes (200): {len(ok)}; expected 4xx: {sum(1 for r in results if r.expected and r.status != 200)}; "
           f"unexpected failures: {len(unexpected)}")
     print("by status: " + ", ".join(f"{status}: {count}" for status, count in sorted(by_status.items(), key=str)))
