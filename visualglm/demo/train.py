@@ -29,8 +29,8 @@ from visualglm.checkpoint.load import build_model
 from visualglm.checkpoint.save import save_checkpoint
 from visualglm.checkpoint.staging import staged_directory
 from visualglm.demo.data import PALETTE, Record, build_records
-from visualglm.demo.plot import plot_curve
 from visualglm.demo.recipe import IMAGE_SIZE, TrainRecipe, demo_config, train_tokenizer
+from visualglm.finetune.plot import plot_losses
 from visualglm.image import CLIP_MEAN, CLIP_STD
 from visualglm.models.chatglm import chatglm_prompt_inputs
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
@@ -282,12 +282,12 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
                 {**asdict(recipe), "minutes": round(minutes, 2), "records": len(records)}, indent=2) + "\n")
             (training / "loss.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": round(v, 5)}) + "\n"
                                                          for i, v in enumerate(losses)))
-            plot_curve(losses, training / "loss.png", title="visualglm-demo training loss (stage 2: answers)")
+            _plot(losses, training / "loss.png", "visualglm-demo training loss (stage 2: answers)")
             if vision_losses:
                 (training / "vision_loss.jsonl").write_text("".join(
                     json.dumps({"step": i + 1, "loss": round(v, 5)}) + "\n" for i, v in enumerate(vision_losses)))
-                plot_curve(vision_losses, training / "vision_loss.png",
-                           title="visualglm-demo stage 1: vision tower, colour + shape")
+                _plot(vision_losses, training / "vision_loss.png",
+                      "visualglm-demo stage 1: vision tower, colour + shape")
     log(f"wrote {out_dir}")
     return out_dir
 
@@ -316,3 +316,9 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="demo train", unit="step", dynamic_ncols=True)
+
+
+def _plot(losses: list[float], path: Path, title: str) -> None:
+    """The loss per step on a log axis, raw and smoothed over ~2% of the run."""
+    plot_losses(list(enumerate(losses, 1)), [], path, title, log_scale=True,
+                smooth_window=max(1, len(losses) // 50))

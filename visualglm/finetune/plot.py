@@ -10,7 +10,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 WIDTH, HEIGHT, MARGIN = 800, 480, 60
-TRAIN_COLOR, EVAL_COLOR, AXIS_COLOR = (31, 119, 180), (214, 39, 40), (80, 80, 80)
+TRAIN_COLOR, EVAL_COLOR, AXIS_COLOR, RAW_COLOR = (31, 119, 180), (214, 39, 40), (80, 80, 80), (200, 200, 200)
+LOG_FLOOR = 1e-4
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -26,11 +27,29 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [lo + (hi - lo) * i / (count - 1) for i in range(count)]
 
 
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` values."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_losses(train: Sequence[tuple[int, float]], evals: Sequence[tuple[int, float]], path: str | Path,
-                title: str = "loss") -> Path:
-    """Draw train (line) and eval (dots) loss against the step into a PNG at ``path``."""
+                title: str = "loss", *, log_scale: bool = False, smooth_window: int = 1) -> Path:
+    """Draw train (line) and eval (dots) loss against the step into a PNG at ``path``.
+
+    ``log_scale`` puts the losses on a log10 axis (floored at 1e-4); with ``smooth_window`` > 1 the raw
+    train curve is drawn in light grey under its trailing moving average.
+    """
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
+    if log_scale:
+        train = [(s, math.log10(max(v, LOG_FLOOR))) for s, v in train]
+        evals = [(s, math.log10(max(v, LOG_FLOOR))) for s, v in evals]
     points = [p for p in list(train) + list(evals) if math.isfinite(p[1])]
     left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN // 2, HEIGHT - MARGIN
     draw.rectangle((left, top, right, bottom), outline=AXIS_COLOR)
@@ -50,12 +69,17 @@ def plot_losses(train: Sequence[tuple[int, float]], evals: Sequence[tuple[int, f
         for value in _ticks(y_lo, y_hi):
             _, y = xy(x_lo, value)
             draw.line((left - 4, y, left, y), fill=AXIS_COLOR)
-            draw.text((4, y - 6), f"{value:.3g}", fill=AXIS_COLOR)
+            draw.text((4, y - 6), f"{10**value if log_scale else value:.3g}", fill=AXIS_COLOR)
         for step in _ticks(x_lo, x_hi):
             x, _ = xy(step, y_lo)
             draw.line((x, bottom, x, bottom + 4), fill=AXIS_COLOR)
             draw.text((x - 10, bottom + 8), f"{step:.0f}", fill=AXIS_COLOR)
-        line = [xy(s, v) for s, v in train if math.isfinite(v)]
+        finite = [(s, v) for s, v in train if math.isfinite(v)]
+        line = [xy(s, v) for s, v in finite]
+        if len(line) > 1 and smooth_window > 1:
+            draw.line(line, fill=RAW_COLOR)
+            averaged = smooth([v for _, v in finite], smooth_window)
+            line = [xy(s, v) for (s, _), v in zip(finite, averaged, strict=True)]
         if len(line) > 1:
             draw.line(line, fill=TRAIN_COLOR, width=2)
         elif line:
@@ -66,7 +90,8 @@ def plot_losses(train: Sequence[tuple[int, float]], evals: Sequence[tuple[int, f
                 x, y = xy(s, v)
                 draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=EVAL_COLOR)
     draw.text((right - 150, top + 6), "train", fill=TRAIN_COLOR)
-    draw.text((right - 100, top + 6), "eval", fill=EVAL_COLOR)
+    if evals:
+        draw.text((right - 100, top + 6), "eval", fill=EVAL_COLOR)
     draw.text(((left + right) // 2 - 12, HEIGHT - 20), "step", fill=AXIS_COLOR)
     path = Path(path)
     image.save(path)
