@@ -98,3 +98,21 @@ def test_registry_returns_independent_copies() -> None:
 
 def test_to_dict_has_model_type() -> None:
     assert config_to_dict(ChatGLMConfig())["model_type"] == "chatglm"
+
+
+@pytest.mark.parametrize(("text", "message"), [("{oops", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"),
+                                               (b"\xff\xfe{}", "is not valid JSON")])
+def test_read_json_object_names_the_file(tmp_path, text, message) -> None:
+    from visualglm.config import read_json_object
+
+    path = tmp_path / "some_config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    class CustomError(Exception):
+        pass
+
+    with pytest.raises(CustomError, match=message) as info:
+        read_json_object(path, CustomError)
+    assert str(path) in str(info.value)
+    path.write_text('{"a": 1}')
+    assert read_json_object(path, CustomError) == {"a": 1}

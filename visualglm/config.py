@@ -302,13 +302,19 @@ def read_config(path: str | Path) -> AnyConfig:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
+    return config_from_dict(read_json_object(path, ConfigError))
+
+
+def read_json_object(path: str | Path, error: type[Exception] = ValueError) -> dict:
+    """The JSON object stored in ``path``; a file that is not UTF-8 JSON holding an object raises ``error``
+    with a message naming the file (callers pass their own error type: ConfigError, CheckpointError...)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        raise error(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return config_from_dict(data)
+        raise error(f"{path} must hold a JSON object")
+    return data
 
 
 def write_config(config: AnyConfig, path: str | Path) -> None:

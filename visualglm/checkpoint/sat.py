@@ -52,6 +52,7 @@ from visualglm.checkpoint.sat_config import (
     sat_model_config,
 )
 from visualglm.checkpoint.staging import staged_directory
+from visualglm.config import read_json_object
 
 QKV_LAYOUTS = ("auto", "contiguous", "interleaved")
 
@@ -147,12 +148,7 @@ def open_sat(directory: str | Path) -> SatCheckpoint:
     config_path = directory / "model_config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no model_config.json: not a sat checkpoint directory")
-    try:
-        model_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(model_config, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object")
+    model_config = read_json_object(config_path, CheckpointError)
     latest = directory / "latest"
     if not latest.is_file():
         raise CheckpointError(f"{directory} has model_config.json but no 'latest' file (the text file naming "

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visualglm.config import read_json_object
 from visualglm.peft.lora import LoraConfig, LoRALinear, inject_lora, lora_modules
 from visualglm.peft.ptuning import PrefixEncoder, inject_ptuning, prefix_encoder
 
@@ -93,11 +94,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise AdapterError(f"{directory} is not an adapter directory: no {CONFIG_FILE}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or "peft_type" not in config:
+    config = read_json_object(path, AdapterError)
+    if "peft_type" not in config:
         raise AdapterError(f"{path}: expected a JSON object with a peft_type")
     return config
 
@@ -107,10 +105,7 @@ def read_adapter_metadata(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    return read_json_object(path, AdapterError)
 
 
 def read_adapter_tensors(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tiktoken
+
+from visualglm.config import read_json_object
 
 VOCAB_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -121,11 +122,7 @@ def special_ids_from_config(path: PathLike) -> dict[str, int] | None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GLM-4 tokenizer config not found: {path}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"corrupt GLM-4 tokenizer config {path}: {exc}") from exc
-    decoder = config.get("added_tokens_decoder") if isinstance(config, dict) else None
+    decoder = read_json_object(path).get("added_tokens_decoder")
     if not decoder:
         return None
     found: dict[str, int] = {}
@@ -233,11 +230,8 @@ class GLM4Tokenizer:
         if config_path is not None:
             if special_ids is None:
                 special_ids = special_ids_from_config(config_path)
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"corrupt GLM-4 tokenizer config {config_path}: {exc}") from exc
-            if isinstance(config, dict) and isinstance(config.get("image_size"), int):
+            config = read_json_object(config_path)
+            if isinstance(config.get("image_size"), int):
                 image_size = config["image_size"]
         return cls(vocab_path, special_ids, image_size=image_size)
 
