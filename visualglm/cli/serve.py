@@ -7,13 +7,14 @@ import ipaddress
 import os
 import sys
 
-from visualglm.cli.options import add_model_flags
+from visualglm.cli.options import add_model_flags, add_parallel_flags, relaunch_for_tp
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("serve", help="serve a model over HTTP (reference api.py + OpenAI API)",
                                  description=__doc__)
     add_model_flags(parser)
+    add_parallel_flags(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port (default: 8080, as the reference)")
@@ -41,29 +42,58 @@ def run(args: argparse.Namespace) -> int:
     from visualglm.serving import require_extra
 
     require_extra("serve")
-    import uvicorn
-
-    from visualglm.serving.api import create_app
-    from visualglm.serving.protocol import ServeLimits
-    from visualglm.serving.worker import load_worker
-
     for name in ("max_queue", "max_batch", "max_new_tokens", "max_prompt_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if not is_loopback(args.host) and not args.api_key:
-        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
-              file=sys.stderr)
+    if (status := _relaunch_for_tp(args)) is not None:
+        return status
+    import uvicorn
+
+    from visualglm.distributed.launch import init_from_env
+    from visualglm.serving.api import create_app
+    from visualglm.serving.protocol import ServeLimits
+    from visualglm.serving.worker import Worker, load_model
+
+    # Under torchrun (--tp N relaunches under it): every rank loads its shard; rank 0 serves HTTP and
+    # leads, the others follow its batches (visualglm.serving.follower) and print nothing.
+    parallel = init_from_env(args.device)
+    if parallel is None or parallel.is_main:
+        if not is_loopback(args.host) and not args.api_key:
+            print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the "
+                  "model", file=sys.stderr)
     limits = ServeLimits(max_queue=args.max_queue, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
                          max_prompt_tokens=args.max_prompt_tokens)
-    worker = load_worker(args.model, quant=args.quant, dtype=args.dtype, device=args.device,
-                         adapter=getattr(args, "adapter", None), limits=limits)
+    model, tokenizer, name = load_model(args.model, quant=args.quant, dtype=args.dtype,
+                                        device=parallel.device if parallel else args.device,
+                                        adapter=getattr(args, "adapter", None), tensor_parallel=parallel is not None)
+    channel = None
+    if parallel is not None:
+        from visualglm.serving.follower import Leader, follow
+
+        if not parallel.is_main:
+            follow(model, parallel.device)
+            return 0
+        channel = Leader(parallel.device)
+    worker = Worker(model, tokenizer, name=name, limits=limits, channel=channel).start()
     app = create_app(worker, api_key=args.api_key, allow_remote_images=args.allow_remote_images)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
-        worker.stop()
+        worker.stop()  # under tensor parallelism this also tells the other ranks to stop
     return 0
+
+
+def _relaunch_for_tp(args: argparse.Namespace) -> int | None:
+    """``relaunch_for_tp``, except that the launcher passes SIGTERM on to the ranks (a server is stopped by
+    signals; the one-shot commands just end)."""
+    from visualglm.distributed.launch import launched_by_torchrun, relaunch_forwarding_signals
+
+    if args.tp is None or args.tp == 1 or args.tp < 1 or launched_by_torchrun():
+        return relaunch_for_tp(args)  # its checks: --tp < 1, --tp against torchrun's world size
+    if args.command not in sys.argv[1:]:
+        raise ValueError("--tp relaunches the command line it was given; run `visualglm ...` or use torchrun")
+    return relaunch_forwarding_signals(args.tp, sys.argv[1:])
 
 
 def is_loopback(host: str) -> bool:

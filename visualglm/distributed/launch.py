@@ -141,3 +141,29 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "visualglm", *strip_tp_flag(argv)]
     return subprocess.call(command, env=env)
+
+
+def relaunch_forwarding_signals(nproc: int, argv: Sequence[str]) -> int:
+    """``relaunch`` for a long-running command (a server): SIGTERM and SIGHUP sent to this process are
+    passed on to torch.distributed.run, which passes them on to every rank, so stopping this process stops
+    the server; Ctrl-C is ignored here while waiting, because the terminal sends it to every process of
+    the foreground group (torch.distributed.run and the ranks included), and killing the launcher would
+    leave the ranks without their supervisor. Returns torch.distributed.run's exit status."""
+    import signal
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "visualglm", *strip_tp_flag(argv)]
+    process = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, frame: Any) -> None:
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

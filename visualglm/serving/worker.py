@@ -375,23 +375,34 @@ def _emitter(job: Job) -> Callable[..., None]:
     return lambda kind, **fields: job.emit(Event(kind, **fields))
 
 
-def load_worker(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
-                device: str = "cpu", adapter: str | Path | None = None, limits: ServeLimits | None = None
-                ) -> Worker:
-    """Load ``model`` (default: the shipped demo model), with a LoRA / P-tuning ``adapter`` folder if given,
-    and return a started :class:`Worker`."""
+def load_model(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
+               device: str | torch.device = "cpu", adapter: str | Path | None = None,
+               tensor_parallel: bool = False) -> tuple[nn.Module, Any, str]:
+    """Load ``model`` (default: the shipped demo model), with a LoRA / P-tuning ``adapter`` folder if given;
+    with ``tensor_parallel`` (under torchrun) this rank's shard only. Returns (model, tokenizer, name)."""
     from visualglm.checkpoint.load import load
     from visualglm.checkpoint.tokenizer import load_tokenizer
     from visualglm.demo import DEMO_MODEL_NAME, resolve_model
 
+    if adapter and tensor_parallel:
+        raise ValueError("--adapter does not combine with tensor parallelism (merge it first: "
+                         "visualglm merge-lora)")
     path = resolve_model(model)
     name = DEMO_MODEL_NAME if not model else (Path(str(model)).name or str(model))
     started = time.perf_counter()
     tokenizer = load_tokenizer(path)
-    loaded = load(path, dtype=dtype, device=device, quantize=quant)
+    loaded = load(path, dtype=dtype, device=device, quantize=quant, tensor_parallel=tensor_parallel)
     if adapter:
         from visualglm.peft import apply_adapter
 
         apply_adapter(loaded, adapter)
     log.info("loaded %s in %.1f s", name, time.perf_counter() - started)
+    return loaded, tokenizer, name
+
+
+def load_worker(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
+                device: str = "cpu", adapter: str | Path | None = None, limits: ServeLimits | None = None
+                ) -> Worker:
+    """Load ``model`` (see :func:`load_model`) and return a started :class:`Worker`."""
+    loaded, tokenizer, name = load_model(model, quant=quant, dtype=dtype, device=device, adapter=adapter)
     return Worker(loaded, tokenizer, name=name, limits=limits).start()
