@@ -222,3 +222,19 @@ def test_concurrent_http_requests_are_batched(visual_model) -> None:
     assert [r.status_code for r in results] == [200] * 4
     assert len({r.json()["choices"][0]["message"]["content"] for r in results}) == 1
     assert worker.batches == 2 and worker.largest_batch == 3
+
+
+def test_a_request_that_would_stretch_the_cache_past_the_context_waits_for_the_next_batch(visual_model) -> None:
+    worker = Worker(*visual_model, name="tiny", limits=BATCH)
+    worker.context = 120  # a small context, so that two requests cannot share a cache of 120 slots
+    short_long_answer = GenerationRequest("hi", sampling=GREEDY, max_new_tokens=100)
+    long_prompt = GenerationRequest("word " * 10, sampling=GREEDY, max_new_tokens=20)
+    jobs = [worker.submit(request, lambda event: None)
+            for request in (short_long_answer, long_prompt, short_long_answer)]
+    first = worker._queue.get_nowait()
+    batch, stopping = worker._take_batch(first)
+    assert jobs[1].admitted.prompt_tokens + 100 > 120 and not stopping
+    assert batch == [jobs[0]] and list(worker._held) == [jobs[1]]  # held, in order, before the third
+    batch, _ = worker._take_batch(worker._held.popleft())
+    assert batch == [jobs[1]] and list(worker._held) == [jobs[2]]
+    worker.stop()
