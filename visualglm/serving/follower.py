@@ -14,6 +14,10 @@ uvicorn, which stops the worker). While idle, rank 0 sends a heartbeat every :da
 seconds: a follower waits for the next batch inside a broadcast, and a collective that waits longer than
 the process group's timeout (30 minutes by default) fails. A heartbeat keeps that timeout meaningful
 instead of stretching it to hours, which would also delay noticing a rank 0 that really died.
+
+Lockstep assumes that a batch fails on every rank or on none (the same shapes meet the same errors). A
+failure on one rank only (say, out of memory on one GPU) leaves the ranks out of step: rank 0's clients
+get 500s, and the server has to be restarted.
 """
 
 from __future__ import annotations

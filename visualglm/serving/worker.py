@@ -231,7 +231,10 @@ class Worker:
             try:
                 return self._queue.get(timeout=self.channel.heartbeat_s)
             except queue.Empty:
-                self.channel.heartbeat()
+                try:
+                    self.channel.heartbeat()
+                except Exception:  # a rank is gone: keep the worker (and its errors to clients) alive
+                    log.exception("heartbeat to the other ranks failed")
 
     def _run(self) -> None:
         try:
