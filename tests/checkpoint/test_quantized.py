@@ -94,6 +94,32 @@ def test_streaming_quantizes_each_weight_as_it_is_read(tiny_checkpoint: Path, bi
     assert float_weights_seen == 0 and filled_after_read == [True] * 8
 
 
+def test_streaming_hands_freed_memory_back_after_each_weight(tiny_checkpoint: Path, monkeypatch) -> None:
+    """The temporaries of quantizing a weight are returned to the system before the next one is read
+    (glibc would otherwise keep them as holes between the quantized buffers: ~1 GiB for VisualGLM-6B)."""
+    from visualglm.checkpoint import load as load_module
+    from visualglm.checkpoint import quantized as quantized_module
+
+    calls = {"loader": 0, "end": 0}
+
+    def counter(where: str):
+        def count() -> None:
+            calls[where] += 1
+        return count
+
+    monkeypatch.setattr(quantized_module, "release_freed_memory", counter("loader"))
+    monkeypatch.setattr(load_module, "release_freed_memory", counter("end"))
+    model = visualglm.load(tiny_checkpoint, quantize=4, progress=False)
+    assert calls == {"loader": 4 * model.config.num_layers, "end": 1}
+
+
+def test_release_freed_memory_is_safe_to_call() -> None:
+    from visualglm.checkpoint.load import release_freed_memory
+
+    release_freed_memory()
+    release_freed_memory()
+
+
 def test_streaming_visualglm_keeps_the_image_encoder(tiny_visual_checkpoint: Path) -> None:
     reference = visualglm.load(tiny_visual_checkpoint, progress=False, fast_cpu_kernels=False)
     apply_quantization(reference, 4)

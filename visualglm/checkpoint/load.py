@@ -8,8 +8,11 @@ CPU, the parameter *is* the memory-mapped file region (no copy at all).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import pickle
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -323,6 +326,29 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[Path | str, str, to
         raise CheckpointError(f"checkpoint does not match the model ({where}): " + "; ".join(parts))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    release_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc only; musl and others lack it
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed but kept by the C allocator back to the system (glibc ``malloc_trim``;
+    a no-op elsewhere). Quantizing while loading frees tens of MB of temporaries per weight between the
+    quantized buffers it keeps; glibc keeps such holes in its heap, which measured up to ~1 GiB of RSS
+    after loading full-size VisualGLM-6B (see ``benchmarks/load_memory.py``)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:

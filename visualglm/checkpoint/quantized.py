@@ -3,8 +3,9 @@
 All three share one mechanism: the planned linears of the meta-built model are swapped for quantized modules
 with unfilled buffers *before* any weight is read, then each checkpoint tensor that belongs to them is
 routed here (``QuantizedLoader.take``) and turned into the quantized buffers right away. Nothing but the
-current tensor (memory-mapped) and the quantized buffers is ever held, so peak memory stays near the size of
-the quantized model.
+current tensor (memory-mapped) and the quantized buffers is ever held, and the temporaries of each weight
+are handed back to the system once it is done (``release_freed_memory``), so peak memory stays near the size
+of the quantized model.
 
 Formats read:
 - any float checkpoint with ``quantize=8|4``: ``X.weight`` is cast to the load dtype, then quantized;
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from visualglm.checkpoint.keymaps import KeyMap, UnknownKeyError, map_key
-from visualglm.checkpoint.load import CheckpointError, TensorHook, quantize_bits
+from visualglm.checkpoint.load import CheckpointError, TensorHook, quantize_bits, release_freed_memory
 from visualglm.config import AnyConfig
 from visualglm.models.plans import QUANT_SKIP
 from visualglm.quant.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
@@ -141,6 +142,8 @@ class QuantizedLoader:
                 and self.mode != "quantize"
             raise CheckpointError(f"{path}: {key.rpartition('.')[0] if paired else key}: {exc}") from None
         self.loaded.add(name)
+        if suffix != "bias":  # the temporaries of quantizing / repacking one weight were just freed
+            release_freed_memory()
         return True
 
     def _take(self, module_name: str, module: Int8Linear | Int4Linear, suffix: str, tensor: torch.Tensor) -> None:
