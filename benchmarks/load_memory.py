@@ -109,38 +109,131 @@ def _vm(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _rss() -> dict[str, int]:
+    """Current RSS split into anonymous memory (the heap: quantized buffers, tensors copied or created,
+    allocator slack) and file-backed pages (memory-mapped checkpoint pages that were touched, libraries)."""
+    return {"anon": _vm("RssAnon"), "file": _vm("RssFile") + _vm("RssShmem")}
+
+
+def _checkpoint_mappings() -> tuple[int, int]:
+    """(number of memory mappings of .safetensors files, their resident bytes), from /proc/self/smaps."""
+    count = resident = 0
+    current = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+            current = len(head) == 6 and head[5].endswith(".safetensors")
+            count += current
+        elif current and line.startswith("Rss:"):
+            resident += int(line.split()[1]) * 1024
+    return count, resident
+
+
+class _PeakSampler:
+    """Samples anonymous and file-backed RSS every few milliseconds in a thread and keeps each one's peak
+    per phase (VmHWM only knows the total)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.phase, self.interval = "imports", interval
+        self.peaks: dict[str, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        now = _rss()
+        peak = self.peaks.setdefault(self.phase, {"anon": 0, "file": 0, "total": 0})
+        peak["anon"], peak["file"] = max(peak["anon"], now["anon"]), max(peak["file"], now["file"])
+        peak["total"] = max(peak["total"], now["anon"] + now["file"])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def enter(self, phase: str) -> None:
+        self.sample()
+        self.phase = phase
+        self.sample()
+
+    def stop(self) -> None:
+        self.sample()
+        self._stop.set()
+        self._thread.join()
+
+
+def _weight_groups(model) -> dict[str, int]:
+    """Bytes of the loaded weights by kind: quantized buffers, word embeddings, vision tower, the rest."""
+    from visualglm.quant import Int4Linear, Int8Linear
+
+    groups = {"quantized": 0, "embeddings": 0, "vision": 0, "other": 0}
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            groups["quantized"] += sum(b.numel() * b.element_size() for b in module.buffers())
+    for name, param in model.named_parameters():  # tied parameters once
+        if name.startswith(("image_encoder.", "transformer.vision.")):
+            kind = "vision"
+        elif "word_embeddings" in name or name.startswith("transformer.embedding."):
+            kind = "embeddings"
+        else:
+            kind = "other"
+        groups[kind] += param.numel() * param.element_size()
+    return groups
+
+
 def measure_load(directory: Path, dtype: str, quantize: int | None = None) -> dict:
-    """Runs in a fresh process: load, forward once, report RSS figures (bytes)."""
+    """Runs in a fresh process: load, forward twice, read every weight; report RSS figures (bytes)."""
+    import ctypes
+
     import torch
 
     import visualglm
     from visualglm.quant import Int4Linear, Int8Linear
 
+    sampler = _PeakSampler()
     baseline = _vm("VmHWM")
+    rss = {"imports": _rss()}
+    sampler.enter("load")
     start = time.perf_counter()
     model = visualglm.load(directory, dtype=dtype, progress=False, quantize=quantize)
     load_s = time.perf_counter() - start
+    sampler.enter("after load")
     peak_after_load = _vm("VmHWM")
-    seen, weight_bytes = set(), 0
+    rss["load"] = _rss()
+    # What the C allocator still keeps of memory freed during loading (the loader trims it already).
+    ctypes.CDLL(None).malloc_trim(0)
+    rss["load_trimmed"] = _rss()
     quantized = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
-    tensors = [*model.parameters(), *(b for m in quantized for b in m.buffers())]
-    for p in tensors:
-        if id(p) not in seen:
-            seen.add(id(p))
-            weight_bytes += p.numel() * p.element_size()
+    tensors = list({id(t): t for t in [*model.parameters(), *(b for m in quantized for b in m.buffers())]}.values())
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    groups = _weight_groups(model)
     config = model.config
-    prompt = [5, 6, 7, config.gmask_token_id, config.bos_token_id]
-    start = time.perf_counter()
+    prompt = torch.tensor([[5, 6, 7, config.gmask_token_id, config.bos_token_id]])
+    forward_s = []
     with torch.inference_mode():
-        model(torch.tensor([prompt]), logits_to_keep=1)
-        # A text prompt does not read the vision tower: read every weight so its pages count too.
+        for phase in ("forward 1", "forward 2"):
+            sampler.enter(phase)
+            start = time.perf_counter()
+            model(prompt, logits_to_keep=1)
+            forward_s.append(time.perf_counter() - start)
+            rss[phase] = _rss()
+        # A text prompt does not read the vision tower: read every weight so its pages count too. amax
+        # reads without a temporary (sum() would widen a uint8 INT4 buffer to int64 first).
+        sampler.enter("read weights")
+        start = time.perf_counter()
         for tensor in tensors:
-            tensor.sum()
-    forward_s = time.perf_counter() - start
+            tensor.amax()
+        read_s = time.perf_counter() - start
+    rss["read weights"] = _rss()
+    sampler.stop()
     peak_after_forward = _vm("VmHWM")
-    return {"weight_bytes": weight_bytes, "baseline_rss": baseline, "peak_rss_after_load": peak_after_load,
-            "peak_rss_after_forward": peak_after_forward, "load_seconds": load_s, "forward_seconds": forward_s,
-            "ratio": peak_after_forward / weight_bytes}
+    maps, mapped_rss = _checkpoint_mappings()
+    return {"weight_bytes": weight_bytes, "weight_groups": groups, "baseline_rss": baseline,
+            "peak_rss_after_load": peak_after_load, "peak_rss_after_forward": peak_after_forward,
+            "rss": rss, "phase_peaks": sampler.peaks, "checkpoint_mappings": maps,
+            "checkpoint_mapped_rss": mapped_rss, "load_seconds": load_s, "forward_seconds": forward_s,
+            "read_seconds": read_s, "ratio": peak_after_forward / weight_bytes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,14 +279,30 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        split = lambda r: f"anon {gib(r['anon'])} + file {gib(r['file'])}"  # noqa: E731
         quant = f", language model quantized to INT{args.quantize} while loading" if args.quantize else ""
+        groups = result["weight_groups"]
+        rss, peaks = result["rss"], result["phase_peaks"]
         print(f"checkpoint: {args.config}, stored {args.store_dtype} ({gib(written)}), loaded as {args.dtype}{quant}")
-        print(f"loaded weights:           {gib(result['weight_bytes'])}")
+        print(f"loaded weights:           {gib(result['weight_bytes'])}  (quantized {gib(groups['quantized'])}, "
+              f"word embeddings {gib(groups['embeddings'])}, vision {gib(groups['vision'])}, "
+              f"other {gib(groups['other'])})")
         print(f"peak RSS after imports:   {gib(result['baseline_rss'])}")
         print(f"peak RSS after load:      {gib(result['peak_rss_after_load'])}  ({result['load_seconds']:.1f} s)")
         print(f"peak RSS after a forward: {gib(result['peak_rss_after_forward'])}  "
-              f"({result['forward_seconds']:.1f} s)")
+              f"(2 forwards {sum(result['forward_seconds']):.1f} s, reading every weight "
+              f"{result['read_seconds']:.1f} s)")
         print(f"peak RSS / weights:       {result['ratio']:.3f}  (target <= 1.2)")
+        print("RSS at the end of each phase (anon: heap; file: touched pages of mapped files):")
+        print(f"  imports       {split(rss['imports'])}")
+        print(f"  load          {split(rss['load'])}  (after malloc_trim: anon {gib(rss['load_trimmed']['anon'])})")
+        for phase in ("forward 1", "forward 2", "read weights"):
+            print(f"  {phase:13} {split(rss[phase])}")
+        print("peak during each phase (sampled every 5 ms; anon and file peaks may fall at different moments):")
+        for phase, peak in peaks.items():
+            print(f"  {phase:13} anon {gib(peak['anon'])}, file {gib(peak['file'])}, total {gib(peak['total'])}")
+        print(f"checkpoint mappings at the end: {result['checkpoint_mappings']}, "
+              f"resident {gib(result['checkpoint_mapped_rss'])}")
     return 0
 
 
