@@ -333,9 +333,9 @@ class Worker:
         for output in outputs:
             output.emit("start", prompt_tokens=output.prompt_tokens)
         try:
-            if channel is not None:
-                channel.send_batch(rows, images)
-            with torch.inference_mode():
+            with torch.inference_mode():  # the cached image embeddings are inference tensors
+                if channel is not None:
+                    channel.send_batch(rows, images)
                 for step in batch_steps(self.model, rows, images, end_rows):
                     for index, output in enumerate(outputs):
                         try:
