@@ -55,3 +55,13 @@ def test_bf16_decode_stays_close_to_float64() -> None:
     out = attention(q, k, v, bias)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), _reference(q, k, v, bias), atol=3e-2, rtol=3e-2)
+
+
+def test_last_positions_are_a_fresh_contiguous_copy() -> None:
+    from visualglm.models.layers import last_positions
+
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    kept = last_positions(hidden, 1)
+    assert torch.equal(kept, hidden[:, -1:])
+    assert kept.stride() == (3, 3, 1)  # not the slice's (15, 3, 1), which slows bf16 CPU linears badly
+    assert torch.equal(last_positions(hidden, 2), hidden[:, -2:]) and last_positions(hidden, 2).stride() == (6, 3, 1)

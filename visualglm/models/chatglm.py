@@ -30,6 +30,7 @@ from visualglm.models.layers import (
     attention,
     attention_span,
     common_prefix_length,
+    last_positions,
     rotary_cos_sin,
     rotary_inv_freq,
 )
@@ -209,7 +210,7 @@ class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
         """
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds)
         if logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
+            hidden = last_positions(hidden, logits_to_keep)
         return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

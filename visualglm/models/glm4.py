@@ -17,7 +17,7 @@ from torch import nn
 
 from visualglm.config import GLM4VConfig
 from visualglm.models.kv_cache import CachedAttentionModel, KVCache
-from visualglm.models.layers import attention_gqa, attention_span, common_prefix_length
+from visualglm.models.layers import attention_gqa, attention_span, common_prefix_length, last_positions
 
 
 class RMSNorm(nn.Module):
@@ -167,7 +167,7 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
         """Logits ``[B, T', vocab]``; arguments as in ChatGLMForCausalLM.forward, position_ids ``[B, 1, T]``."""
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds)
         if logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
+            hidden = last_positions(hidden, logits_to_keep)
         return self.transformer.output_layer(hidden)
 
     def hidden_states(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,

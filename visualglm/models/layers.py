@@ -82,6 +82,16 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
+def last_positions(hidden: torch.Tensor, count: int) -> torch.Tensor:
+    """The last ``count`` positions of ``hidden`` ``[B, T, H]`` as a fresh contiguous ``[B, count, H]``.
+
+    A plain slice keeps the stride of the T axis (T * H) and still reports itself contiguous when
+    ``count`` is 1; PyTorch's bf16 CPU linear then copies the whole weight before multiplying: 5-10 s and a
+    1 GiB temporary for ChatGLM-6B's 130528-row output layer, against 0.06 s on the copied rows.
+    """
+    return hidden[:, -count:].clone(memory_format=torch.contiguous_format)
+
+
 def blocked_to_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool mask (True = may attend) -> additive bias with ``MASK_FILL`` at blocked positions."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, MASK_FILL)
