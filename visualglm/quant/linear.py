@@ -49,11 +49,11 @@ DEQUANT_ROWS = 256
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows (tokens x batch) from which dequantize + GEMM beats the weight-only kernel, per bit width; None: never.
 # Measured with benchmarks/quant_linear.py (16384x4096 weight) on a 2-core AMD EPYC with AVX-512 BF16: int8
-# at 32 rows 20 ms vs 38 ms (kernel), at 128 rows 53 ms vs 146 ms; int4 (dequantizing costs ~40 ms) breaks
-# even near 100 rows: 82 vs 80 ms at 96, 86 vs 105 ms at 128, 135 vs 216 ms at 256. The int4 threshold
-# needs a bf16 GEMM: without bf16 matrix instructions the fp32 GEMM and the nibble unpacking cost more than
-# the kernel saves, so there int4 stays on its kernel.
-_INT4_PREFILL_ROWS = 112
+# at 32 rows 20 ms vs 38 ms (kernel), at 128 rows 53 ms vs 146 ms; int4 (dequantizing costs ~30 ms) breaks
+# even between 80 and 96 rows: 66 vs 62 ms at 80, 71 vs 75 ms at 96, 78 vs 100 ms at 128, 135 vs 216 ms at
+# 256. The int4 threshold needs a bf16 GEMM: without bf16 matrix instructions the fp32 GEMM and the nibble
+# unpacking cost more than the kernel saves, so there int4 stays on its kernel.
+_INT4_PREFILL_ROWS = 96
 _scratch: torch.Tensor | None = None
 
 
