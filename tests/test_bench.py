@@ -24,8 +24,9 @@ def test_random_quantized_model_is_built_quantized(bits: int, kind: type) -> Non
             assert not module.bias.any()
 
 
-def test_bench_reports_decode_figures() -> None:
-    result = run_bench(None, "chatglm-tiny", "float32", batch=1, prompt_tokens=6, new_tokens=4, quant=4)
+@pytest.mark.parametrize("config", ["chatglm-tiny", "visualglm-tiny", "glm-4v-tiny"])
+def test_bench_reports_decode_figures(config: str) -> None:
+    result = run_bench(None, config, "float32", batch=1, prompt_tokens=6, new_tokens=4, quant=4)
     assert result.new_tokens == 4
     assert result.decode_tokens_per_s > 0 and result.decode_limit_tokens_per_s > 0
     assert 0 < result.ratio_to_limit

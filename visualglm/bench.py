@@ -103,8 +103,9 @@ def bytes_per_decode_step(model: nn.Module, context: int, batch: int) -> int:
             is_input_embedding = param is embedding and not getattr(model.config, "tie_word_embeddings", False)
             if not is_input_embedding:
                 total += param.numel() * param.element_size()
-    config = model.config
-    kv = 2 * config.num_layers * batch * context * config.hidden_size * next(model.parameters()).element_size()
+    heads, head_dim = model.kv_cache_layout()  # key/value heads: GLM-4 shares them between query heads
+    layers = len(model.attention_modules())
+    kv = 2 * layers * batch * context * heads * head_dim * next(model.parameters()).element_size()
     return total + kv
 
 
@@ -130,8 +131,10 @@ def run_bench(model_path: str | None, config_name: str | None, dtype: str, batch
         name += f", int{quant} weights"
     config = model.config
     # Prompts of distinct ordinary tokens ending in [gMASK] <sop>, like a real ChatGLM prompt.
-    body = [100 + (i % 1000) for i in range(prompt_tokens - 2)]
-    prompts = [body + [config.gmask_token_id, config.bos_token_id] for _ in range(batch)]
+    # GLM-4's configs name no [gMASK]/<sop> (its template puts them first; for speed the order is moot).
+    special = [config.gmask_token_id, config.bos_token_id] if hasattr(config, "gmask_token_id") else []
+    body = [100 + (i % 1000) for i in range(prompt_tokens - len(special))]
+    prompts = [body + special for _ in range(batch)]
     params = GenerationParams(max_new_tokens=new_tokens)  # greedy, no stop ids: exactly new_tokens steps
     bandwidth = measure_bandwidth()
     compiled = compile_decode(model) if compile else None
