@@ -37,3 +37,12 @@ def test_random_model_keeps_tied_embeddings() -> None:
     model = random_model("chatglm-tiny", torch.float32, quant=8)
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_decode_bytes_leave_out_the_vision_tower() -> None:
+    from visualglm.bench import bytes_per_decode_step
+
+    model = random_model("visualglm-tiny", torch.float32)
+    decoder_alone = random_model("chatglm-tiny", torch.float32)  # the same language-model config
+    assert sum(p.numel() for p in model.image_encoder.parameters()) > 0
+    assert bytes_per_decode_step(model, 8, 1) == bytes_per_decode_step(decoder_alone, 8, 1)

@@ -19,7 +19,7 @@ from visualglm.checkpoint.load import apply_cpu_kernels, build_model, load, pars
 from visualglm.checkpoint.tiny import init_random_weights
 from visualglm.config import get_config
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
-from visualglm.models.plans import QUANT_SKIP
+from visualglm.models.plans import QUANT_SKIP, VISION_TOWER
 from visualglm.quant.swap import plan_quantization, swap_empty
 
 
@@ -92,10 +92,14 @@ def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None,
 
 def bytes_per_decode_step(model: nn.Module, context: int, batch: int) -> int:
     """Weights read per decode step (every parameter and buffer, e.g. quantized weights, but the input
-    embedding rows, which are gathered) plus the KV cache read at ``context`` tokens."""
+    embedding rows, which are gathered, and the vision tower, which a text step does not run) plus the KV
+    cache read at ``context`` tokens."""
     embedding = model.get_input_embeddings().weight
+    tower = VISION_TOWER[model.config.family]
     seen, total = set(), 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if tower is not None and (name == tower or name.startswith(tower + ".")):
+            continue
         for param in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if id(param) in seen:
                 continue

@@ -16,6 +16,9 @@ QUANT_SKIP: dict[str, tuple[str, ...]] = {
     "glm4v": ("transformer.output_layer", "transformer.vision.*"),
 }
 
+# The image encoder of each family (None: text only). A text decode step never reads it.
+VISION_TOWER: dict[str, str | None] = {"chatglm": None, "visualglm": "image_encoder", "glm4v": "transformer.vision"}
+
 
 # --- Tensor parallelism -----------------------------------------------------------------------------------
 # A plan says, for one family, which linears split along their outputs (column-parallel: each rank computes
