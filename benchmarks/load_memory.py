@@ -13,7 +13,7 @@ stay 16-bit); the weights' bytes are then those of the quantized model. ``--dir 
 already there reuses it (write it once with ``--keep``, e.g. for ``--config visualglm-6b``, ~16 GB).
 
 Usage: python -m benchmarks.load_memory [--config chatglm-6b] [--store-dtype bfloat16] [--dtype bfloat16]
-                                         [--quantize 4|8] [--shard-gb 2] [--dir DIR] [--keep] [--json]
+                                         [--quantize 4|8 [--quant-vision]] [--shard-gb 2] [--dir DIR] [--keep] [--json]
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _weight_groups(model) -> dict[str, int]:
     return groups
 
 
-def measure_load(directory: Path, dtype: str, quantize: int | None = None) -> dict:
+def measure_load(directory: Path, dtype: str, quantize: int | None = None, also: tuple[str, ...] = ()) -> dict:
     """Runs in a fresh process: load, forward twice, read every weight; report RSS figures (bytes)."""
     import ctypes
 
@@ -196,7 +196,7 @@ def measure_load(directory: Path, dtype: str, quantize: int | None = None) -> di
     rss = {"imports": _rss()}
     sampler.enter("load")
     start = time.perf_counter()
-    model = visualglm.load(directory, dtype=dtype, progress=False, quantize=quantize)
+    model = visualglm.load(directory, dtype=dtype, progress=False, quantize=quantize, quantize_also=also)
     load_s = time.perf_counter() - start
     sampler.enter("after load")
     peak_after_load = _vm("VmHWM")
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", help="dtype to load into")
     parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                         help="quantize the language model to INT4/INT8 while loading")
+    parser.add_argument("--quant-vision", action="store_true",
+                        help="with --quantize: quantize the vision tower too")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GiB (default 2)")
     parser.add_argument("--dir", type=Path, help="write the checkpoint here (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
@@ -250,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child-process mode
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure_load(args.measure, args.dtype, args.quantize)))
+        print(json.dumps(measure_load(args.measure, args.dtype, args.quantize,
+                                      ("vision",) if args.quant_vision else ())))
         return 0
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="visualglm-loadmem-"))
@@ -261,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         else:  # (shards already complete in --dir are kept)
             written = write_random_checkpoint(directory, args.config, args.store_dtype, int(args.shard_gb * GIB))
         write_s = time.perf_counter() - start
-        quant = ["--quantize", str(args.quantize)] if args.quantize else []
+        quant = (["--quantize", str(args.quantize)] if args.quantize else []) + (
+            ["--quant-vision"] if args.quant_vision else [])
         child = subprocess.run([sys.executable, "-m", "benchmarks.load_memory", "--measure", str(directory),
                                 "--dtype", args.dtype, *quant], capture_output=True, text=True, check=False,
                                cwd=Path(__file__).resolve().parent.parent, env={**os.environ})
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         result = json.loads(child.stdout.strip().splitlines()[-1])
         result.update({"config": args.config, "store_dtype": args.store_dtype, "dtype": args.dtype,
-                       "quantize": args.quantize,
+                       "quantize": args.quantize, "quant_vision": args.quant_vision,
                        "checkpoint_bytes": written, "write_seconds": write_s})
     finally:
         if not args.keep and args.dir is None:
@@ -281,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
         split = lambda r: f"anon {gib(r['anon'])} + file {gib(r['file'])}"  # noqa: E731
         quant = f", language model quantized to INT{args.quantize} while loading" if args.quantize else ""
+        quant += " (vision tower too)" if args.quant_vision else ""
         groups = result["weight_groups"]
         rss, peaks = result["rss"], result["phase_peaks"]
         print(f"checkpoint: {args.config}, stored {args.store_dtype} ({gib(written)}), loaded as {args.dtype}{quant}")

@@ -19,7 +19,7 @@ from visualglm.checkpoint.load import apply_cpu_kernels, build_model, load, pars
 from visualglm.checkpoint.tiny import init_random_weights
 from visualglm.config import get_config
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
-from visualglm.models.plans import QUANT_SKIP, VISION_TOWER
+from visualglm.models.plans import VISION_TOWER, quant_skip
 from visualglm.quant.swap import plan_quantization, swap_empty
 
 
@@ -56,8 +56,8 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 10) -> float:
     return buffer.numel() * 4 / min(times) / 1e9
 
 
-def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None, group_size: int = 128
-                 ) -> nn.Module:
+def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None, group_size: int = 128,
+                 quant_also: tuple[str, ...] = ()) -> nn.Module:
     """A model of a named config with random weights (small values) in ``dtype``, optionally quantized.
 
     With ``quant`` the family's planned linears are swapped for empty quantized modules before anything is
@@ -69,7 +69,7 @@ def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None,
     planned: dict[str, nn.Module] = {}
     if quant:
         bits = quantize_bits(quant)
-        skip = QUANT_SKIP[config.family]
+        skip = quant_skip(config.family, quant_also)
         planned = swap_empty(model, plan_quantization(model, bits, group_size=group_size, skip=skip), bits,
                              bias_dtype=dtype)
         model.quantization = {"bits": bits, "symmetric": False, "skip": list(skip),
@@ -121,15 +121,16 @@ def _peak_rss_gib() -> float:
 
 
 def run_bench(model_path: str | None, config_name: str | None, dtype: str, batch: int, prompt_tokens: int,
-              new_tokens: int, compile: bool = False, quant: int | None = None) -> BenchResult:
+              new_tokens: int, compile: bool = False, quant: int | None = None,
+              quant_also: tuple[str, ...] = ()) -> BenchResult:
     if batch < 1 or prompt_tokens < 2 or new_tokens < 2:
         raise ValueError("--batch must be >= 1, --prompt-tokens and --new-tokens >= 2")
     torch_dtype = parse_dtype(dtype)
     if model_path:
-        model = load(model_path, dtype=torch_dtype, progress=False, quantize=quant)
+        model = load(model_path, dtype=torch_dtype, progress=False, quantize=quant, quantize_also=quant_also)
         name = str(model_path)
     else:
-        model = random_model(config_name or "chatglm-6b", torch_dtype, quant)
+        model = random_model(config_name or "chatglm-6b", torch_dtype, quant, quant_also=quant_also)
         name = f"{config_name} (random weights)"
     if quant:
         name += f", int{quant} weights"

@@ -27,7 +27,7 @@ from visualglm.config import AnyConfig, ConfigError, read_config
 from visualglm.kernels.cpu_bf16 import cpu_lacks_bf16_matmul, use_upcast_linears
 from visualglm.models.chatglm import ChatGLMForCausalLM
 from visualglm.models.glm4v import GLM4VForCausalLM
-from visualglm.models.plans import QUANT_SKIP
+from visualglm.models.plans import quant_skip
 from visualglm.models.visualglm import VisualGLMForCausalLM
 from visualglm.quant.swap import quantize_model
 
@@ -82,7 +82,8 @@ def build_model(config: AnyConfig, device: torch.device | str = "meta") -> nn.Mo
 def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = True, fast_cpu_kernels: bool = True,
          qkv_layout: str = "auto", quantize: int | str | None = None,
-         tensor_parallel: bool = False, quant_group_size: int = 128) -> nn.Module:
+         tensor_parallel: bool = False, quant_group_size: int = 128,
+         quantize_also: tuple[str, ...] = ()) -> nn.Module:
     """Load a checkpoint directory, a known name or a hub id into an eval-mode model.
 
     Two directory layouts are read: the official Hugging Face one (``config.json`` + weights) and
@@ -96,10 +97,12 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     (``visualglm.kernels.cpu_bf16``). ``quantize`` 8/"int8" or 4/"int4" replaces the language model's
     linears with weight-only INT8 / INT4 (groups of ``quant_group_size``) ones while loading: each weight
     is quantized as it is read, so the full-precision model is never in memory (``visualglm.models.plans``
-    says what stays in floating point). Quantized checkpoints (``visualglm.checkpoint.quantized``: ours, or THUDM's
-    ``quantization_bit`` 4/8 layout) load as stored, with no ``quantize`` needed. ``tensor_parallel``
-    (under an initialized process group, e.g. torchrun) keeps only this rank's shard, read slice by slice
-    from the checkpoint (``visualglm.distributed.tp``); quantization then applies to the shard.
+    says what stays in floating point; ``quantize_also`` adds optional parts: ``"vision"`` for the image
+    encoder, ``"output"`` for GLM-4V-9B's output layer). Quantized checkpoints
+    (``visualglm.checkpoint.quantized``: ours, or THUDM's ``quantization_bit`` 4/8 layout) load as stored,
+    with no ``quantize`` needed. ``tensor_parallel`` (under an initialized process group, e.g. torchrun)
+    keeps only this rank's shard, read slice by slice from the checkpoint (``visualglm.distributed.tp``);
+    quantization then applies to the shard.
     """
     device = check_device(device)
     directory = resolve_checkpoint_dir(path_or_name)
@@ -113,7 +116,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
 
             apply_tensor_parallel(model)
         if quantize is not None:
-            apply_quantization(model, quantize, quant_group_size)
+            apply_quantization(model, quantize, quant_group_size, quantize_also)
         if fast_cpu_kernels:
             apply_cpu_kernels(model)
         return model
@@ -135,7 +138,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     keymap = KEYMAPS[(config.family, "hf")]
     # Quantized linears are swapped in on the meta model and filled (quantized) tensor by tensor.
     quant = prepare_quantized_load(model, config, quantize, keymap, target_dtype, device, directory,
-                                   tensor_hook=tensor_hook, group_size=quant_group_size)
+                                   tensor_hook=tensor_hook, group_size=quant_group_size, also=quantize_also)
     load_weights(model, weight_files(directory), keymap, target_dtype, device, progress, tensor_hook=tensor_hook,
                  quant=quant)
     model.config = config
@@ -156,9 +159,11 @@ def quantize_bits(quantize: int | str) -> int:
     return bits
 
 
-def apply_quantization(model: nn.Module, quantize: int | str, group_size: int = 128) -> int:
-    """Weight-only quantization of a loaded model following its family's plan; returns modules replaced."""
-    bits, skip = quantize_bits(quantize), QUANT_SKIP[model.config.family]
+def apply_quantization(model: nn.Module, quantize: int | str, group_size: int = 128,
+                       also: tuple[str, ...] = ()) -> int:
+    """Weight-only quantization of a loaded model following its family's plan (plus the optional parts in
+    ``also``, see ``visualglm.models.plans.QUANT_OPTIONAL``); returns modules replaced."""
+    bits, skip = quantize_bits(quantize), quant_skip(model.config.family, also)
     model.quantization = {"bits": bits, "symmetric": False, "skip": list(skip),
                           **({"group_size": group_size} if bits == 4 else {})}
     return quantize_model(model, bits, group_size=group_size, skip=skip)

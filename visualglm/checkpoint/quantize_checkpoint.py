@@ -39,13 +39,14 @@ class QuantizeResult:
 
 def quantize_checkpoint(source: str | Path, target: str | Path, bits: int | str, *, group_size: int | None = None,
                         dtype: str | torch.dtype | None = None, overwrite: bool = False, progress: bool = True,
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> QuantizeResult:
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, also: tuple[str, ...] = ()) -> QuantizeResult:
     """Quantize ``source`` (a checkpoint directory, known name or hub id; HF or sat layout, or already
     quantized to the same width) to ``bits`` and write it to ``target`` with the source's tokenizer files.
 
     ``group_size`` (INT4 only, default 128): input columns per scale. ``dtype``: the floating-point tensors
     that stay unquantized (default: the checkpoint's; float16 becomes bfloat16 on CPU). ``target`` must not
-    exist or be empty unless ``overwrite``; it may not overlap the source.
+    exist or be empty unless ``overwrite``; it may not overlap the source. ``also`` names optional parts
+    to quantize too (``"vision"``, ``"output"``; see ``visualglm.models.plans.QUANT_OPTIONAL``).
     """
     bits = quantize_bits(bits)
     if group_size is not None and bits == 8:
@@ -60,7 +61,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, bits: int | str,
     if paths_overlap(source_dir, target):
         raise ValueError(f"target {target} overlaps the source {source_dir}: choose another directory")
     model = load(source_dir, dtype=torch_dtype, quantize=bits, quant_group_size=group_size, progress=progress,
-                 fast_cpu_kernels=False)
+                 fast_cpu_kernels=False, quantize_also=also)
     count = len(quantized_modules(model))
     if not count:
         raise ValueError(f"{source_dir}: nothing to quantize in this model")

@@ -29,7 +29,7 @@ from torch import nn
 from visualglm.checkpoint.keymaps import KeyMap, UnknownKeyError, map_key
 from visualglm.checkpoint.load import CheckpointError, TensorHook, quantize_bits, release_freed_memory
 from visualglm.config import AnyConfig
-from visualglm.models.plans import QUANT_SKIP
+from visualglm.models.plans import quant_skip
 from visualglm.quant.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from visualglm.quant.swap import plan_quantization, swap_empty
 
@@ -214,7 +214,8 @@ def _check(tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> 
 def prepare_quantized_load(model: nn.Module, config: AnyConfig, quantize: int | str | None, keymap: KeyMap,
                            dtype: torch.dtype | None, device: torch.device, where: Path | str,
                            symmetric: bool = False, tensor_hook: TensorHook | None = None,
-                           group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedLoader | None:
+                           group_size: int = DEFAULT_GROUP_SIZE, also: tuple[str, ...] = ()
+                           ) -> QuantizedLoader | None:
     """Swap ``model``'s (meta) linears for empty quantized modules as the checkpoint or ``quantize`` asks,
     and return the loader that fills them (None when nothing is quantized). Sets ``model.quantization``."""
     stored = config.extra.get(QUANT_CONFIG_KEY)
@@ -231,7 +232,7 @@ def prepare_quantized_load(model: nn.Module, config: AnyConfig, quantize: int | 
         bits, plan = _thudm_plan(model, config, thudm, config_file)
         mode, info = "thudm", {"source": f"THUDM int{bits}"}
     elif requested is not None:
-        bits, skip = requested, QUANT_SKIP[config.family]
+        bits, skip = requested, quant_skip(config.family, also)
         if bits == 4 and group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
         plan = plan_quantization(model, bits, group_size=group_size, skip=skip)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from visualglm.cli.options import add_quant_flags, quant_also
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("bench", help="measure prefill/decode speed",
@@ -21,7 +23,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     parser.add_argument("--compile", action="store_true", help="decode with torch.compile (fixed shapes)")
-    parser.add_argument("--quant", type=int, choices=(8, 4), default=None, help="weight-only INT8 or INT4")
+    add_quant_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from visualglm.bench import format_result, run_bench
 
     result = run_bench(args.model, None if args.model else args.config, args.dtype, args.batch,
-                       args.prompt_tokens, args.new_tokens, compile=args.compile, quant=args.quant)
+                       args.prompt_tokens, args.new_tokens, compile=args.compile, quant=args.quant,
+                       quant_also=quant_also(args))
     print(format_result(result, args.json))
     return 0

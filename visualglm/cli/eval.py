@@ -13,6 +13,8 @@ import json
 import sys
 import time
 
+from visualglm.cli.options import add_quant_flags, quant_also
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="VQA accuracy on easy-VQA or a jsonl file", description=__doc__,
@@ -30,8 +32,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--model", help="checkpoint directory or name (default: the shipped demo model)")
         sub.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
         sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-        sub.add_argument("--quant", type=int, choices=(8, 4), default=None,
-                         help="weight-only INT8 or INT4 for the language model's linears")
+        add_quant_flags(sub)
         sub.add_argument("--adapter", default=None, metavar="DIR",
                          help="LoRA or P-tuning adapter folder (peft layout, e.g. from `visualglm finetune`)")
         sub.add_argument("--batch-size", type=int, default=64, help="questions per batch (default: 64)")
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         records = read_vqa_jsonl(args.data)
         label = args.data
     model_path = resolve_model(args.model)
-    model = visualglm.load(model_path, dtype=args.dtype, device=args.device, quantize=args.quant, progress=False)
+    model = visualglm.load(model_path, dtype=args.dtype, device=args.device, quantize=args.quant,
+                           quantize_also=quant_also(args), progress=False)
     if not hasattr(model, "encode_images") or model.config.family != "visualglm":
         raise ValueError(f"{model_path} is not a VisualGLM-6B-architecture model: eval needs one")
     if args.adapter:
@@ -70,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
+    also = quant_also(args)
     print(f"{label}: {result.n} questions, model {model_path}" + (f", int{args.quant}" if args.quant else "")
-          + (f", adapter {args.adapter}" if args.adapter else ""))
+          + (f" (also {', '.join(also)})" if also else "") + (f", adapter {args.adapter}" if args.adapter else ""))
     print(f"{'type':<10} {'correct':>8} {'n':>6} {'accuracy':>9}")
     for qtype, row in result.by_type().items():
         print(f"{qtype:<10} {row['correct']:>8} {row['n']:>6} {row['accuracy'] * 100:>8.2f}%")
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  wrong: {record.image} | {record.question} -> {answer!r} (expected {record.answers[0]!r})")
     if args.json:
         summary = {**result.summary(), "model": str(model_path), "data": label, "quant": args.quant,
-                   "adapter": args.adapter,
+                   "quant_also": list(also), "adapter": args.adapter,
                    "seconds": round(seconds, 2)}
         print(json.dumps(summary, ensure_ascii=False))
     return 0

@@ -15,10 +15,30 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="float32, bfloat16 or float16 (default: the checkpoint's; float16 becomes "
                         "bfloat16 on CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--quant", type=int, choices=(8, 4), default=None,
-                        help="weight-only INT8 or INT4 (group 128) for the language model's linears")
+    add_quant_flags(parser)
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="LoRA or P-tuning adapter folder (peft layout, e.g. from `visualglm finetune`)")
+
+
+def add_quant_flags(parser: argparse.ArgumentParser) -> None:
+    """``--quant 8|4`` and the optional parts it may also cover (read back with ``quant_also``)."""
+    parser.add_argument("--quant", type=int, choices=(8, 4), default=None,
+                        help="weight-only INT8 or INT4 (group 128) for the language model's linears")
+    parser.add_argument("--quant-vision", action="store_true",
+                        help="with --quant: quantize the image encoder too (smaller, less exact; the references "
+                        "keep it in floating point)")
+    parser.add_argument("--quant-output", action="store_true",
+                        help="with --quant: quantize the output layer too (GLM-4V-9B; ChatGLM-6B's is tied to "
+                        "its embeddings)")
+
+
+def quant_also(args: argparse.Namespace) -> tuple[str, ...]:
+    """The optional parts named by ``--quant-vision`` / ``--quant-output`` (they need ``--quant``)."""
+    parts = tuple(part for part, flag in (("vision", "quant_vision"), ("output", "quant_output"))
+                  if getattr(args, flag, False))
+    if parts and getattr(args, "quant", None) is None:
+        raise ValueError("--quant-vision / --quant-output need --quant 8 or --quant 4")
+    return parts
 
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +130,8 @@ def build_session(args: argparse.Namespace):
     SamplingParams(**overrides).validate()  # bad flags fail before the (slow) model load
     tokenizer = visualglm.load_tokenizer(args.model)
     model = visualglm.load(args.model, dtype=args.dtype, device=parallel.device if parallel else args.device,
-                           quantize=args.quant, tensor_parallel=parallel is not None)
+                           quantize=args.quant, quantize_also=quant_also(args),
+                           tensor_parallel=parallel is not None)
     if getattr(args, "adapter", None):
         if parallel is not None:
             raise ValueError("--adapter does not combine with --tp (merge it first: visualglm merge-lora)")

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from visualglm.cli.options import add_model_flags, add_parallel_flags, relaunch_for_tp
+from visualglm.cli.options import add_model_flags, add_parallel_flags, quant_also, relaunch_for_tp
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                   "model", file=sys.stderr)
     limits = ServeLimits(max_queue=args.max_queue, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
                          max_prompt_tokens=args.max_prompt_tokens)
-    model, tokenizer, name = load_model(args.model, quant=args.quant, dtype=args.dtype,
+    model, tokenizer, name = load_model(args.model, quant=args.quant, quant_also=quant_also(args), dtype=args.dtype,
                                         device=parallel.device if parallel else args.device,
                                         adapter=getattr(args, "adapter", None), tensor_parallel=parallel is not None)
     channel = None

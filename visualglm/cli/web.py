@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from visualglm.cli.options import add_model_flags
+from visualglm.cli.options import add_model_flags, quant_also
 from visualglm.cli.serve import is_loopback
 
 
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be at least 1")
     if not is_loopback(args.host) or args.share:
         print("warning: the web UI has no password: anyone who can reach it can use the model", file=sys.stderr)
-    worker = load_worker(args.model, quant=args.quant, dtype=args.dtype, device=args.device,
+    worker = load_worker(args.model, quant=args.quant, quant_also=quant_also(args), dtype=args.dtype,
+                         device=args.device,
                          adapter=getattr(args, "adapter", None),
                          limits=ServeLimits(max_new_tokens=args.max_new_tokens))
     try:

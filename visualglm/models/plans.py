@@ -16,6 +16,28 @@ QUANT_SKIP: dict[str, tuple[str, ...]] = {
     "glm4v": ("transformer.output_layer", "transformer.vision.*"),
 }
 
+# Parts a user may ask to quantize as well (``quantize_also``): each removes its patterns from the skip
+# list. ChatGLM-6B's output layer is tied to the word embeddings (one matrix serves both), so it is not
+# offered there; GLM-4V-9B's is a matrix of its own.
+QUANT_OPTIONAL: dict[str, dict[str, tuple[str, ...]]] = {
+    "chatglm": {},
+    "visualglm": {"vision": ("image_encoder.*",)},
+    "glm4v": {"vision": ("transformer.vision.*",), "output": ("transformer.output_layer",)},
+}
+
+
+def quant_skip(family: str, also: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The skip patterns for ``family`` once the optional parts named in ``also`` are quantized too."""
+    optional = QUANT_OPTIONAL[family]
+    unknown = [part for part in also if part not in optional]
+    if unknown:
+        offered = ", ".join(sorted(optional)) or "none"
+        raise ValueError(f"cannot also quantize {', '.join(map(repr, unknown))} in a {family} model "
+                         f"(optional parts offered: {offered})")
+    dropped = {pattern for part in also for pattern in optional[part]}
+    return tuple(pattern for pattern in QUANT_SKIP[family] if pattern not in dropped)
+
+
 # The image encoder of each family (None: text only). A text decode step never reads it.
 VISION_TOWER: dict[str, str | None] = {"chatglm": None, "visualglm": "image_encoder", "glm4v": "transformer.vision"}
 

@@ -42,7 +42,8 @@ class VisualGLMForCausalLM(ChatGLMForCausalLM):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Pixel values ``[B, 3, H, W]`` -> image embeddings ``[B, image_length, hidden]`` (LM dtype)."""
-        encoder_dtype = self.image_encoder.glm_proj.weight.dtype
+        # An embedding table's dtype: linears may hold int8/uint8 weights when the encoder is quantized.
+        encoder_dtype = self.image_encoder.vit.transformer.position_embeddings.weight.dtype
         embeds = self.image_encoder(images.to(encoder_dtype))
         return embeds.to(self.transformer.word_embeddings.weight.dtype)
 

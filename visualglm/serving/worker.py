@@ -380,7 +380,7 @@ def _emitter(job: Job) -> Callable[..., None]:
 
 def load_model(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
                device: str | torch.device = "cpu", adapter: str | Path | None = None,
-               tensor_parallel: bool = False) -> tuple[nn.Module, Any, str]:
+               tensor_parallel: bool = False, quant_also: tuple[str, ...] = ()) -> tuple[nn.Module, Any, str]:
     """Load ``model`` (default: the shipped demo model), with a LoRA / P-tuning ``adapter`` folder if given;
     with ``tensor_parallel`` (under torchrun) this rank's shard only. Returns (model, tokenizer, name)."""
     from visualglm.checkpoint.load import load
@@ -394,7 +394,8 @@ def load_model(model: str | Path | None, *, quant: int | None = None, dtype: str
     name = DEMO_MODEL_NAME if not model else (Path(str(model)).name or str(model))
     started = time.perf_counter()
     tokenizer = load_tokenizer(path)
-    loaded = load(path, dtype=dtype, device=device, quantize=quant, tensor_parallel=tensor_parallel)
+    loaded = load(path, dtype=dtype, device=device, quantize=quant, quantize_also=quant_also,
+                  tensor_parallel=tensor_parallel)
     if adapter:
         from visualglm.peft import apply_adapter
 
@@ -404,8 +405,9 @@ def load_model(model: str | Path | None, *, quant: int | None = None, dtype: str
 
 
 def load_worker(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
-                device: str = "cpu", adapter: str | Path | None = None, limits: ServeLimits | None = None
-                ) -> Worker:
+                device: str = "cpu", adapter: str | Path | None = None, limits: ServeLimits | None = None,
+                quant_also: tuple[str, ...] = ()) -> Worker:
     """Load ``model`` (see :func:`load_model`) and return a started :class:`Worker`."""
-    loaded, tokenizer, name = load_model(model, quant=quant, dtype=dtype, device=device, adapter=adapter)
+    loaded, tokenizer, name = load_model(model, quant=quant, dtype=dtype, device=device, adapter=adapter,
+                                         quant_also=quant_also)
     return Worker(loaded, tokenizer, name=name, limits=limits).start()
