@@ -119,6 +119,14 @@ def _start(checkpoint, **popen) -> tuple[subprocess.Popen, str, list[psutil.Proc
     return launcher, url, processes
 
 
+def _assert_clean_exit(launcher: subprocess.Popen) -> None:
+    """A requested stop is a success: exit status 0 and no traceback (rank 0 shut down gracefully, told the
+    others to stop, and torch.distributed.run saw both end)."""
+    _, err = launcher.communicate(timeout=10)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "exitcode" not in err, err[-3000:]
+
+
 def _kill_leftovers(launcher: subprocess.Popen, processes: list[psutil.Process]) -> None:
     for process in processes:
         if process.is_running():
@@ -140,6 +148,7 @@ def test_serve_under_two_ranks_answers_like_one_process(tiny_visual_checkpoint) 
         launcher.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(processes, timeout=SHUTDOWN_S)
         assert not alive, f"still running: {[p.cmdline() for p in alive]}"
+        _assert_clean_exit(launcher)
     finally:
         _kill_leftovers(launcher, processes)
     with running(_load(tiny_visual_checkpoint)) as (single_url, _):
@@ -157,6 +166,7 @@ def test_ctrl_c_stops_every_rank(tiny_visual_checkpoint) -> None:
         os.killpg(launcher.pid, signal.SIGINT)
         _, alive = psutil.wait_procs(processes, timeout=SHUTDOWN_S)
         assert not alive, f"still running: {[p.cmdline() for p in alive]}"
+        _assert_clean_exit(launcher)
     finally:
         _kill_leftovers(launcher, processes)
 

@@ -77,6 +77,14 @@ def run(args: argparse.Namespace) -> int:
         channel = Leader(parallel.device)
     worker = Worker(model, tokenizer, name=name, limits=limits, channel=channel).start()
     app = create_app(worker, api_key=args.api_key, allow_remote_images=args.allow_remote_images)
+    if parallel is not None:
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found and raises the
+        # signal again. With the default handlers that would kill rank 0 before `worker.stop()` tells the
+        # other ranks to stop, and torch.distributed.run would report rank 0 as failed: absorb it instead.
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -144,26 +145,42 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
 
 
 def relaunch_forwarding_signals(nproc: int, argv: Sequence[str]) -> int:
-    """``relaunch`` for a long-running command (a server): SIGTERM and SIGHUP sent to this process are
-    passed on to torch.distributed.run, which passes them on to every rank, so stopping this process stops
-    the server; Ctrl-C is ignored here while waiting, because the terminal sends it to every process of
-    the foreground group (torch.distributed.run and the ranks included), and killing the launcher would
-    leave the ranks without their supervisor. Returns torch.distributed.run's exit status."""
+    """``relaunch`` for a long-running command (a server), stopped by Ctrl-C, SIGTERM or SIGHUP sent to
+    this process. torch.distributed.run runs in a session of its own, so a terminal's Ctrl-C reaches this
+    process only; the first signal goes to the ranks themselves (rank 0 shuts its server down and tells the
+    others to stop), after which torch.distributed.run sees them end and exits quietly (signalled itself,
+    it aborts with a traceback). A further signal goes to torch.distributed.run, which then stops the ranks
+    by force. Returns torch.distributed.run's exit status."""
     import signal
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "visualglm", *strip_tp_flag(argv)]
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
-        process.send_signal(signum)
+        targets = (_child_pids(process.pid) or [process.pid]) if not received else [process.pid]
+        received.append(signum)
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         return process.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc; empty where it is not available)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in children.split()]
