@@ -164,20 +164,9 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
             # Compiled decoding wants one cache shape for the whole session: size it to the context.
             size = config.max_sequence_length if compiled is not None else cache_length
             model.setup_kv_cache(batch, size)
-    cache_length = _cache_capacity(model)
-    start = reuse_prefix
-    if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
-        raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} do not match the padded prompts "
-                         f"{tuple(input_ids.shape)}")
-    prompt_embeds = None if inputs_embeds is None else inputs_embeds[:, start:].to(device)
-    logits = model(input_ids[:, start:], positions[..., start:], mask[:, :, start:, :],
-                   cache_positions=torch.arange(start, length, device=device), inputs_embeds=prompt_embeds,
-                   logits_to_keep=1)[:, -1].float()
-
-    state = DecodeState(mask[:, :, -1:, :], positions[..., -1:], cache_length)
+    logits, state, valid = _prefill(model, input_ids, num_pad, positions, mask, inputs_embeds, start=reuse_prefix)
     sampling = params.sampling.validate()
     generator = generator or make_generator(sampling.seed, device)
-    valid = torch.tensor([[i >= n for i in range(length)] for n in num_pad], device=device)
     tokens = input_ids
     stop = torch.tensor(list(params.stop_ids) or [-1], device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -229,18 +218,10 @@ def _generate_rows(model: nn.Module, prompts: Sequence[Sequence[int]], params: l
     positions, mask = model.prompt_inputs(input_ids, num_pad)
     if not _cache_fits(model, batch, length + budget):
         model.setup_kv_cache(batch, length + budget)
-    if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
-        raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} do not match the padded prompts "
-                         f"{tuple(input_ids.shape)}")
-    prompt_embeds = None if inputs_embeds is None else inputs_embeds.to(device)
-    logits = model(input_ids, positions, mask, cache_positions=torch.arange(0, length, device=device),
-                   inputs_embeds=prompt_embeds, logits_to_keep=1)[:, -1].float()
-
-    state = DecodeState(mask[:, :, -1:, :], positions[..., -1:], _cache_capacity(model))
+    logits, state, valid = _prefill(model, input_ids, num_pad, positions, mask, inputs_embeds)
     samplings = [p.sampling.validate() for p in params]
     generators = [g or make_generator(s.seed, device) for g, s in zip(generator, samplings, strict=True)]
     stops = [frozenset(p.stop_ids) for p in params]
-    valid = torch.tensor([[i >= n for i in range(length)] for n in num_pad], device=device)
     tokens = input_ids
     reasons: list[str | None] = [None] * batch
     produced = [0] * batch
@@ -283,7 +264,7 @@ def _generate_rows(model: nn.Module, prompts: Sequence[Sequence[int]], params: l
                 keep = torch.tensor(live, device=device)
                 tokens, valid, chosen = tokens[keep], valid[keep], chosen[keep]
                 state.select(keep)
-                _select_cache_rows(model, keep)
+                model.select_kv_cache_rows(keep)
                 active = [active[j] for j in live]
             slot, position = state.advance(model)
             # Attend to the written slots only; with no left padding left, no mask at all (as a lone request).
@@ -294,12 +275,24 @@ def _generate_rows(model: nn.Module, prompts: Sequence[Sequence[int]], params: l
             model.delete_kv_cache()
 
 
-def _select_cache_rows(model: nn.Module, rows: torch.Tensor) -> None:
-    """Keep only batch ``rows`` (indices ``[B']``) of every layer's KV cache (new, smaller tensors)."""
-    for attention in model.attention_modules():
-        cache = attention.kv_cache
-        cache.k = cache.k.index_select(0, rows)
-        cache.v = cache.v.index_select(0, rows)
+def _prefill(model: nn.Module, input_ids: torch.Tensor, num_pad: Sequence[int], positions: torch.Tensor,
+             mask: torch.Tensor, inputs_embeds: torch.Tensor | None, start: int = 0
+             ) -> tuple[torch.Tensor, DecodeState, torch.Tensor]:
+    """Run the prompts ``input_ids`` ``[B, T]`` from slot ``start`` on (earlier slots are cached) into the
+    allocated cache. Returns the last position's logits ``[B, vocab]`` (fp32), the decode state, and which
+    ids are real tokens (not left padding) ``[B, T]``."""
+    device = input_ids.device
+    length = input_ids.shape[1]
+    if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+        raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} do not match the padded prompts "
+                         f"{tuple(input_ids.shape)}")
+    prompt_embeds = None if inputs_embeds is None else inputs_embeds[:, start:].to(device)
+    logits = model(input_ids[:, start:], positions[..., start:], mask[:, :, start:, :],
+                   cache_positions=torch.arange(start, length, device=device), inputs_embeds=prompt_embeds,
+                   logits_to_keep=1)[:, -1].float()
+    state = DecodeState(mask[:, :, -1:, :], positions[..., -1:], _cache_capacity(model))
+    valid = torch.tensor([[i >= n for i in range(length)] for n in num_pad], device=device)
+    return logits, state, valid
 
 
 def compile_decode(model: nn.Module) -> Callable:

@@ -32,6 +32,11 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, positions, v.to(self.v.dtype))
         return self.k, self.v
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch ``rows`` (indices ``[B']``): new, smaller tensors."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
 
 class CachedAttentionModel:
     """Cache management shared by the decoders. A model lists its attention modules (each with a
@@ -59,6 +64,11 @@ class CachedAttentionModel:
         """(batch_size, max_length) of the allocated cache, or None."""
         cache = self.attention_modules()[0].kv_cache
         return None if cache is None else (cache.k.shape[0], cache.max_length)
+
+    def select_kv_cache_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch ``rows`` (indices ``[B']``) of every layer's cache (rows that left a batch)."""
+        for attention in self.attention_modules():
+            attention.kv_cache.select_rows(rows)
 
     def delete_kv_cache(self) -> None:
         for attention in self.attention_modules():
