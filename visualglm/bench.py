@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visualglm.checkpoint.load import apply_cpu_kernels, build_model, load, parse_dtype, quantize_bits
+from visualglm.checkpoint.load import (
+    apply_cpu_kernels,
+    build_model,
+    load,
+    parse_dtype,
+    quantization_plan_info,
+    quantize_bits,
+)
 from visualglm.checkpoint.tiny import init_random_weights
 from visualglm.config import get_config
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
@@ -72,8 +79,7 @@ def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None,
         skip = quant_skip(config.family, quant_also)
         planned = swap_empty(model, plan_quantization(model, bits, group_size=group_size, skip=skip), bits,
                              bias_dtype=dtype)
-        model.quantization = {"bits": bits, "symmetric": False, "skip": list(skip),
-                              **({"group_size": group_size} if bits == 4 else {})}
+        model.quantization = {"bits": bits, **quantization_plan_info(bits, skip, group_size)}
     model = model.to_empty(device="cpu").to(dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # to_empty gives every module its own new tensor: share the embedding again

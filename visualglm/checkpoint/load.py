@@ -159,13 +159,18 @@ def quantize_bits(quantize: int | str) -> int:
     return bits
 
 
+def quantization_plan_info(bits: int, skip: tuple[str, ...], group_size: int, symmetric: bool = False
+                           ) -> dict:
+    """How a model was quantized, as ``model.quantization`` records it (and config.json stores it)."""
+    return {"symmetric": symmetric, "skip": list(skip), **({"group_size": group_size} if bits == 4 else {})}
+
+
 def apply_quantization(model: nn.Module, quantize: int | str, group_size: int = 128,
                        also: tuple[str, ...] = ()) -> int:
     """Weight-only quantization of a loaded model following its family's plan (plus the optional parts in
     ``also``, see ``visualglm.models.plans.QUANT_OPTIONAL``); returns modules replaced."""
     bits, skip = quantize_bits(quantize), quant_skip(model.config.family, also)
-    model.quantization = {"bits": bits, "symmetric": False, "skip": list(skip),
-                          **({"group_size": group_size} if bits == 4 else {})}
+    model.quantization = {"bits": bits, **quantization_plan_info(bits, skip, group_size)}
     return quantize_model(model, bits, group_size=group_size, skip=skip)
 
 

@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from visualglm.checkpoint.keymaps import KeyMap, UnknownKeyError, map_key
-from visualglm.checkpoint.load import CheckpointError, TensorHook, quantize_bits, release_freed_memory
+from visualglm.checkpoint.load import (
+    CheckpointError,
+    TensorHook,
+    quantization_plan_info,
+    quantize_bits,
+    release_freed_memory,
+)
 from visualglm.config import AnyConfig
 from visualglm.models.plans import quant_skip
 from visualglm.quant.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
@@ -237,7 +243,7 @@ def prepare_quantized_load(model: nn.Module, config: AnyConfig, quantize: int | 
             raise ValueError(f"group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
         plan = plan_quantization(model, bits, group_size=group_size, skip=skip)
         mode = "quantize"
-        info = {"symmetric": symmetric, "skip": list(skip), **({"group_size": group_size} if bits == 4 else {})}
+        info = quantization_plan_info(bits, skip, group_size, symmetric)
     else:
         return None
     if requested is not None and requested != bits:
