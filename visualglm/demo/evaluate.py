@@ -19,7 +19,7 @@ import torch
 
 from visualglm.demo.data import Record, build_records
 from visualglm.demo.scoring import is_correct
-from visualglm.generation.chat import has_cjk, undecodable_ranges
+from visualglm.generation.chat import has_cjk, model_undecodable_ranges
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, generate_steps, left_pad
 from visualglm.generation.sampling import SamplingParams
@@ -130,7 +130,7 @@ def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 
     padded, pads = left_pad(prompts, config.pad_token_id)
     embeds = model.embed_with_images(padded.to(device), image_embeds[[row_of[r.image] for r in records]],
                                      [s + p for s, p in zip(starts, pads, strict=True)])
-    banned = tuple(undecodable_ranges(tokenizer.known_ids(), model.get_input_embeddings().num_embeddings))
+    banned = tuple(model_undecodable_ranges(model, tokenizer))
     params = GenerationParams(max_new_tokens=max_new_tokens, stop_ids=(config.eos_token_id,),
                               sampling=SamplingParams(do_sample=False, banned_ranges=banned))
     streams = [DecodeStream(tokenizer, postprocess="chatglm") for _ in records]

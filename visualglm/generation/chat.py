@@ -48,13 +48,12 @@ class ChatSession:
             raise ValueError("english mode is a VisualGLM-6B option")
         self.english = english
         if sampling is None:
-            sampling = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
-                        "glm4v": SamplingParams.glm4v}[self.family]()
+            sampling = FAMILY_SAMPLING[self.family]()
             if english:
                 sampling = sampling.replace(banned_ranges=VISUALGLM_ENGLISH_BANNED_RANGES)
         # The output layer has more rows than the tokenizer has ids (padding): never sample an id that cannot
         # be decoded. The reference would give them ~0 probability anyway; here it is a guarantee.
-        unknown = undecodable_ranges(tokenizer.known_ids(), model.get_input_embeddings().num_embeddings)
+        unknown = model_undecodable_ranges(model, tokenizer)
         if unknown:
             sampling = sampling.replace(banned_ranges=tuple(sampling.banned_ranges) + tuple(unknown))
         self.sampling = sampling.validate()
@@ -124,10 +123,8 @@ class ChatSession:
                 embeds = self.model.embed_with_images(torch.tensor([ids], device=device), self._image_embeds,
                                                       [image_start])
         reuse = self.model.reusable_prefix(self._cached_ids, ids) if self._cached_ids else 0
-        config = self.model.config
-        stop_ids = config.stop_ids if self.family == "glm4v" else (config.eos_token_id,)
         params = GenerationParams(max_new_tokens=self.max_new_tokens, max_length=self.max_length,
-                                  stop_ids=stop_ids, sampling=self.sampling)
+                                  stop_ids=answer_stop_ids(self.model.config), sampling=self.sampling)
         decoded = DecodeStream(self.tokenizer, postprocess="glm4" if self.family == "glm4v" else "chatglm")
         chosen: list[int] = []
         self._cached_ids = []  # invalid while the cache is being rewritten
@@ -188,6 +185,21 @@ def build_prompt_ids(model: nn.Module, tokenizer, query: str, history: Sequence[
     image_length = model.config.image_length if image else None
     english = english if english is not None else not has_cjk(query)
     return visualglm_ids(tokenizer, query, history, image_length=image_length, english=english)
+
+
+# The reference chat functions' sampling defaults, per family.
+FAMILY_SAMPLING = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
+                   "glm4v": SamplingParams.glm4v}
+
+
+def answer_stop_ids(config) -> tuple[int, ...]:
+    """The ids that end an answer: GLM-4V-9B's three stop ids, or ChatGLM's end-of-text id."""
+    return tuple(config.stop_ids) if config.family == "glm4v" else (config.eos_token_id,)
+
+
+def model_undecodable_ranges(model: nn.Module, tokenizer) -> list[tuple[int, int]]:
+    """Ranges of output rows the tokenizer has no id for (padding rows): never to be sampled."""
+    return undecodable_ranges(tokenizer.known_ids(), model.get_input_embeddings().num_embeddings)
 
 
 def undecodable_ranges(known_ids, vocab: int) -> list[tuple[int, int]]:

@@ -21,9 +21,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from visualglm.generation.chat import FAMILY_SAMPLING  # noqa: E402
 from visualglm.image import ImageError, load_image  # noqa: E402
 from visualglm.serving.protocol import APIError  # noqa: E402
-from visualglm.serving.worker import FAMILY_SAMPLING, GenerationRequest, QueueFullError, Worker  # noqa: E402
+from visualglm.serving.worker import GenerationRequest, QueueFullError, Worker  # noqa: E402
 
 BUSY_MESSAGE = "The server is busy: please try again in a moment."
 # System fonts only: the page must render offline (the default theme pulls fonts from the internet).

@@ -32,17 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from visualglm.generation.chat import build_prompt_ids, undecodable_ranges
+from visualglm.generation.chat import FAMILY_SAMPLING, answer_stop_ids, build_prompt_ids, model_undecodable_ranges
 from visualglm.generation.engine import GenerationParams
-from visualglm.generation.sampling import SamplingParams
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.serving.batch import Row, RowOutput, batch_steps, rows_to_end
 from visualglm.serving.protocol import APIError, ServeLimits
 
 log = logging.getLogger("visualglm.serving")
 
-FAMILY_SAMPLING = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
-                    "glm4v": SamplingParams.glm4v}
 _IMAGE_CACHE_SIZE = 4  # encoded images kept: multi-turn clients resend the same image every turn
 
 
@@ -141,10 +138,8 @@ class Worker:
         self.largest_batch = 0
         self.images_encoded = 0
         # The output layer has rows the tokenizer cannot decode (padding): never sample them (as ChatSession).
-        vocab = model.get_input_embeddings().num_embeddings
-        self._undecodable = tuple(undecodable_ranges(tokenizer.known_ids(), vocab))
-        config = model.config
-        self._stop_ids = tuple(config.stop_ids) if self.family == "glm4v" else (config.eos_token_id,)
+        self._undecodable = tuple(model_undecodable_ranges(model, tokenizer))
+        self._stop_ids = answer_stop_ids(model.config)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
