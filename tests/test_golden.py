@@ -94,6 +94,12 @@ def check_chatglm_case(directory: Path, case: dict) -> None:
 # float32 order of operations lands about as far. Image-path checks are therefore relative to the
 # tensor's scale; the language model is checked at LOGIT_TOLERANCE with the reference's own embeddings.
 IMAGE_RELATIVE_TOLERANCE = 1e-3
+# Eight decode steps of the language model amplify that image-path noise about 70-fold: on an AVX-512 + AMX
+# Xeon our embeddings (1.9e-5 from the reference's, in L2) gave decode scores 1.3e-3 away at step 8, while the
+# reference's own embeddings are 7.5e-5 from a float64 recomputation. The decode path itself is checked at
+# LOGIT_TOLERANCE with the reference's embeddings; with ours, the tokens must match and the scores stay
+# within this bound.
+IMAGE_DECODE_RELATIVE_TOLERANCE = 5e-3
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -127,13 +133,19 @@ def check_visualglm_case(directory: Path, case: dict) -> None:
     assert (exact_lm[:, -want.shape[1]:] - want).abs().max().item() <= LOGIT_TOLERANCE
     assert _relative_error(end_to_end[:, -want.shape[1]:], want) <= IMAGE_RELATIVE_TOLERANCE
 
-    # Greedy decoding end to end (our image embeddings), through the KV cache.
+    # Greedy decoding through the KV cache: with the reference's image embeddings (the decoder alone), then
+    # end to end with ours.
     want_tokens = expected[f"{name}.greedy_new_tokens"].long()
-    embeds = model.embed_with_images(ids, image_embeds, [start])
-    steps = list(generate_steps(model, ids.tolist(), max_new_tokens=want_tokens.shape[1], inputs_embeds=embeds))
-    assert torch.stack([s.tokens for s in steps], dim=1).tolist() == want_tokens.tolist()
-    scores = torch.stack([s.logits for s in steps], dim=1)
-    assert _relative_error(scores, expected[f"{name}.decode_scores"]) <= IMAGE_RELATIVE_TOLERANCE
+    want_scores = expected[f"{name}.decode_scores"]
+    for embeddings, tolerance in ((expected["image.image_embeds"], None), (image_embeds, IMAGE_DECODE_RELATIVE_TOLERANCE)):
+        embeds = model.embed_with_images(ids, embeddings, [start])
+        steps = list(generate_steps(model, ids.tolist(), max_new_tokens=want_tokens.shape[1], inputs_embeds=embeds))
+        assert torch.stack([s.tokens for s in steps], dim=1).tolist() == want_tokens.tolist()
+        scores = torch.stack([s.logits for s in steps], dim=1)
+        if tolerance is None:
+            assert (scores - want_scores).abs().max().item() <= LOGIT_TOLERANCE
+        else:
+            assert _relative_error(scores, want_scores) <= tolerance
 
 
 def check_glm4v_case(directory: Path, case: dict) -> None:
