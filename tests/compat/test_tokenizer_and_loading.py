@@ -127,3 +127,18 @@ def test_bad_chat_arguments(tiny_chat_checkpoint: Path, glm4v_checkpoint: Path) 
     streamed = list(glm.stream_chat(glm_tokenizer, "hi", history=[], do_sample=False, max_new_tokens=4))
     answer, history = glm.chat(glm_tokenizer, "hi", history=[], do_sample=False, max_new_tokens=4)
     assert streamed[-1] == (answer, history) and history[0] == {"role": "user", "content": "hi"}
+
+
+def test_glm4v_chat_max_length_counts_the_image_as_its_placeholders(glm4v_checkpoint: Path, tmp_path: Path) -> None:
+    # As the reference's generate() sees the prompt: three placeholder ids, not the image's vectors.
+    model, tokenizer = AutoModel.from_pretrained(glm4v_checkpoint), AutoTokenizer.from_pretrained(glm4v_checkpoint)
+    image = str(make_png(tmp_path / "p.png"))
+    shown = len(tokenizer.apply_chat_template([{"role": "user", "image": image, "content": "hi"}],
+                                              add_generation_prompt=True))
+    assert model.model.image_tokens > 3
+    with pytest.raises(ValueError, match=f"max_length {shown} leaves no room to answer a prompt of {shown} tokens"):
+        model.chat(tokenizer, "hi", history=[], image=image, max_length=shown)
+    streamed = list(model.stream_chat(tokenizer, "hi", history=[], image=image, max_length=shown + 2,
+                                      do_sample=False))
+    answer, _ = model.chat(tokenizer, "hi", history=[], image=image, max_new_tokens=2, do_sample=False)
+    assert streamed[-1][0] == answer

@@ -9,6 +9,8 @@ run by :class:`~visualglm.generation.chat.ChatSession`.
 - GLM-4V-9B: ``(tokenizer, query, history=None, role="user", image=None, max_length=8192, num_beams=1,
   do_sample=True, top_p=0.8, temperature=0.8, ...)``; history is a list of message dicts. The caller's list
   is not mutated (the reference appends to it) and ``stream_chat`` answers the query (reference-spec D20).
+  ``max_length`` counts the prompt with the image as its three placeholder ids, as the reference's
+  ``generate`` sees it (not the 1602 vectors they become).
 
 ``**kwargs`` may hold ``max_new_tokens``, ``top_k`` and ``repetition_penalty``; anything else is refused.
 Sampling draws from a generator seeded from torch's global RNG, so ``torch.manual_seed`` makes a call
@@ -40,7 +42,7 @@ def _options(kwargs: dict[str, Any], num_beams: int, logits_processor: Any, wher
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _session(model: nn.Module, tokenizer: Any, history: list, max_length: int, sampling: SamplingParams,
+def _session(model: nn.Module, tokenizer: Any, history: list, max_length: int | None, sampling: SamplingParams,
              extra: dict[str, Any], image: Any = None, english: bool | None = None) -> ChatSession:
     sampling = sampling.replace(seed=_global_seed() if sampling.do_sample else None,
                                 **{k: extra[k] for k in ("top_k", "repetition_penalty") if k in extra})
@@ -118,7 +120,17 @@ def glm4v_stream(model: nn.Module, tokenizer: Any, query: str, history: list | N
             pairs.append((pending, message.get("content", "")))
             pending = None
     sampling = SamplingParams.glm4v(top_p=top_p, temperature=temperature, do_sample=do_sample)
-    session = _session(model, tokenizer, pairs, max_length, sampling, extra, image=image)
+    session = _session(model, tokenizer, pairs, None, sampling, extra, image=image)
+    # The reference's max_length counts the prompt as generate() sees it, with the image's three placeholder
+    # ids (the model widens them to the image's vectors inside its forward): a token budget, here.
+    ids, start = session.prompt_ids(query)
+    shown = len(ids) - (0 if start is None else model.image_tokens - 3)
+    if max_length is not None:
+        if max_length <= shown:
+            raise ValueError(f"max_length {max_length} leaves no room to answer a prompt of {shown} tokens: raise "
+                             "max_length or shorten the history")
+        limits = [max_length - shown] + ([session.max_new_tokens] if session.max_new_tokens else [])
+        session.max_new_tokens = min(limits)
     user = {"role": "user", "content": query}
     if image is not None and not any(m.get("image") is not None for m in history):
         user["image"] = image
