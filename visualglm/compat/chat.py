@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from visualglm.compat.generate import _global_seed
+from visualglm.compat.generate import global_seed
 from visualglm.compat.tokenizer import refuse_extra, unwrap
 from visualglm.generation.chat import ChatSession
 from visualglm.generation.sampling import SamplingParams
@@ -44,7 +44,7 @@ def _options(kwargs: dict[str, Any], num_beams: int, logits_processor: Any, wher
 
 def _session(model: nn.Module, tokenizer: Any, history: list, max_length: int | None, sampling: SamplingParams,
              extra: dict[str, Any], image: Any = None, english: bool | None = None) -> ChatSession:
-    sampling = sampling.replace(seed=_global_seed() if sampling.do_sample else None,
+    sampling = sampling.replace(seed=global_seed() if sampling.do_sample else None,
                                 **{k: extra[k] for k in ("top_k", "repetition_penalty") if k in extra})
     return ChatSession(model, unwrap(tokenizer), sampling=sampling, max_length=max_length,
                        max_new_tokens=extra.get("max_new_tokens"), history=history, image=image, english=english)

@@ -216,7 +216,7 @@ def _stop_ids(eos: Any) -> tuple[int, ...]:
     return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
 
 
-def _global_seed() -> int:
+def global_seed() -> int:
     """A seed drawn from torch's global RNG: ``torch.manual_seed`` then makes sampling reproducible."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
@@ -255,7 +255,7 @@ def generate(model: nn.Module, input_ids: Any = None, attention_mask: Any = None
     sampling = SamplingParams(do_sample=sample, temperature=pick(temperature, "temperature"),
                               top_k=pick(top_k, "top_k"), top_p=pick(top_p, "top_p"),
                               repetition_penalty=pick(repetition_penalty, "repetition_penalty"),
-                              seed=_global_seed() if sample else None, banned_ranges=tuple(banned_ranges))
+                              seed=global_seed() if sample else None, banned_ranges=tuple(banned_ranges))
     params = GenerationParams(max_new_tokens=_budget(ids.shape[1], max_length, max_new_tokens, defaults),
                               stop_ids=eos, sampling=sampling.validate())
     if streamer is not None:

@@ -134,9 +134,10 @@ class CompatTokenizer:
                       add_special_tokens: bool) -> tuple[list[int], Any, int | None]:
         """(ids, the conversation's image or None, VisualGLM's placeholder start or None)."""
         if self.family == "glm4v":
-            ids, _ = self.tokenizer.apply_chat_template(messages, add_generation_prompt,
-                                                        add_special_tokens=add_special_tokens)
-            image = next((m["image"] for m in messages if self.tokenizer._has_image(m)), None)
+            ids, image_index = self.tokenizer.apply_chat_template(messages, add_generation_prompt,
+                                                                  add_special_tokens=add_special_tokens)
+            # The template checked that at most one message has an image (None or "" count as none).
+            image = None if image_index is None else next(m["image"] for m in messages if _has_image(m))
             return ids, image, None
         history, query, image = self._turns(messages, add_generation_prompt, add_special_tokens)
         if self.family == "chatglm":
@@ -237,6 +238,12 @@ class CompatTokenizer:
     def batch_decode(self, sequences: Any, **kwargs: Any) -> list[str]:
         """:meth:`decode` of each row of a ``[B, T]`` tensor or list of id lists."""
         return [self.decode(row, **kwargs) for row in sequences]
+
+
+def _has_image(message: Mapping[str, Any]) -> bool:
+    """The GLM-4 template's rule: an ``image`` that is not None and not an empty string."""
+    image = message.get("image")
+    return image is not None and not (isinstance(image, (str, bytes)) and not image)
 
 
 def unwrap(tokenizer: Any) -> Any:
