@@ -241,23 +241,23 @@ def generate(model: nn.Module, input_ids: Any = None, attention_mask: Any = None
     pad_id = defaults["pad_token_id"] if pad_token_id is None else pad_token_id
     if pad_id is None:
         pad_id = eos[0] if eos else 0
+
+    def pick(value: Any, name: str) -> Any:
+        return defaults[name] if value is None else value
+
+    sample = pick(do_sample, "do_sample")
+    sampling = SamplingParams(do_sample=sample, temperature=pick(temperature, "temperature"),
+                              top_k=pick(top_k, "top_k"), top_p=pick(top_p, "top_p"),
+                              repetition_penalty=pick(repetition_penalty, "repetition_penalty"),
+                              seed=global_seed() if sample is True else None, banned_ranges=tuple(banned_ranges))
+    params = GenerationParams(max_new_tokens=_budget(ids.shape[1], max_length, max_new_tokens, defaults),
+                              stop_ids=eos, sampling=sampling.validate())
     num_pad = _pad_counts(ids, attention_mask, pad_id, eos)
     _check_positions(model, position_ids, ids, num_pad)
     rows = [row[n:] for row, n in zip(ids.tolist(), num_pad, strict=True)]
     rows, starts = _image_rows(model, rows, images, pre_image_length)
     device = next(model.parameters()).device
     embeds = _prompt_embeds(model, rows, starts, images, pad_id, device)
-
-    def pick(value: Any, name: str) -> Any:
-        return defaults[name] if value is None else value
-
-    sample = bool(pick(do_sample, "do_sample"))
-    sampling = SamplingParams(do_sample=sample, temperature=pick(temperature, "temperature"),
-                              top_k=pick(top_k, "top_k"), top_p=pick(top_p, "top_p"),
-                              repetition_penalty=pick(repetition_penalty, "repetition_penalty"),
-                              seed=global_seed() if sample else None, banned_ranges=tuple(banned_ranges))
-    params = GenerationParams(max_new_tokens=_budget(ids.shape[1], max_length, max_new_tokens, defaults),
-                              stop_ids=eos, sampling=sampling.validate())
     if streamer is not None:
         streamer.put(ids.cpu())
     new = []
