@@ -137,7 +137,8 @@ def check_visualglm_case(directory: Path, case: dict) -> None:
     # end to end with ours.
     want_tokens = expected[f"{name}.greedy_new_tokens"].long()
     want_scores = expected[f"{name}.decode_scores"]
-    for embeddings, tolerance in ((expected["image.image_embeds"], None), (image_embeds, IMAGE_DECODE_RELATIVE_TOLERANCE)):
+    runs = ((expected["image.image_embeds"], None), (image_embeds, IMAGE_DECODE_RELATIVE_TOLERANCE))
+    for embeddings, tolerance in runs:
         embeds = model.embed_with_images(ids, embeddings, [start])
         steps = list(generate_steps(model, ids.tolist(), max_new_tokens=want_tokens.shape[1], inputs_embeds=embeds))
         assert torch.stack([s.tokens for s in steps], dim=1).tolist() == want_tokens.tolist()
