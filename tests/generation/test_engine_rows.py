@@ -119,3 +119,19 @@ def test_per_row_argument_errors(model) -> None:
         list(generate_steps(model, PROMPTS[:2], params=params, generator=torch.Generator()))
     with pytest.raises(ValueError, match="leaves no room"):
         list(generate_steps(model, PROMPTS[:2], params=[params[0], GenerationParams(max_length=4)]))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_a_row_whose_token_cannot_be_chosen_ends_alone(model, drop: bool) -> None:
+    # Row 1 bans every token: no token can be chosen for it. It ends with "error" at the first step; the
+    # other rows generate what they generate alone.
+    vocab = model.config.vocab_size
+    params = [GenerationParams(max_new_tokens=5, sampling=GREEDY),
+              GenerationParams(max_new_tokens=5, sampling=GREEDY.replace(banned_ranges=((0, vocab),))),
+              GenerationParams(max_new_tokens=5, sampling=GREEDY)]
+    steps = list(generate_steps(model, PROMPTS, params=params, drop_finished=drop))
+    answers, reasons = _rows(steps)
+    assert reasons[1] == "error" and answers[1] == []
+    assert "no token left" in str(steps[0].errors[1]) and steps[0].errors[0] is None
+    assert answers[0] == _alone(model, PROMPTS[0], params[0]) and answers[2] == _alone(model, PROMPTS[2], params[2])
+    assert reasons[0] == reasons[2] == "length"

@@ -431,3 +431,49 @@ def test_fused_top_k_top_p_matches_the_two_warpers():
         fused = process_logits(x, None, SamplingParams(top_k=k, top_p=p))
         reference = apply_top_p(apply_top_k(x, k), p)
         assert torch.equal(fused, reference), (k, p)
+
+
+# ------------------------------------------------------------------------------ numerical safety at extremes
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from visualglm.generation.sampling import SamplingError  # noqa: E402
+
+TINY = [5e-324, 1e-300, 1e-39, 1e-38, 1e-30, 1e-10, 1e-4]
+
+
+@settings(max_examples=150, deadline=None)
+@given(temperature=st.sampled_from(TINY) | st.floats(1e-4, 100), top_p=st.sampled_from([5e-324, 1e-300, 1.0])
+       | st.floats(1e-6, 1.0), top_k=st.integers(0, 70), penalty=st.sampled_from([1e-300, 1e-30, 1e30]) |
+       st.floats(1e-3, 100), scale=st.sampled_from([1e-30, 1.0, 1e4, 1e30, 3e38]), seed=st.integers(0, 2**16),
+       ban=st.booleans())
+def test_every_admissible_setting_samples_a_real_token(temperature, top_p, top_k, penalty, scale, seed, ban):
+    # Whatever the settings, sampling picks an id that was neither banned nor -inf, and never raises.
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(2, 64, generator=g) * scale).clamp(-3e38, 3e38)
+    logits[:, :3] = -INF
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty,
+                            banned_ranges=((50, 64),) if ban else ())
+    history = torch.randint(3, 64, (2, 6), generator=g)
+    chosen = next_tokens(logits, history, params, make_generator(seed))
+    for row, token in enumerate(chosen.tolist()):
+        assert 3 <= token < (50 if ban else 64) and bool(torch.isfinite(logits[row, token]))
+
+
+def test_tiny_temperature_is_the_greedy_limit():
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0], [-7.0, -9.0, -6.5, -8.0]])
+    for t in (5e-324, 1e-300, 1e-39, 1e-20):
+        probs = torch.softmax(process_logits(logits, None, SamplingParams(temperature=t)), dim=-1)
+        assert probs.argmax(dim=-1).tolist() == [1, 2] and bool((probs.max(dim=-1).values == 1).all())
+
+
+def test_plus_inf_scores_pick_among_the_inf_tokens_and_nan_rows_raise():
+    logits = torch.tensor([[0.0, INF, 1.0, INF]])
+    params = SamplingParams(temperature=0.7)  # no guard: the VisualGLM guard lets +inf through too
+    picks = {int(next_tokens(logits, None, params, make_generator(s))) for s in range(40)}
+    assert picks == {1, 3}
+    with pytest.raises(SamplingError, match="row 1: NaN"):
+        next_tokens(torch.tensor([[0.0, 1.0], [NAN, 0.0]]), None, SamplingParams(do_sample=False), None)
+    with pytest.raises(SamplingError, match="no token left"):
+        next_tokens(torch.zeros(1, 4), None, SamplingParams(banned_ranges=((0, 4),)), make_generator(0))

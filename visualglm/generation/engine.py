@@ -60,13 +60,15 @@ class Step:
 
     With per-row params, ``reasons`` says for each row why it is finished: None (still running: its token
     is an answer token), ``"stop"`` (it chose a stop id, now or earlier), ``"length"`` (its own budget is
-    spent) or ``"ended"`` (the caller ended it). A row still None when the steps run out ended by length.
-    Logits of rows already dropped from the batch are zeros."""
+    spent), ``"ended"`` (the caller ended it) or ``"error"`` (its token could not be chosen, e.g. NaN
+    scores: ``errors[row]`` holds the exception; the other rows go on). A row still None when the steps run
+    out ended by length. Logits of rows already dropped from the batch are zeros."""
 
     tokens: torch.Tensor
     logits: torch.Tensor
     finished: torch.Tensor
     reasons: tuple[str | None, ...] | None = None
+    errors: tuple[Exception | None, ...] | None = None
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, list[int]]:
@@ -224,6 +226,7 @@ def _generate_rows(model: nn.Module, prompts: Sequence[Sequence[int]], params: l
     stops = [frozenset(p.stop_ids) for p in params]
     tokens = input_ids
     reasons: list[str | None] = [None] * batch
+    errors: list[Exception | None] = [None] * batch
     produced = [0] * batch
     active = list(range(batch))  # the original row of each row of the (possibly shrunk) batch tensors
     try:
@@ -234,8 +237,12 @@ def _generate_rows(model: nn.Module, prompts: Sequence[Sequence[int]], params: l
             for j, row in enumerate(active):
                 if reasons[row] is not None:
                     continue
-                token = next_tokens(logits[j:j + 1], tokens[j:j + 1], samplings[row], generators[row],
-                                    valid=valid[j:j + 1])
+                try:
+                    token = next_tokens(logits[j:j + 1], tokens[j:j + 1], samplings[row], generators[row],
+                                        valid=valid[j:j + 1])
+                except Exception as exc:  # confined to this row (NaN scores, ...): it ends, the others go on
+                    reasons[row], errors[row] = "error", exc
+                    continue
                 chosen[j] = token[0]
                 produced[row] += 1
                 if int(token[0]) in stops[row]:
@@ -247,7 +254,7 @@ def _generate_rows(model: nn.Module, prompts: Sequence[Sequence[int]], params: l
                 out = torch.full((batch,), pad_id, dtype=torch.long, device=device).index_copy_(0, index, chosen)
                 out_logits = logits.new_zeros(batch, logits.shape[-1]).index_copy_(0, index, logits)
             finished = torch.tensor([r is not None for r in reasons], device=device)
-            yield Step(out, out_logits, finished, tuple(reasons))
+            yield Step(out, out_logits, finished, tuple(reasons), tuple(errors))
             for row in active:
                 if reasons[row] is None and produced[row] >= budgets[row]:
                     reasons[row] = "length"

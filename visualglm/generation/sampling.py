@@ -115,7 +115,10 @@ def apply_repetition_penalty(
     # Presence mask by counting (not a scatter of penalised values: duplicate indices with different
     # source values would make the scatter nondeterministic once padding is excluded).
     present = logits.new_zeros(logits.shape).scatter_add_(1, token_ids, weights) > 0
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    # A penalty far below 1 can push a positive score past the float range: saturate it at the largest
+    # finite value instead of +inf (an inf would turn into NaN in the softmax of top-p or sampling).
+    largest = torch.finfo(logits.dtype).max
+    penalised = torch.where(logits < 0, logits * penalty, (logits / penalty).clamp(max=largest))
     return torch.where(present, penalised, logits)
 
 
@@ -124,11 +127,26 @@ def _temperature(logits: torch.Tensor, t: float, inplace: bool) -> torch.Tensor:
         raise ValueError(f"temperature must be a finite number > 0, got {t}")
     if t == 1.0:
         return logits
-    return logits.div_(t) if inplace else logits / t
+    if t > 1.0:  # shrinks every score: nothing can overflow
+        return logits.div_(t) if inplace else logits / t
+    # Below 1 a plain division can overflow (1e-39 is 0 as a float32 divisor; x / 1e-30 is inf for x >
+    # 3.4e8), and inf scores turn into NaN in softmax. Rows where it would are computed with each row's
+    # largest finite score subtracted first: every score is then <= 0, the best token(s) get exactly 0 and
+    # the rest -inf at worst, the limit of the distribution as t -> 0. Softmax, top-k and top-p do not
+    # change under a per-row shift; every other row keeps the reference's exact values. Sync-free.
+    divisor = max(t, torch.finfo(logits.dtype).tiny)  # a float32 divisor that is neither 0 nor subnormal
+    plain = logits / divisor
+    finite = torch.isfinite(logits)
+    overflow = (finite & ~torch.isfinite(plain)).any(dim=-1, keepdim=True)
+    shift = logits.masked_fill(~finite, _NEG_INF).amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # rows with no finite score
+    out = torch.where(overflow, (logits - shift) / divisor, plain)
+    return logits.copy_(out) if inplace else out
 
 
 def apply_temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
-    """HF ``TemperatureLogitsWarper``: ``logits / t``."""
+    """HF ``TemperatureLogitsWarper``: ``logits / t``. A row that this would overflow (tiny ``t``) gets
+    ``(logits - row max) / t`` instead, which gives the same softmax, top-k and top-p."""
     _check_logits(logits)
     return _temperature(logits, t, inplace=False)
 
@@ -352,12 +370,38 @@ def next_tokens(
 ) -> torch.Tensor:
     """The next token of every row, ``LongTensor[B]``: :func:`process_logits`, then argmax (greedy) or
     ``torch.multinomial(softmax(scores), 1, generator=generator)``. ``generator`` must live on the logits'
-    device (see :func:`make_generator`); greedy decoding does not use it."""
-    scores = process_logits(logits, token_ids, params, valid)
+    device (see :func:`make_generator`); greedy decoding does not use it.
+
+    Scores of ``+inf`` (a model output the invalid-score guard let through) are the limit of a
+    distribution: the row picks among its ``+inf`` tokens only. A row that has NaN scores, or no token left
+    (everything banned or filtered out), raises :class:`SamplingError` naming the row instead of letting
+    argmax or ``torch.multinomial`` pick garbage or fail for the whole batch."""
+    scores = _checked(process_logits(logits, token_ids, params, valid))
     if not params.do_sample:
         return scores.argmax(dim=-1)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+class SamplingError(ValueError):
+    """A row whose scores cannot be sampled from (NaN, or every token removed)."""
+
+
+def _checked(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` ``[B, vocab]`` with ``+inf`` rows reduced to their ``+inf`` entries; raises
+    :class:`SamplingError` for a row with a NaN or without any score above ``-inf`` (one host sync)."""
+    nan_rows = torch.isnan(scores).any(dim=-1)
+    empty_rows = (scores == _NEG_INF).all(dim=-1)
+    if bool((nan_rows | empty_rows).any()):
+        row = int((nan_rows | empty_rows).nonzero()[0, 0])
+        problem = "NaN scores (the model's output is not finite)" if bool(nan_rows[row]) else (
+            "no token left to choose (every token is banned or filtered out)")
+        raise SamplingError(f"row {row}: {problem}")
+    top = scores == float("inf")
+    inf_rows = top.any(dim=-1, keepdim=True)
+    if bool(inf_rows.any()):
+        scores = torch.where(inf_rows, torch.where(top, 0.0, _NEG_INF), scores)
+    return scores
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

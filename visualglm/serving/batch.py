@@ -20,6 +20,7 @@ from torch import nn
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, Step, generate_steps, left_pad
 from visualglm.generation.sampling import make_generator
+from visualglm.serving.protocol import APIError
 
 log = logging.getLogger("visualglm.serving")
 
@@ -74,7 +75,9 @@ def batch_steps(model: nn.Module, rows: Sequence[Row], images: Sequence[torch.Te
 class RowOutput:
     """One row's answer as events for its job: ``take`` each step, ``finish`` once.
 
-    ``emit(kind, **fields)`` sends an event; ``cancelled()`` says whether the client left.
+    ``emit(kind, **fields)`` sends an event; ``cancelled()`` says whether the client left. Whatever goes
+    wrong with this row alone (its token could not be chosen, its text handling or stop strings raised)
+    ends this row with a 500 ``error`` event and never reaches the other rows of the batch.
     """
 
     def __init__(self, prompt_tokens: int, tokenizer: Any, family: str, stop: Sequence[str],
@@ -92,10 +95,22 @@ class RowOutput:
         """Handle this row's token of ``step``."""
         if self.done:
             return
+        try:
+            self._take(step, row)
+        except Exception:
+            log.exception("streaming an answer failed")
+            self.fail(_internal_error())
+
+    def _take(self, step: Step, row: int) -> None:
         if self.cancelled():
             self.finish("cancelled")
             return
         reason = step.reasons[row] if step.reasons is not None else None
+        if reason == "error":
+            error = step.errors[row] if step.errors is not None else None
+            log.error("generation failed for one row of a batch: %s", error)
+            self.fail(_internal_error())
+            return
         if reason is not None:  # "stop" (stop id) or "length" (budget spent); "ended" rows are done already
             self.finish("stop" if reason in ("stop", "ended") else reason)
             return
@@ -110,17 +125,25 @@ class RowOutput:
         """Send the held-back text (unless cancelled) and ``done`` with ``reason``."""
         if self.done:
             return
+        try:
+            tail = self.decoded.flush() if reason != "cancelled" else ""
+        except Exception:
+            log.exception("streaming an answer failed")
+            self.fail(_internal_error())
+            return
         self.done = True
-        if reason != "cancelled":
-            tail = self.decoded.flush()
-            if tail:
-                self.emit("delta", text=tail)
+        if tail:
+            self.emit("delta", text=tail)
         self.emit("done", prompt_tokens=self.prompt_tokens, completion_tokens=self.count, finish_reason=reason)
 
     def fail(self, error: Exception) -> None:
         if not self.done:
             self.done = True
             self.emit("error", error=error)
+
+
+def _internal_error() -> APIError:
+    return APIError(500, "internal error while generating", type="server_error")
 
 
 def rows_to_end(outputs: Sequence[RowOutput]) -> list[int]:
