@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import socket
 import struct
@@ -23,8 +24,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from visualglm import image as vimage
 from visualglm.image import CLIP_MEAN, CLIP_STD, ImageError, load_image, preprocess
+from visualglm.image import remote as vimage
+from visualglm.image import sources as vimage_sources
 
 from .conftest import GOLDEN_DIR
 
@@ -407,6 +409,93 @@ def test_files(tmp_path: Path) -> None:
     text.write_text("hello")
     with pytest.raises(ImageError, match="notes.txt'.*not an image"):
         load_image(str(text))
+
+
+def test_side_and_aspect_limits_are_checked_from_the_header(monkeypatch) -> None:
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    # 25 million pixels in one row: within max_pixels, but millions of rows cost far more than their pixels.
+    strip = _png_header_claiming(1, 25_000_000)
+    with pytest.raises(ImageError, match=r"1x25000000, a side longer than max_side=20000"):
+        load_image(strip, max_pixels=25_000_000)
+    with pytest.raises(ImageError, match=r"300x100, a side longer than max_side=200"):
+        load_image(_png_header_claiming(300, 100), max_side=200)
+    with pytest.raises(ImageError, match=r"1000x10, longer side / shorter side more than max_aspect=20"):
+        load_image(_png_header_claiming(1000, 10), max_aspect=20)
+    with pytest.raises(ImageError, match="max_aspect"):
+        load_image(_png_header_claiming(10, 1000), max_aspect=20)
+
+
+def test_side_and_aspect_limits_let_ordinary_images_through() -> None:
+    assert load_image(_png_bytes((200, 10)), max_side=200, max_aspect=20).size == (200, 10)
+
+
+def test_without_allow_files_a_string_never_touches_the_filesystem(tmp_path: Path, monkeypatch) -> None:
+    existing = tmp_path / "real.png"
+    existing.write_bytes(PNG)
+    looked_at: list[str] = []
+    real_stat = os.stat
+
+    def spy(path, *args, **kwargs):
+        looked_at.append(os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", spy)
+
+    def message(source: str) -> str:
+        with pytest.raises(ImageError) as info:
+            load_image(source, allow_files=False)
+        return str(info.value)
+
+    # What exists on disk changes nothing: each existing path gets the message of a missing one of its shape.
+    assert message(str(existing)) == message(str(tmp_path / "gone.png"))
+    assert message("/etc/hosts") == message("/etc/hostz")  # (these two even read as base64)
+    for source in (str(existing), "file:///etc/hosts", "ftp://example.com/a.png", "relative/path.png"):
+        assert message(source) == f"string source: {vimage_sources.NOT_A_SOURCE}"
+    assert looked_at == []
+    # With files allowed, the same path is read.
+    assert load_image(str(existing)).size == (12, 9)
+
+
+def test_long_base64_is_decoded_in_slices_to_the_same_bytes() -> None:
+    payload = random.Random(3).randbytes(3 * 2**20 + 7)  # several 1 MiB slices and an odd tail
+    encoded = base64.b64encode(payload).decode()
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+    urlsafe = base64.urlsafe_b64encode(payload).decode().rstrip("=")
+    for text in (encoded, wrapped, urlsafe):
+        assert vimage_sources._b64decode(text, "x", 2**23) == payload
+    for bad in (encoded[:2**20] + "*" + encoded[2**20:], encoded[:-4] + "=" + encoded[-3:], encoded + "===",
+                encoded[:2**20] + "\u00e9" + encoded[2**20:]):
+        with pytest.raises(ImageError, match="invalid base64"):
+            vimage_sources._b64decode(bad, "x", 2**23)
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("2002:7f00:1::", "loopback"), ("2002:a9fe:a9fe::", "link-local"), ("2002:0a00:0001::", "private"),
+        ("fec0::1", "site-local"), ("64:ff9b::7f00:1", "loopback"), ("64:ff9b::a9fe:a9fe", "link-local"),
+        ("64:ff9b:1::a00:1", "private"), ("::127.0.0.1", "loopback"), ("::ffff:0:7f00:1", "loopback"),
+        # Teredo 2001::/32: the client address is stored inverted (here 192.168.1.1).
+        ("2001:0:808:808:0:0:3f57:fefe", "private"),
+        ("2002:0808:0808::", None), ("64:ff9b::808:808", None), ("2001:0:808:808:0:0:f7f7:f7f7", None),
+    ],
+)
+def test_embedded_ipv4_addresses_are_checked(address: str, reason: str | None) -> None:
+    assert vimage._blocked_reason(address) == reason
+
+
+@pytest.mark.parametrize("host", ["%31%32%37.0.0.1", "127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1",
+                                  "a..b", "-bad-.example", "under_score.example", "x" * 64 + ".example"])
+def test_bad_host_names_are_refused_before_any_lookup(monkeypatch, host: str) -> None:
+    def no_lookup(*args):
+        raise AssertionError("the name was looked up")
+
+    monkeypatch.setattr(vimage, "_resolve", no_lookup)
+    with pytest.raises(ImageError, match="not a valid host name|numeric host must be a plain IP"):
+        load_image(f"http://{host}/a.png", allow_remote=True)
 
 
 # --------------------------------------------------------------------------------------------------
