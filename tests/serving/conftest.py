@@ -25,15 +25,18 @@ TEST_LIMITS = ServeLimits(max_new_tokens=32, max_queue=4, max_body_bytes=2 * 2**
 
 
 @contextmanager
-def serve_app(app) -> Iterator[str]:
-    """Run ``app`` on a free 127.0.0.1 port; yields the base URL."""
+def serve_app(app, limits: ServeLimits = TEST_LIMITS) -> Iterator[str]:
+    """Run ``app`` on a free 127.0.0.1 port, with the connection limits of ``limits``, as ``visualglm
+    serve`` does; yields the base URL."""
     import uvicorn
+
+    from visualglm.serving.connections import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(server_config(app, limits, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -58,7 +61,7 @@ def running(model_and_tokenizer, *, limits: ServeLimits = TEST_LIMITS, name: str
     model, tokenizer = model_and_tokenizer
     worker = Worker(model, tokenizer, name=name, limits=limits).start()
     try:
-        with serve_app(create_app(worker, **app_options)) as url:
+        with serve_app(create_app(worker, **app_options), limits) as url:
             yield url, worker
     finally:
         worker.stop()

@@ -150,3 +150,10 @@ def test_upload_ask_and_read_the_streamed_answer(browser, web, tmp_path) -> None
     _wait_until_empty(page)
     assert (tmp_path / "web-ui.png").stat().st_size > 10_000
     page.close()
+
+
+def test_health_answers_beside_the_ui(web) -> None:
+    import httpx
+
+    url, _ = web
+    assert httpx.get(url + "health", timeout=10).json()["status"] == "ok"

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import sys
 
+from visualglm.cli.limits import add_limit_flags, limits_from_args
 from visualglm.cli.options import add_model_flags, add_parallel_flags, quant_also, relaunch_for_tp
 
 
@@ -24,17 +25,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="let clients pass http(s) image URLs for the server to fetch (public addresses "
                         "only; default: data: URLs and base64 only)")
-    parser.add_argument("--max-queue", type=int, default=16,
-                        help="requests allowed to wait for the model; more get 503 (default: 16)")
-    parser.add_argument("--max-batch", type=int, default=8,
-                        help="requests generated together: when the model is free it takes up to this many "
-                        "waiting requests in one batch (default: 8; 1 = one at a time)")
-    parser.add_argument("--max-new-tokens", type=int, default=1024,
-                        help="answer tokens one request may ask for (default: 1024)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None,
-                        help="prompt tokens one request may send (default: the model's context)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="server log level (default: info)")
+    add_limit_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -42,17 +35,14 @@ def run(args: argparse.Namespace) -> int:
     from visualglm.serving import require_extra
 
     require_extra("serve")
-    for name in ("max_queue", "max_batch", "max_new_tokens", "max_prompt_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    limits = limits_from_args(args)
     if (status := _relaunch_for_tp(args)) is not None:
         return status
     import uvicorn
 
     from visualglm.distributed.launch import init_from_env
     from visualglm.serving.api import create_app
-    from visualglm.serving.protocol import ServeLimits
+    from visualglm.serving.connections import server_config
     from visualglm.serving.worker import Worker, load_model
 
     # Under torchrun (--tp N relaunches under it): every rank loads its shard; rank 0 serves HTTP and
@@ -62,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
         if not is_loopback(args.host) and not args.api_key:
             print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the "
                   "model", file=sys.stderr)
-    limits = ServeLimits(max_queue=args.max_queue, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
-                         max_prompt_tokens=args.max_prompt_tokens)
     model, tokenizer, name = load_model(args.model, quant=args.quant, quant_also=quant_also(args), dtype=args.dtype,
                                         device=parallel.device if parallel else args.device,
                                         adapter=getattr(args, "adapter", None), tensor_parallel=parallel is not None)
@@ -86,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(server_config(app, limits, host=args.host, port=args.port, log_level=args.log_level)).run()
     finally:
         worker.stop()  # under tensor parallelism this also tells the other ranks to stop
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from visualglm.cli.limits import add_limit_flags, limits_from_args
 from visualglm.cli.options import add_model_flags, quant_also
 from visualglm.cli.serve import is_loopback
 
@@ -19,8 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="also publish a temporary public gradio.live link (needs internet access)")
     parser.add_argument("--seed", type=int, default=None, help="random seed: the same question gets the same "
                         "answer (default: a new sample each time)")
-    parser.add_argument("--max-new-tokens", type=int, default=1024,
-                        help="answer tokens per turn at most, besides the length slider (default: 1024)")
+    add_limit_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -28,18 +28,16 @@ def run(args: argparse.Namespace) -> int:
     from visualglm.serving import require_extra
 
     require_extra("web")
-    from visualglm.serving.protocol import ServeLimits
+    limits = limits_from_args(args)
     from visualglm.serving.web import launch
     from visualglm.serving.worker import load_worker
 
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1")
     if not is_loopback(args.host) or args.share:
         print("warning: the web UI has no password: anyone who can reach it can use the model", file=sys.stderr)
     worker = load_worker(args.model, quant=args.quant, quant_also=quant_also(args), dtype=args.dtype,
                          device=args.device,
                          adapter=getattr(args, "adapter", None),
-                         limits=ServeLimits(max_new_tokens=args.max_new_tokens))
+                         limits=limits)
     try:
         launch(worker, host=args.host, port=args.port, share=args.share, seed=args.seed)
     finally:

@@ -3,32 +3,38 @@
 Routes: ``GET /health`` (never needs the key), ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``POST /v1/chat/completions`` (JSON or server-sent events), ``POST /`` (reference VisualGLM-6B body).
 
-Safety: every route but ``/health`` needs ``Authorization: Bearer KEY`` when a key is set; the body size is
-checked before anything is parsed; schemas bound every field (:mod:`visualglm.serving.protocol`); images
-are decoded with byte and pixel limits and remote URLs are fetched only when allowed; a full queue is a 503
-with ``Retry-After``; a client that disconnects cancels its job (polled while waiting, and by the closed
-stream); every error is OpenAI's JSON error object, never a stack trace.
+Safety: the API key, the body's size and arrival time and the number of large bodies at once are checked
+before a route runs (:mod:`visualglm.serving.guard`); connections that never complete a request are closed
+(:mod:`visualglm.serving.connections`). The event loop never does CPU-heavy work: JSON parsing (with a
+bound on the number of values, :mod:`visualglm.serving.body`), validation, base64 and image decoding,
+hashing and preprocessing run in at most ``request_threads`` threads at once. Schemas bound every field
+(:mod:`visualglm.serving.protocol`); images are decoded under byte, side, aspect and pixel limits; a string
+that is no image source is refused without touching the filesystem; remote URLs are fetched only when
+allowed; a full queue is a 503 with ``Retry-After``; a client that disconnects cancels its job (polled while
+waiting, and by the closed stream); every error is OpenAI's JSON error object, never a stack trace.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from visualglm.image import ImageError, load_image
+from visualglm.image import ImageError, image_bytes
+from visualglm.serving.body import parse_json_body
+from visualglm.serving.guard import Guard, error_response
 from visualglm.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -46,78 +52,10 @@ log = logging.getLogger("visualglm.serving")
 
 _DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_OPEN_PATHS = frozenset({"/health"})
 
 
 class ClientGone(Exception):
     """The client closed the connection; its job has been cancelled."""
-
-
-class _Guard:
-    """Pure ASGI middleware in front of the app: the API key, then the body size (read fully here, up to
-    the limit, and replayed to the app, so an oversized or endless body is refused without parsing)."""
-
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if self.api_key is not None and scope.get("path") not in _OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.api_key):
-                await _send_error(scope, receive, send, APIError(
-                    401, "missing or wrong API key: send `Authorization: Bearer KEY`", type="authentication_error",
-                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-                return
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                await _send_error(scope, receive, send, APIError(400, "bad Content-Length header"))
-                return
-            if int(declared) > self.max_body_bytes:
-                await _send_error(scope, receive, send, _too_large(self.max_body_bytes))
-                return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await _send_error(scope, receive, send, _too_large(self.max_body_bytes))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # afterwards: the real channel, which reports a disconnect
-
-        await self.app(scope, replay, send)
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
-
-
-async def _send_error(scope: dict, receive: Any, send: Any, error: APIError) -> None:
-    await _error_response(error)(scope, receive, send)
-
-
-def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 class _JobStream:
@@ -133,13 +71,15 @@ class _JobStream:
         self._next_poll = loop.time() + _DISCONNECT_POLL_S
 
     @classmethod
-    async def open(cls, worker: Worker, request: Request, generation: GenerationRequest) -> _JobStream:
+    async def open(cls, worker: Worker, request: Request, generation: GenerationRequest,
+                   in_thread: Callable[..., Awaitable[Any]]) -> _JobStream:
         """Admit and queue ``generation``. Admission tokenizes the whole conversation (a long one takes a
-        while), so it runs in a thread, not on the event loop; its 400s and the queue's 503 are raised here."""
+        while), so it runs in a request thread (``in_thread``), not on the event loop; its 400s and the
+        queue's 503 are raised here."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = await run_in_threadpool(worker.submit, generation,
-                                      lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        job = await in_thread(worker.submit, generation,
+                              lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         return cls(request, job, events)
 
     async def next(self) -> Event:
@@ -186,42 +126,85 @@ def _sampling(temperature: float | None, top_p: float | None, top_k: int | None,
     return overrides
 
 
+def _validation_error(exc: ValidationError) -> APIError:
+    """A 400 naming the first field pydantic refused."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
+    return APIError(400, message, param=".".join(where) or None, code="invalid_value")
+
+
+def _parse(raw: bytes, model: type[BaseModel], max_values: int) -> BaseModel:
+    """``raw`` JSON validated as ``model`` (run in a request thread, never on the event loop)."""
+    try:
+        return model.model_validate(parse_json_body(raw, max_values))
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI description of a JSON body that the route reads itself (see ``read_json``)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, read from the ASGI channel without Starlette's cache (which would keep the bytes
+    for the whole request)."""
+    chunks = []
+    async for chunk in request.stream():
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_images: bool = False) -> FastAPI:
     """The FastAPI app serving ``worker``'s model (start the worker first; the app does not own it)."""
     limits = worker.limits
     app = FastAPI(title="VisualGLM API", version="1", description="Reference api.py and OpenAI-compatible "
                   "chat completions for ChatGLM-6B, VisualGLM-6B and GLM-4V-9B.")
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, limits=limits)
     created = int(time.time())
+    # Parsing, validation and image decoding: bounded in number, and off the event loop.
+    request_threads = anyio.CapacityLimiter(max(1, limits.request_threads))
+
+    async def in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(functools.partial(function, *args, **kwargs),
+                                              limiter=request_threads)
+
+    async def read_json(request: Request, model: type[BaseModel]) -> Any:
+        return await in_thread(_parse, await _body(request), model, limits.max_json_values)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":
-            return _error_response(APIError(400, "the body is not valid JSON", code="invalid_json"))
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
-        return _error_response(APIError(400, message, param=".".join(where) or None, code="invalid_value"))
+        return error_response(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         detail = exc.detail if isinstance(exc.detail, str) else "request refused"
-        return _error_response(APIError(exc.status_code, detail, type=kind, headers=dict(exc.headers or {})))
+        return error_response(APIError(exc.status_code, detail, type=kind, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return _error_response(APIError(500, "internal server error", type="server_error"))
+        return error_response(APIError(500, "internal server error", type="server_error"))
 
-    async def load_request_image(source: str, param: str, *, remote_ok: bool) -> tuple[Any, str | None]:
-        """Decode a client's image under the limits; the key (hash of the text) lets the worker reuse its
-        encoding when the same image comes back next turn."""
+    def read_image(source: str, param: str, remote: bool) -> tuple[Any, str]:
+        """A client's image -> (pixel values ready for the model, hash of the file bytes), under the limits
+        (runs in a request thread). The hash lets the worker reuse the encoding when the same image comes
+        back next turn."""
+        try:
+            data = image_bytes(source, allow_remote=remote, allow_files=False, max_bytes=limits.max_image_bytes)
+            return worker.read_image(data)
+        except ImageError as exc:
+            raise APIError(400, f"bad image: {exc}", param=param, code="invalid_image") from None
+
+    async def load_request_image(source: str, param: str, *, remote_ok: bool) -> tuple[Any, str]:
         if not worker.multimodal:
             raise APIError(400, "this model reads no images (it is a text-only ChatGLM-6B checkpoint)",
                            param=param, code="image_not_supported")
@@ -229,13 +212,7 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
         if remote and not remote_ok:
             raise APIError(400, "remote image URLs are disabled (start the server with --allow-remote-images); "
                            "send a data: URL", param=param, code="remote_images_disabled")
-        try:
-            image = await run_in_threadpool(load_image, source, allow_remote=remote, allow_files=False,
-                                            max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
-        except ImageError as exc:
-            raise APIError(400, f"bad image: {exc}", param=param, code="invalid_image") from None
-        key = None if remote else hashlib.sha256(source.encode("utf-8", "replace")).hexdigest()
-        return image, key
+        return await in_thread(read_image, source, param, remote)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -255,8 +232,9 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
                            type="not_found_error", param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=_json_body(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response | dict[str, Any]:
+        body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
         history, query, image_url = openai_conversation(body.messages, limits)
         if body.presence_penalty or body.frequency_penalty:
             raise APIError(400, "presence_penalty and frequency_penalty are not supported (use "
@@ -272,7 +250,7 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
             query=query, history=history, image=image, image_key=key,
             sampling=_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty, body.seed),
             max_new_tokens=answer_limit or limits.max_new_tokens, stop=body.stop_strings(limits))
-        stream = await _JobStream.open(worker, request, generation)
+        stream = await _JobStream.open(worker, request, generation, in_thread)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             try:
@@ -293,8 +271,9 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
         return StreamingResponse(_sse(stream, first, completion_id, now, worker.name, include_usage),
                                  media_type="text/event-stream", headers=_SSE_HEADERS)
 
-    @app.post("/", response_model=LegacyResponse)
-    async def legacy(body: LegacyRequest, request: Request) -> Response | dict[str, Any]:
+    @app.post("/", response_model=LegacyResponse, openapi_extra=_json_body(LegacyRequest))
+    async def legacy(request: Request) -> Response | dict[str, Any]:
+        body: LegacyRequest = await read_json(request, LegacyRequest)
         query = body.query()
         history = [(q, r) for q, r in body.history]
         check_conversation(history, query, limits, "history")
@@ -307,13 +286,26 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
             sampling=_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty),
             max_length=max_length, max_new_tokens=limits.max_new_tokens)
         try:
-            stream = await _JobStream.open(worker, request, generation)
+            stream = await _JobStream.open(worker, request, generation, in_thread)
             text, _ = await stream.collect()
         except ClientGone:
             return Response(status_code=499)
         return {"result": text, "response": text, "history": [*history, (query, text)], "status": 200,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
+    schema = app.openapi
+
+    def openapi() -> dict[str, Any]:  # the bodies the routes read themselves, in the components
+        if app.openapi_schema is None:
+            document = schema()
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatCompletionRequest, LegacyRequest):
+                described = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(described.pop("$defs", {}))
+                components[model.__name__] = described
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

@@ -11,35 +11,14 @@ request either validates into something the engine can run or is refused with a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visualglm.serving.limits import ServeLimits
+
 MAX_SEED = 2**64
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one request may ask for. Each limit breached is a 4xx JSON error, never a crash or an OOM."""
-
-    max_body_bytes: int = 32 * 2**20  # whole request body; base64 of a 20 MiB image is ~27 MiB
-    max_image_bytes: int = 20 * 2**20  # decoded image file
-    max_image_pixels: int = 25_000_000  # decoded width * height (decompression bombs)
-    max_text_chars: int = 32_000  # all message / history text of one request, added up
-    max_history_turns: int = 64  # earlier (query, response) pairs, or OpenAI user/assistant pairs
-    max_prompt_tokens: int | None = None  # None: the model's context minus one answer token
-    max_new_tokens: int = 1024  # answer tokens per request (OpenAI max_tokens may not exceed it)
-    max_stop_strings: int = 4  # as OpenAI
-    max_stop_chars: int = 64
-    max_queue: int = 16  # requests waiting for the worker; more get 503 + Retry-After
-    max_batch: int = 8  # requests generated together in one batch (1: one at a time)
-    retry_after_s: int = 2  # the Retry-After hint sent with 503
-
-    def prompt_limit(self, context: int) -> int:
-        """Prompt tokens allowed for a model with ``context`` positions."""
-        room = max(1, context - 1)
-        return room if self.max_prompt_tokens is None else min(self.max_prompt_tokens, room)
+__all__ = ["APIError", "ServeLimits", "ChatCompletionRequest", "LegacyRequest"]
 
 
 class APIError(Exception):
@@ -168,6 +147,7 @@ class ChatCompletionRequest(_Strict):
             if not stop or len(stop) > limits.max_stop_chars:
                 raise APIError(400, f"stop strings must have 1 to {limits.max_stop_chars} characters",
                                param="stop")
+            check_text(stop, "stop")
         return tuple(stops)
 
     def answer_limit(self) -> int | None:

@@ -10,9 +10,11 @@ and pixel limits.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from visualglm.generation.chat import FAMILY_SAMPLING  # noqa: E402
-from visualglm.image import ImageError, load_image  # noqa: E402
-from visualglm.serving.protocol import APIError  # noqa: E402
+from visualglm.image import ImageError  # noqa: E402
+from visualglm.serving.protocol import APIError, check_conversation  # noqa: E402
 from visualglm.serving.worker import GenerationRequest, QueueFullError, Worker  # noqa: E402
 
+WEB_JSON_BODY_BYTES = 1 << 20
 BUSY_MESSAGE = "The server is busy: please try again in a moment."
 # System fonts only: the page must render offline (the default theme pulls fonts from the internet).
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -39,33 +42,42 @@ def _defaults(worker: Worker) -> dict[str, float]:
             "temperature": sampling.temperature}
 
 
-def _read_image(path: str | None, worker: Worker) -> tuple[Any, str | None]:
-    """An uploaded file -> (PIL image, hash of its bytes), under the server's limits."""
+def _read_image(path: str | None, worker: Worker, decoding: threading.Semaphore) -> tuple[Any, str | None]:
+    """An uploaded file -> (the model's pixel values, hash of its bytes), under the server's limits, while
+    holding ``decoding`` (which bounds the decodes running at once)."""
     if not path:
         return None, None
     limits = worker.limits
     size = Path(path).stat().st_size
     if size > limits.max_image_bytes:
         raise ImageError(f"the image has {size} bytes, more than the {limits.max_image_bytes} allowed")
-    data = Path(path).read_bytes()
-    image = load_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
-    return image, hashlib.sha256(data).hexdigest()
+    with decoding:
+        return worker.read_image(Path(path).read_bytes())
 
 
-def build_demo(worker: Worker, *, seed: int | None = None) -> gr.Blocks:
-    """The Gradio app over ``worker`` (started by the caller). ``seed`` makes every answer reproducible."""
-    defaults = _defaults(worker)
+def make_respond(worker: Worker, seed: int | None = None) -> Callable[..., Iterator[tuple[list, list, str]]]:
+    """The UI's answer function (a generator of (chat, history, query box) updates): the API's limits
+    first, then the image (at most ``request_threads`` decoded at once), then the streamed answer."""
+    decoding = threading.BoundedSemaphore(max(1, worker.limits.request_threads))
 
     def respond(query: str, image_path: str | None, chat: list[dict] | None, history: list | None,
-                max_length: float, top_p: float, temperature: float):
+                max_length: float, top_p: float, temperature: float) -> Iterator[tuple[list, list, str]]:
         chat, history = list(chat or []), list(history or [])
         if not query or not query.strip():
             yield chat, history, query
             return
+        try:  # the API's limits, before anything is tokenized
+            check_conversation([tuple(turn) for turn in history], query, worker.limits, "query")
+        except APIError as exc:
+            shown = query if len(query) <= 200 else query[:200] + "..."
+            chat += [{"role": "user", "content": shown},
+                     {"role": "assistant", "content": f"Error: {exc.message} (press Clear to start over)"}]
+            yield chat, history, ""
+            return
         chat += [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         yield chat, history, ""
         try:
-            image, key = _read_image(image_path, worker)
+            image, key = _read_image(image_path, worker, decoding)
         except (ImageError, OSError) as exc:
             chat[-1] = {"role": "assistant", "content": f"Cannot read the image: {exc}"}
             yield chat, history, ""
@@ -107,6 +119,14 @@ def build_demo(worker: Worker, *, seed: int | None = None) -> gr.Blocks:
         finally:
             job.cancel.set()  # no-op once done; stops the answer when the page leaves mid-stream
 
+    return respond
+
+
+def build_demo(worker: Worker, *, seed: int | None = None) -> gr.Blocks:
+    """The Gradio app over ``worker`` (started by the caller). ``seed`` makes every answer reproducible."""
+    defaults = _defaults(worker)
+    respond = make_respond(worker, seed)
+
     def new_conversation() -> tuple[list, list]:
         return [], []
 
@@ -142,11 +162,57 @@ def build_demo(worker: Worker, *, seed: int | None = None) -> gr.Blocks:
     return demo
 
 
+class WebServer:
+    """A running web UI (``launch(block=False)``); ``close()`` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self.server = server
+        self.thread = thread
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
 def launch(worker: Worker, *, host: str = "127.0.0.1", port: int = 8080, share: bool = False,
-           seed: int | None = None, block: bool = True) -> gr.Blocks:
-    """Serve the web UI; with ``block=False`` return once it is up (tests)."""
+           seed: int | None = None, block: bool = True) -> WebServer | None:
+    """Serve the web UI with the same connection and body limits as the API (:mod:`visualglm.serving.guard`,
+    :mod:`visualglm.serving.connections`); with ``block=False`` return a :class:`WebServer` once it is up
+    (tests). ``share`` (a public gradio.live link) goes through Gradio's own launcher, which has neither."""
     demo = build_demo(worker, seed=seed)
-    demo.queue(default_concurrency_limit=4, max_size=max(8, 2 * worker.limits.max_queue))
-    demo.launch(server_name=host, server_port=port, share=share, max_file_size=worker.limits.max_image_bytes,
-                prevent_thread_lock=not block, theme=THEME, quiet=not block, footer_links=[])
-    return demo
+    limits = worker.limits
+    demo.queue(default_concurrency_limit=4, max_size=max(8, 2 * limits.max_queue))
+    if share:
+        demo.launch(server_name=host, server_port=port, share=True, max_file_size=limits.max_image_bytes,
+                    prevent_thread_lock=not block, theme=THEME, quiet=not block, footer_links=[])
+        return None
+    import uvicorn
+    from fastapi import FastAPI
+
+    from visualglm.serving.connections import server_config
+    from visualglm.serving.guard import Guard
+
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:  # for monitoring, as the API's
+        return {"status": "ok", "model": worker.name, "busy": worker.busy, "queued": worker.queued}
+
+    app = gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, footer_links=[],
+                              max_file_size=limits.max_image_bytes, theme=THEME)
+    # Gradio's JSON routes carry text and events (images come as uploads) and are parsed on the event loop.
+    app.add_middleware(Guard, api_key=None, limits=limits, json_body_bytes=WEB_JSON_BODY_BYTES)
+    server = uvicorn.Server(server_config(app, limits, host=host, port=port,
+                                          log_level="info" if block else "warning"))
+    if block:
+        print(f"web UI on http://{host}:{port}/", flush=True)
+        server.run()
+        return None
+    thread = threading.Thread(target=server.run, name="visualglm-web", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the web UI did not start on {host}:{port}")
+        time.sleep(0.02)
+    return WebServer(server, thread)

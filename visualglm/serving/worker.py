@@ -18,6 +18,7 @@ other ranks, which run the same batch in lockstep (:mod:`visualglm.serving.follo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import random
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visualglm.checkpoint.load import release_freed_memory
 from visualglm.generation.chat import FAMILY_SAMPLING, answer_stop_ids, build_prompt_ids, model_undecodable_ranges
 from visualglm.generation.engine import GenerationParams
 from visualglm.image import ImageError, load_image, preprocess
@@ -40,6 +42,7 @@ from visualglm.serving.protocol import APIError, ServeLimits
 
 log = logging.getLogger("visualglm.serving")
 
+_LARGE_IMAGE_BYTES = 4 << 20  # after reading an image that cost more, freed memory is handed back
 _IMAGE_CACHE_SIZE = 4  # encoded images kept: multi-turn clients resend the same image every turn
 
 
@@ -47,8 +50,8 @@ _IMAGE_CACHE_SIZE = 4  # encoded images kept: multi-turn clients resend the same
 class GenerationRequest:
     """One answer to generate. ``sampling`` overrides the family's reference defaults (SamplingParams
     fields); ``max_length`` is the reference's prompt + answer total, ``max_new_tokens`` the answer alone;
-    ``image`` is a decoded PIL image and ``image_key`` (e.g. a hash of its bytes) lets the worker reuse
-    the encoding of an image it saw recently."""
+    ``image`` is a decoded PIL image or its pixel values from :meth:`Worker.prepare_image`, and
+    ``image_key`` (e.g. a hash of its bytes) lets the worker reuse the encoding of an image it saw recently."""
 
     query: str
     history: list[tuple[str, str]] = field(default_factory=list)
@@ -333,11 +336,7 @@ class Worker:
                     channel.send_batch(rows, images)
                 for step in batch_steps(self.model, rows, images, end_rows):
                     for index, output in enumerate(outputs):
-                        try:
-                            output.take(step, index)
-                        except Exception:  # one row's text handling fails that row only
-                            log.exception("streaming an answer failed")
-                            output.fail(APIError(500, "internal error while generating", type="server_error"))
+                        output.take(step, index)  # a failure of one row's own ends that row only
         except Exception:  # the batched forward failed: every unfinished row of the batch, never a trace
             log.exception("generation failed")
             for output in outputs:
@@ -345,6 +344,31 @@ class Worker:
             return
         for output in outputs:
             output.finish("length")  # rows still open when the steps ran out used their whole budget
+
+    def read_image(self, data: bytes) -> tuple[torch.Tensor, str]:
+        """An image file's bytes -> (the model's pixel values, sha256 of the bytes), under the limits' byte,
+        side, aspect and pixel bounds (raises :class:`ImageError`). For request threads: the full-size
+        decoded image never outlives this call, and after a large one the freed buffers go back to the
+        system (glibc would keep them in the thread's arena, and RSS would stay at its peak)."""
+        limits = self.limits
+        image, cost = None, len(data)
+        try:
+            image = load_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                               max_side=limits.max_image_side, max_aspect=limits.max_image_aspect)
+            cost += 4 * image.width * image.height
+            return self.prepare_image(image), hashlib.sha256(data).hexdigest()
+        finally:
+            del image
+            if cost > _LARGE_IMAGE_BYTES:
+                release_freed_memory()
+
+    def prepare_image(self, image: Any) -> torch.Tensor:
+        """A decoded image -> the model's pixel values ``[1, 3, H, W]`` (float32, CPU). Callers do this in
+        their own thread, so that a queued request holds a few MB instead of a full-size decoded image."""
+        config = self.model.config
+        size = config.vision_config.image_size if self.family == "glm4v" else config.eva_config.image_size
+        size = (size, size) if isinstance(size, int) else (size[0], size[1])
+        return preprocess(image, size)
 
     @torch.inference_mode()
     def _encode_image(self, request: GenerationRequest) -> torch.Tensor:
@@ -354,11 +378,9 @@ class Worker:
         if key is not None and key in self._images:
             self._images.move_to_end(key)
             return self._images[key]
-        config = self.model.config
-        size = config.vision_config.image_size if self.family == "glm4v" else config.eva_config.image_size
-        size = (size, size) if isinstance(size, int) else (size[0], size[1])
+        pixels = request.image if isinstance(request.image, torch.Tensor) else self.prepare_image(request.image)
         device = next(self.model.parameters()).device
-        embeds = self.model.encode_images(preprocess(load_image(request.image), size).to(device))
+        embeds = self.model.encode_images(pixels.to(device))
         self.images_encoded += 1
         if key is not None:
             self._images[key] = embeds
