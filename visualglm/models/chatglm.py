@@ -17,7 +17,7 @@ ids exactly like the reference tokenizer/model do.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from visualglm.models.layers import (
     last_positions,
     rotary_cos_sin,
     rotary_inv_freq,
+    run_stages,
 )
 
 
@@ -51,11 +52,13 @@ class ChatGLMAttention(nn.Module):
         self.extra_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
-                cache_positions: torch.Tensor | None, kv_length: int) -> torch.Tensor:
+                cache_positions: torch.Tensor | None, kv_length: int,
+                cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """x ``[B, T, hidden]``; cos/sin ``[B, T, 1, head_dim]``; bias ``[B, 1, T, kv_length]`` or None.
 
-        With a cache the new keys/values go to slots ``cache_positions`` ``[T]`` and the queries attend to
-        slots ``[0, kv_length)``; without one they attend to the T tokens themselves. ``extra_kv`` keys and
+        With a cache the new keys/values go to slots ``cache_positions`` (``[T]``, or ``[B, T]`` per row) of
+        cache rows ``cache_rows`` (see ``KVCache.update``) and the queries attend to slots
+        ``[0, kv_length)``; without one they attend to the T tokens themselves. ``extra_kv`` keys and
         values, when set, are placed before those and visible to every query.
         """
         batch, length, _ = x.shape
@@ -67,8 +70,7 @@ class ChatGLMAttention(nn.Module):
         if cache_positions is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
-            k_all, v_all = self.kv_cache.update(cache_positions, k, v)
-            k, v = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
+            k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
         if self.extra_kv is not None:
             extra_k, extra_v = self.extra_kv(batch)
             k = torch.cat((extra_k.to(k.dtype), k), dim=2)
@@ -109,9 +111,10 @@ class GLMBlock(nn.Module):
         self.mlp = ChatGLMMLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
-                cache_positions: torch.Tensor | None, kv_length: int) -> torch.Tensor:
+                cache_positions: torch.Tensor | None, kv_length: int,
+                cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         attn_in = self.input_layernorm(x)
-        x = attn_in * self.alpha + self.attention(attn_in, cos, sin, bias, cache_positions, kv_length)
+        x = attn_in * self.alpha + self.attention(attn_in, cos, sin, bias, cache_positions, kv_length, cache_rows)
         mlp_in = self.post_attention_layernorm(x)
         return mlp_in * self.alpha + self.mlp(mlp_in)
 
@@ -198,25 +201,43 @@ class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0,
+                cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T', vocab]`` (T' = T, or the last ``logits_to_keep`` positions when > 0).
 
         input_ids ``[B, T]`` or inputs_embeds ``[B, T, hidden]``; position_ids ``[B, 2, T]``;
         attention_mask bool ``[B, 1, T, S]`` with True = may attend, where S = T without a cache and the
         number of cache slots to attend to with one; cache_positions ``[T]`` = the slots the new keys and
-        values are written to. Without a cache, positions and mask may be omitted: they are then derived
-        from ``input_ids`` as for a prompt. With a cache and no mask (a decode step without padding), the
+        values are written to (``[B, T]``: per row), in cache rows ``cache_rows`` (None: all; a slice or
+        indices ``[B]``). Without a cache, positions and mask may be omitted: they are then derived from
+        ``input_ids`` as for a prompt. With a cache and no mask (a decode step without padding), the
         queries see every slot up to the last written one.
         """
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds)
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds,
+                                    cache_rows)
         if logits_to_keep > 0:
             hidden = last_positions(hidden, logits_to_keep)
+        return self.output_logits(hidden)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` of final hidden states ``[B, T, hidden]``."""
         return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                      inputs_embeds: torch.Tensor | None = None,
+                      cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm output ``[B, T, hidden]``; arguments as in ``forward``."""
+        return run_stages(self.hidden_state_stages(input_ids, position_ids, attention_mask, cache_positions,
+                                                   inputs_embeds, cache_rows))
+
+    def hidden_state_stages(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                            attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
+                            inputs_embeds: torch.Tensor | None = None,
+                            cache_rows: slice | torch.Tensor | None = None) -> Iterator[int]:
+        """``hidden_states`` one layer at a time: a generator that yields the number of layers done after
+        each one and returns the final hidden states. A long prompt's prefill can so be spread over several
+        engine steps, with other rows' decode steps in between, exactly (see ``run_stages``)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -236,8 +257,9 @@ class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
         cos, sin = rotary_cos_sin(position_ids, inv_freq, x.dtype)  # [B, 2, T, head_dim / 2]
         cos = torch.cat((cos[:, 0], cos[:, 1]), dim=-1).unsqueeze(2)  # [B, T, 1, head_dim]
         sin = torch.cat((sin[:, 0], sin[:, 1]), dim=-1).unsqueeze(2)
-        for block in self.transformer.layers:
-            x = block(x, cos, sin, bias, cache_positions, kv_length)
+        for done, block in enumerate(self.transformer.layers, start=1):
+            x = block(x, cos, sin, bias, cache_positions, kv_length, cache_rows)
+            yield done
         return self.transformer.final_layernorm(x)
 
 

@@ -9,7 +9,7 @@ official checkpoint (``transformer.embedding...``, ``transformer.encoder.layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,13 @@ from torch import nn
 
 from visualglm.config import GLM4VConfig
 from visualglm.models.kv_cache import CachedAttentionModel, KVCache
-from visualglm.models.layers import attention_gqa, attention_span, common_prefix_length, last_positions
+from visualglm.models.layers import (
+    attention_gqa,
+    attention_span,
+    common_prefix_length,
+    last_positions,
+    run_stages,
+)
 
 
 class RMSNorm(nn.Module):
@@ -62,7 +68,8 @@ class GLM4Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor | None,
-                cache_positions: torch.Tensor | None, kv_length: int, causal: bool) -> torch.Tensor:
+                cache_positions: torch.Tensor | None, kv_length: int, causal: bool,
+                cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.query_key_value(x).split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
@@ -72,8 +79,7 @@ class GLM4Attention(nn.Module):
         if cache_positions is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
-            k_all, v_all = self.kv_cache.update(cache_positions, k, v)
-            k, v = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
+            k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
         out = attention_gqa(q, k, v, bias, causal=causal)
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -97,8 +103,9 @@ class GLM4Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, rope, bias, cache_positions, kv_length, causal):
-        x = x + self.self_attention(self.input_layernorm(x), rope, bias, cache_positions, kv_length, causal)
+    def forward(self, x, rope, bias, cache_positions, kv_length, causal, cache_rows=None):
+        x = x + self.self_attention(self.input_layernorm(x), rope, bias, cache_positions, kv_length, causal,
+                                    cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -163,15 +170,26 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,
-                inputs_embeds=None, logits_to_keep: int = 0) -> torch.Tensor:
+                inputs_embeds=None, logits_to_keep: int = 0, cache_rows=None) -> torch.Tensor:
         """Logits ``[B, T', vocab]``; arguments as in ChatGLMForCausalLM.forward, position_ids ``[B, 1, T]``."""
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds)
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds,
+                                    cache_rows)
         if logits_to_keep > 0:
             hidden = last_positions(hidden, logits_to_keep)
+        return self.output_logits(hidden)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` of final hidden states ``[B, T, hidden]``."""
         return self.transformer.output_layer(hidden)
 
     def hidden_states(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,
-                      inputs_embeds=None) -> torch.Tensor:
+                      inputs_embeds=None, cache_rows=None) -> torch.Tensor:
+        return run_stages(self.hidden_state_stages(input_ids, position_ids, attention_mask, cache_positions,
+                                                   inputs_embeds, cache_rows))
+
+    def hidden_state_stages(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,
+                            inputs_embeds=None, cache_rows=None) -> Iterator[int]:
+        """``hidden_states`` one layer at a time (see ChatGLMForCausalLM.hidden_state_stages)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -187,8 +205,9 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
         kv_length, bias = attention_span(attention_mask, cache_positions, length, x.dtype)
         rope = glm4_rope_table(position_ids[:, 0], self.config.kv_channels // 2, 10000.0 * self.config.rope_ratio,
                                x.dtype)
-        for block in self.transformer.encoder.layers:
-            x = block(x, rope, bias, cache_positions, kv_length, causal)
+        for done, block in enumerate(self.transformer.encoder.layers, start=1):
+            x = block(x, rope, bias, cache_positions, kv_length, causal, cache_rows)
+            yield done
         return self.transformer.encoder.final_layernorm(x)
 
 

@@ -25,12 +25,30 @@ class KVCache(nn.Module):
     def max_length(self) -> int:
         return self.k.shape[2]
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``/``v`` ``[B, H, T, D]`` at slots ``positions`` ``[T]``; return the full cache tensors."""
-        self.k.index_copy_(2, positions, k.to(self.k.dtype))
-        self.v.index_copy_(2, positions, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length: int | None = None,
+               rows: slice | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` ``[B, H, T, D]`` and return the keys/values ``[B, H, kv_length, D]`` to attend to.
+
+        ``rows`` are the cache rows of the batch: None (all of them, B == batch size), a slice (views, no
+        copy) or a LongTensor ``[B]`` of row indices (the returned slots are gathered). ``positions`` are
+        the slots written: ``[T]``, the same for every row, or ``[B, T]``, each row its own (rows of a
+        continuous batch have different lengths). ``kv_length`` None: every slot.
+        """
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        length = self.max_length if kv_length is None else kv_length
+        if isinstance(rows, torch.Tensor):
+            slots = positions if positions.dim() == 2 else positions.expand(k.shape[0], -1)
+            index = (rows[:, None], slice(None), slots)
+            self.k[index], self.v[index] = k.transpose(1, 2), v.transpose(1, 2)
+            return self.k[rows, :, :length], self.v[rows, :, :length]
+        cache_k, cache_v = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])
+        if positions.dim() == 1:
+            cache_k.index_copy_(2, positions, k)
+            cache_v.index_copy_(2, positions, v)
+        else:
+            index = (torch.arange(k.shape[0], device=k.device)[:, None], slice(None), positions)
+            cache_k[index], cache_v[index] = k.transpose(1, 2), v.transpose(1, 2)
+        return cache_k[:, :, :length], cache_v[:, :, :length]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch ``rows`` (indices ``[B']``): new, smaller tensors."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,15 @@ def attention_span(attention_mask: torch.Tensor | None, cache_positions: torch.T
     if cache_positions is not None:
         return int(cache_positions[-1]) + 1, None
     return length, None
+
+
+def run_stages(stages: Iterator[int]) -> torch.Tensor:
+    """Run a model's ``hidden_state_stages`` generator to the end and return its value."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
 
 
 def common_prefix_length(a, b) -> int:
