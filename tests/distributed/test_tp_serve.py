@@ -179,12 +179,9 @@ class RecordingChannel:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def send_batch(self, rows, images) -> None:
-        self.calls.append(("batch", [row.seed for row in rows], [image is not None for image in images]))
-
-    def share_ended(self, ended) -> list[int]:
-        self.calls.append(("ended", list(ended)))
-        return list(ended)
+    def send_step(self, shape, newcomers, ended) -> None:
+        self.calls.append(("step", shape, [request.seed for request, _ in newcomers],
+                           [image is not None for _, image in newcomers], list(ended)))
 
     def heartbeat(self) -> None:
         self.calls.append(("heartbeat",))
@@ -193,7 +190,7 @@ class RecordingChannel:
         self.calls.append(("close",))
 
 
-def test_the_leader_side_heartbeats_when_idle_and_sends_every_batch(tiny_visual_checkpoint) -> None:
+def test_the_leader_side_heartbeats_when_idle_and_sends_every_step(tiny_visual_checkpoint) -> None:
     from PIL import Image
 
     from visualglm.serving.worker import GenerationRequest, Worker
@@ -211,9 +208,11 @@ def test_the_leader_side_heartbeats_when_idle_and_sends_every_batch(tiny_visual_
     time.sleep(0.3)  # idle: heartbeats
     worker.stop()
     kinds = [call[0] for call in channel.calls]
-    assert kinds[0] == "batch" and kinds[-1] == "close" and kinds.count("batch") == 1
-    _, seeds, images = channel.calls[0]
-    assert images == [False, True] and seeds[1] == 5 and isinstance(seeds[0], int)  # rank 0 picked one
-    # One "ended" per step the engine read: the longer row's 3 tokens (steps 1 and 2 ended nothing new).
-    assert kinds[1:kinds.index("heartbeat")] == ["ended"] * 3
-    assert kinds.count("heartbeat") >= 2
+    assert kinds[-1] == "close" and kinds.count("heartbeat") >= 2
+    steps = [call for call in channel.calls if call[0] == "step"]
+    # The first step brings both newcomers (their seeds: rank 0 picked one for the unseeded request, with its
+    # image flag), every step carries the engine's shape, and the steps ran until both rows had ended.
+    assert steps[0][2][1] == 5 and isinstance(steps[0][2][0], int) and steps[0][3] == [False, True]
+    assert all(call[1] == worker.engine_shape for call in steps)
+    assert sum(len(call[2]) for call in steps) == 2
+    assert kinds.index("heartbeat") > kinds.index("step")

@@ -92,9 +92,9 @@ def _requests() -> list[GenerationRequest]:
 
 def test_batched_greedy_answers_equal_each_request_alone(model_and_tokenizer) -> None:
     batched, worker = _run(model_and_tokenizer, _requests())
-    assert worker.batches == 1 and worker.largest_batch == 4
+    assert worker.largest_batch >= 3  # they join one step after another and run together
     alone, single = _run(model_and_tokenizer, _requests(), limits=ALONE)
-    assert single.batches == 4 and single.largest_batch == 1
+    assert single.largest_batch == 1
     for got, want in zip(batched, alone, strict=True):
         assert got.summary() == want.summary()
         assert [e.kind for e in got.events][0] == "start" and got.last.kind == "done"
@@ -114,7 +114,7 @@ def test_stop_strings_end_their_row_only(visual_model) -> None:
     requests = _requests()
     requests[3].stop = (stop,)
     batched, worker = _run(visual_model, requests)
-    assert worker.largest_batch == 4
+    assert worker.largest_batch >= 3
     assert batched[3].text == free[3].text[: free[3].text.index(stop)] and batched[3].last.finish_reason == "stop"
     for row in (0, 1, 2):
         assert batched[row].summary() == free[row].summary()
@@ -122,8 +122,13 @@ def test_stop_strings_end_their_row_only(visual_model) -> None:
 
 def test_a_cancelled_row_leaves_the_batch_and_the_others_finish(visual_model) -> None:
     model = visual_model[0]
-    sizes: list[int] = []
-    handle = model.register_forward_pre_hook(lambda module, args: sizes.append(int(args[0].shape[0])))
+    sizes: list[int] = []  # rows of each decode step (one token per row)
+
+    def count(module, args) -> None:
+        if args[0] is not None and args[0].shape[1] == 1:
+            sizes.append(int(args[0].shape[0]))
+
+    handle = model.register_forward_pre_hook(count)
 
     def cancel_after_two_deltas(sink: Collected, index: int):
         def on_event(event: Event) -> None:
@@ -141,8 +146,11 @@ def test_a_cancelled_row_leaves_the_batch_and_the_others_finish(visual_model) ->
     assert sum(e.kind == "delta" for e in batched[3].events) == 2  # nothing more after the cancel
     for row in (0, 1, 2):
         assert batched[row].summary() == alone[row].summary()
-    # The cancelled row stopped being computed: the batch shrank right after, before the others ended.
-    assert sizes[0] == 4 and 3 in sizes and max(sizes[sizes.index(3):]) <= 3
+    # The cancelled row (the last to join, in the highest slot) stopped being computed: the decode batch
+    # shrank right after, while the others still ran.
+    full = sizes.index(4)
+    shrunk = full + sizes[full:].index(3)
+    assert max(sizes) == 4 and max(sizes[shrunk:]) <= 3
 
 
 def test_seeded_requests_reproduce_batched_or_not(visual_model) -> None:
@@ -221,20 +229,16 @@ def test_concurrent_http_requests_are_batched(visual_model) -> None:
             thread.join(60)
     assert [r.status_code for r in results] == [200] * 4
     assert len({r.json()["choices"][0]["message"]["content"] for r in results}) == 1
-    assert worker.batches == 2 and worker.largest_batch == 3
+    assert worker.largest_batch >= 3  # the three that waited joined the first one's batch
 
 
-def test_a_request_that_would_stretch_the_cache_past_the_context_waits_for_the_next_batch(visual_model) -> None:
-    worker = Worker(*visual_model, name="tiny", limits=BATCH)
-    worker.context = 120  # a small context, so that two requests cannot share a cache of 120 slots
-    short_long_answer = GenerationRequest("hi", sampling=GREEDY, max_new_tokens=100)
-    long_prompt = GenerationRequest("word " * 10, sampling=GREEDY, max_new_tokens=20)
-    jobs = [worker.submit(request, lambda event: None)
-            for request in (short_long_answer, long_prompt, short_long_answer)]
-    first = worker._queue.get_nowait()
-    batch, stopping = worker._take_batch(first)
-    assert jobs[1].admitted.prompt_tokens + 100 > 120 and not stopping
-    assert batch == [jobs[0]] and list(worker._held) == [jobs[1]]  # held, in order, before the third
-    batch, _ = worker._take_batch(worker._held.popleft())
-    assert batch == [jobs[1]] and list(worker._held) == [jobs[2]]
-    worker.stop()
+def test_rows_of_any_length_run_together_each_in_its_own_context(visual_model) -> None:
+    # Each row has a slot of the whole context of its own: a long prompt and a long answer run side by side
+    # (a single left-padded batch would need the longest prompt plus the longest answer for every row).
+    limits = dataclasses.replace(BATCH, max_prompt_tokens=None)
+    requests = [GenerationRequest("hi", sampling=GREEDY, max_new_tokens=100),
+                GenerationRequest("word " * 60, sampling=GREEDY, max_new_tokens=20)]
+    together, worker = _run(visual_model, requests, limits=limits)
+    assert worker.largest_batch == 2
+    alone, _ = _run(visual_model, requests, limits=dataclasses.replace(limits, max_batch=1))
+    assert [s.summary() for s in together] == [s.summary() for s in alone]

@@ -96,7 +96,7 @@ def test_a_row_that_fails_ends_alone_and_the_batch_goes_on(visual_model, monkeyp
     # Two kinds of failure confined to one row: its token cannot be chosen (the sampler raises for it), and
     # its text handling raises (a detokenizer or stop-string bug). Each ends its own request with a 500
     # error; the other rows answer as they would alone.
-    import visualglm.generation.engine as engine
+    import visualglm.generation.continuous as engine
     import visualglm.serving.batch as batch
 
     real_next_tokens = engine.next_tokens

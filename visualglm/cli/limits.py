@@ -24,8 +24,12 @@ class LimitFlag:
 
 LIMIT_FLAGS: tuple[LimitFlag, ...] = (
     LimitFlag("max_queue", "--max-queue", int, "requests allowed to wait for the model; more get 503"),
-    LimitFlag("max_batch", "--max-batch", int, "requests generated together: when the model is free it takes "
-              "up to this many waiting requests in one batch (1 = one at a time)"),
+    LimitFlag("max_batch", "--max-batch", int, "rows generated together: a waiting request joins the running "
+              "batch at the next step when a row is free (1 = one at a time)"),
+    LimitFlag("kv_cache_gib", "--kv-cache-gib", float, "GiB of KV cache: rows of the whole context that fit it, at "
+              "most --max-batch (default: half the memory free at start-up)", 0.001),
+    LimitFlag("prefill_chunk", "--prefill-chunk", int, "prompt tokens prefilled per step while other rows decode; a "
+              "longer prompt is spread over up to 3 steps, a few layers at a time"),
     LimitFlag("max_new_tokens", "--max-new-tokens", int, "answer tokens one request may ask for"),
     LimitFlag("max_prompt_tokens", "--max-prompt-tokens", int, "prompt tokens one request may send "
               "(default: the model's context)"),

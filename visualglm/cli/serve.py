@@ -27,6 +27,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "only; default: data: URLs and base64 only)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="server log level (default: info)")
+    parser.add_argument("--scheduler", choices=("continuous", "static"), default="continuous",
+                        help="continuous: requests join and leave the running batch at every step (default); "
+                        "static: a batch starts only when the previous one has ended (for comparison)")
     add_limit_flags(parser)
     parser.set_defaults(run=run)
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             follow(model, parallel.device)
             return 0
         channel = Leader(parallel.device)
-    worker = Worker(model, tokenizer, name=name, limits=limits, channel=channel).start()
+    worker = Worker(model, tokenizer, name=name, limits=limits, channel=channel, scheduler=args.scheduler).start()
     app = create_app(worker, api_key=args.api_key, allow_remote_images=args.allow_remote_images)
     if parallel is not None:
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found and raises the

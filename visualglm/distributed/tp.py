@@ -220,10 +220,12 @@ def apply_tensor_parallel(model: nn.Module, rank: int | None = None, world_size:
     for name, module in model.named_modules():
         if _matches(name, plan.reduce):
             module.register_forward_hook(_all_reduce_output(group))
-    # The logits are gathered at the model's output, not on the output linear itself: quantization and the
-    # CPU kernels may replace that module after loading, and a hook on it would go with it.
-    model.register_forward_hook(_gather_logits(group, world_size, int(getattr(model.config, plan.units[
-        plan.vocab_unit].count))))
+    # The logits are gathered where the model turns hidden states into logits (``output_logits``, which
+    # ``forward`` and the engine's staged prefill both call), not on the output linear itself: quantization
+    # and the CPU kernels may replace that module after loading, and a hook on it would go with it.
+    gather = _gather_logits(group, world_size, int(getattr(model.config, plan.units[plan.vocab_unit].count)))
+    local_logits = model.output_logits
+    model.output_logits = lambda hidden: gather(local_logits(hidden))
     _, head_dim = model.kv_cache_layout()
     cache_heads = local[plan.kv_cache_unit]
     model.kv_cache_layout = lambda: (cache_heads, head_dim)  # the instance's cache holds this rank's heads
@@ -305,12 +307,12 @@ def _all_reduce_output(group) -> Callable:
     return hook
 
 
-def _gather_logits(group, world_size: int, vocab: int) -> Callable:
-    def hook(_module: nn.Module, _inputs, logits: torch.Tensor) -> torch.Tensor:
+def _gather_logits(group, world_size: int, vocab: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def gather(logits: torch.Tensor) -> torch.Tensor:
         # logits [B, T, rows] -> [B, T, vocab]: every rank's rows in order, the padding dropped.
         logits = logits.contiguous()
         parts = [torch.empty_like(logits) for _ in range(world_size)]
         dist.all_gather(parts, logits, group=group)
         return torch.cat(parts, dim=-1)[..., :vocab]
 
-    return hook
+    return gather

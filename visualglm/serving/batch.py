@@ -1,75 +1,22 @@
-"""One batch of admitted requests, generated together: the rows every rank runs, and each row's output.
+"""One request's answer as it comes out of the engine: its text stream, stop strings, usage and events.
 
-:class:`Row` is everything needed to run one request's part of a batch (its prompt ids, where its image
-goes, its stopping/sampling rules and its seed); :func:`batch_steps` runs rows in one per-row
-``generate_steps`` call. Rank 0's worker and, under tensor parallelism, the follower ranks call the same
-:func:`batch_steps` on the same rows, so their collectives line up. :class:`RowOutput` turns one row's
-tokens into a job's ``start`` / ``delta`` / ``done`` events (its own DecodeStream, stop strings, usage).
+:class:`RowOutput` turns the :class:`~visualglm.generation.continuous.TokenEvent` s of one request into the
+job's ``start`` / ``delta`` / ``done`` / ``error`` events (its own DecodeStream, stop strings held back,
+finish reason, usage). :func:`rows_to_end` says which requests the engine should end now (client gone, stop
+string matched, a failure of the row's own).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-from torch import nn
-
+from visualglm.generation.continuous import TokenEvent
 from visualglm.generation.detok import DecodeStream
-from visualglm.generation.engine import GenerationParams, Step, generate_steps, left_pad
-from visualglm.generation.sampling import make_generator
 from visualglm.serving.protocol import APIError
 
 log = logging.getLogger("visualglm.serving")
-
-
-@dataclass
-class Row:
-    """One request in a batch: prompt ``ids``, the index in them where its image placeholders start (None:
-    no image), its ``params`` and the ``seed`` of its sampling generator (always set: rank 0 picks one for a
-    request without, so that every rank samples the same tokens)."""
-
-    ids: list[int]
-    image_start: int | None
-    params: GenerationParams
-    seed: int
-
-
-def batch_embeds(model: nn.Module, rows: Sequence[Row], images: Sequence[torch.Tensor | None]
-                 ) -> torch.Tensor | None:
-    """Input embeddings ``[B, T, hidden]`` of the left-padded prompts, each row's image embeddings
-    (``images[b]`` ``[1, image_length, hidden]``, or None) placed at its placeholders shifted by the row's
-    left padding; None when no row has an image (the engine then embeds the ids itself)."""
-    if all(image is None for image in images):
-        return None
-    device = next(model.parameters()).device
-    input_ids, num_pad = left_pad([row.ids for row in rows], model.config.pad_token_id)
-    template = next(image for image in images if image is not None)
-    stacked = template.new_zeros(len(rows), *template.shape[1:])
-    starts: list[int | None] = []
-    for b, (row, image) in enumerate(zip(rows, images, strict=True)):
-        if image is None or row.image_start is None:
-            starts.append(None)
-            continue
-        stacked[b] = image[0]
-        starts.append(row.image_start + num_pad[b])
-    # Under tensor parallelism the token embedding may be split across ranks: every rank makes this call.
-    return model.embed_with_images(input_ids.to(device), stacked.to(device), starts)
-
-
-def batch_steps(model: nn.Module, rows: Sequence[Row], images: Sequence[torch.Tensor | None],
-                end_rows: Callable[[], Sequence[int]]) -> Iterator[Step]:
-    """The per-row steps of ``rows`` (see ``generate_steps``): finished and ended rows are dropped from the
-    batch; the KV cache is kept for the next batch of the same shape."""
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        embeds = batch_embeds(model, rows, images)
-    generators = [make_generator(row.seed, device) for row in rows]
-    return generate_steps(model, [row.ids for row in rows], params=[row.params for row in rows],
-                          generator=generators, keep_cache=True, inputs_embeds=embeds, end_rows=end_rows,
-                          drop_finished=True)
 
 
 class RowOutput:
@@ -91,35 +38,34 @@ class RowOutput:
         self.done = False
         self.reported = False  # the engine was told to end this row
 
-    def take(self, step: Step, row: int) -> None:
-        """Handle this row's token of ``step``."""
+    def take(self, event: TokenEvent) -> None:
+        """Handle one engine event of this request."""
         if self.done:
             return
         try:
-            self._take(step, row)
+            self._take(event)
         except Exception:
             log.exception("streaming an answer failed")
             self.fail(_internal_error())
 
-    def _take(self, step: Step, row: int) -> None:
+    def _take(self, event: TokenEvent) -> None:
         if self.cancelled():
             self.finish("cancelled")
             return
-        reason = step.reasons[row] if step.reasons is not None else None
-        if reason == "error":
-            error = step.errors[row] if step.errors is not None else None
-            log.error("generation failed for one row of a batch: %s", error)
+        if event.reason == "error":
+            log.error("generation failed for one row of a batch: %s", event.error)
             self.fail(_internal_error())
             return
-        if reason is not None:  # "stop" (stop id) or "length" (budget spent); "ended" rows are done already
-            self.finish("stop" if reason in ("stop", "ended") else reason)
-            return
-        self.count += 1
-        delta = self.decoded.push(int(step.tokens[row]))
-        if delta:
-            self.emit("delta", text=delta)
-        if self.decoded.stopped:
-            self.finish("stop")
+        if event.token is not None:
+            self.count += 1
+            delta = self.decoded.push(event.token)
+            if delta:
+                self.emit("delta", text=delta)
+            if self.decoded.stopped:
+                self.finish("stop")
+                return
+        if event.reason is not None:  # "stop" (a stop id), "length" (budget spent); "ended": done already
+            self.finish("length" if event.reason == "length" else "stop")
 
     def finish(self, reason: str) -> None:
         """Send the held-back text (unless cancelled) and ``done`` with ``reason``."""
@@ -146,14 +92,14 @@ def _internal_error() -> APIError:
     return APIError(500, "internal error while generating", type="server_error")
 
 
-def rows_to_end(outputs: Sequence[RowOutput]) -> list[int]:
-    """Rows the engine should stop computing now: finished on our side (stop string, error) or whose client
-    left since the last step; each is reported once."""
+def rows_to_end(outputs: dict[Any, RowOutput]) -> list[Any]:
+    """Requests (keys of ``outputs``) the engine should stop computing now: finished on our side (stop
+    string, error) or whose client left since the last step; each is reported once."""
     ended = []
-    for index, output in enumerate(outputs):
+    for key, output in outputs.items():
         if not output.done and output.cancelled():
             output.finish("cancelled")
         if output.done and not output.reported:
             output.reported = True
-            ended.append(index)
+            ended.append(key)
     return ended

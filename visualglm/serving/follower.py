@@ -1,11 +1,12 @@
-"""Serving under tensor parallelism: rank 0 leads, every other rank follows its batches in lockstep.
+"""Serving under tensor parallelism: rank 0 leads, every other rank follows its engine steps in lockstep.
 
 Rank 0 runs the HTTP server and the :class:`~visualglm.serving.worker.Worker`; the worker's thread is the
-only one of rank 0 that talks to the process group, through a :class:`Leader`. For each batch it
-broadcasts the rows (prompt ids, per-row params, seeds: small, pickled) and then each row's image
-embeddings as tensors; every rank then makes the same ``batch_steps`` call, whose forward passes hold the
-model's collectives. After each step rank 0 broadcasts which rows it ended (client gone, stop string,
-error), so that every rank drops the same rows at the same step. The vision towers are replicated
+only one of rank 0 that talks to the process group, through a :class:`Leader`. Before each engine step it
+broadcasts the engine's shape, the step's newcomers (prompt ids, params, seeds, image keys: small, pickled)
+and the requests it ended (client gone, stop string, error), then each newcomer's image embeddings as
+tensors; every rank then makes the same ``submit``/``end``/``step`` calls on its own
+:class:`~visualglm.generation.continuous.ContinuousEngine`, which is deterministic in them, so the ranks run
+the same schedule and their forward passes hold the same collectives. The vision towers are replicated
 (``visualglm/distributed/tp.py`` splits only the language model), so only rank 0 encodes images, and the
 others receive the embeddings instead of the pictures.
 
@@ -22,6 +23,7 @@ get 500s, and the server has to be restarted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from collections.abc import Sequence
@@ -31,12 +33,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from visualglm.serving.batch import Row, batch_steps
+from visualglm.generation.continuous import EngineRequest
 
 log = logging.getLogger("visualglm.serving")
 
 HEARTBEAT_S = 60.0  # well under the process group's default 30-minute timeout
-_BATCH, _HEARTBEAT, _STOP = "batch", "heartbeat", "stop"
+_STEP, _HEARTBEAT, _STOP = "step", "heartbeat", "stop"
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -54,25 +56,18 @@ class Leader:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._rows = 0
         self.closed = False
 
-    def send_batch(self, rows: Sequence[Row], images: Sequence[torch.Tensor | None]) -> None:
-        """Send a batch: rows, then each image's embeddings ``[1, image_length, hidden]`` (in row order)."""
-        specs = [None if image is None else (tuple(image.shape), str(image.dtype)) for image in images]
-        dist.broadcast_object_list([(_BATCH, list(rows), specs)], src=0)
-        for image in images:
+    def send_step(self, shape: tuple[int, int, int], newcomers: Sequence[tuple[EngineRequest, torch.Tensor | None]],
+                  ended: Sequence[Any]) -> None:
+        """Send one step's inputs: the engine's shape, the newcomers (without their image tensors) and the
+        ended request ids; then each newcomer's image embeddings ``[1, image_length, hidden]``."""
+        requests = [dataclasses.replace(request, image_embeds=None) for request, _ in newcomers]
+        specs = [None if image is None else (tuple(image.shape), str(image.dtype)) for _, image in newcomers]
+        dist.broadcast_object_list([(_STEP, shape, requests, specs, list(ended))], src=0)
+        for _, image in newcomers:
             if image is not None:
                 dist.broadcast(image.to(self.device).contiguous(), src=0)
-        self._rows = len(rows)
-
-    def share_ended(self, ended: Sequence[int]) -> list[int]:
-        """Broadcast this step's ended rows (a ``[B]`` 0/1 mask) and return them."""
-        mask = torch.zeros(self._rows, dtype=torch.uint8, device=self.device)
-        if ended:
-            mask[list(ended)] = 1
-        dist.broadcast(mask, src=0)
-        return list(ended)
 
     def heartbeat(self) -> None:
         dist.broadcast_object_list([(_HEARTBEAT,)], src=0)
@@ -88,49 +83,54 @@ class Leader:
             log.warning("could not tell the other ranks to stop", exc_info=True)
 
 
-def _receive_batch(device: torch.device, rows: list[Row], specs: list[Any]
-                   ) -> tuple[list[Row], list[torch.Tensor | None]]:
-    images: list[torch.Tensor | None] = []
-    for spec in specs:
-        if spec is None:
-            images.append(None)
-            continue
-        shape, dtype = spec
-        image = torch.empty(shape, dtype=_dtype(dtype), device=device)
-        dist.broadcast(image, src=0)
-        images.append(image)
-    return rows, images
+def _receive_images(device: torch.device, requests: list[EngineRequest], specs: list[Any]) -> None:
+    for request, spec in zip(requests, specs, strict=True):
+        if spec is not None:
+            shape, dtype = spec
+            request.image_embeds = torch.empty(shape, dtype=_dtype(dtype), device=device)
+            dist.broadcast(request.image_embeds, src=0)
 
 
 def follow(model: nn.Module, device: torch.device) -> int:
-    """Run every batch rank 0 sends, in lockstep, until it says stop; returns the number of batches run.
+    """Make every engine call rank 0 makes, in lockstep, until it says stop; returns the steps run.
 
     Ctrl-C and SIGTERM are ignored here: the terminal (or torchrun) signals every rank, and a follower that
     left on its own would leave rank 0 stuck in a collective; rank 0 shuts down cleanly and then tells
     the followers to stop.
     """
+    from visualglm.serving.worker import make_engine
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    batches = 0
-    while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        kind = box[0][0]
-        if kind == _STOP:
-            return batches
-        if kind == _HEARTBEAT:
-            continue
-        rows, images = _receive_batch(device, *box[0][1:])
-
-        def end_rows(count: int = len(rows)) -> list[int]:
-            mask = torch.zeros(count, dtype=torch.uint8, device=device)
-            dist.broadcast(mask, src=0)
-            return mask.nonzero().flatten().tolist()
-
-        batches += 1
-        try:
-            with torch.inference_mode():
-                for _ in batch_steps(model, rows, images, end_rows):
-                    pass
-        except Exception:  # noqa: BLE001 - rank 0 hit the same error in the same collective and failed the batch
-            log.exception("batch failed on this rank")
+    steps = 0
+    engine, engine_shape = None, None
+    try:
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            kind = box[0][0]
+            if kind == _STOP:
+                return steps
+            if kind == _HEARTBEAT:
+                continue
+            shape, requests, specs, ended = box[0][1:]
+            _receive_images(device, requests, specs)
+            if engine is None or shape != engine_shape:
+                if engine is not None:
+                    engine.close()
+                engine, engine_shape = make_engine(model, shape), shape
+            for request in requests:
+                engine.submit(request)
+            for key in ended:
+                engine.end(key)
+            steps += 1
+            try:
+                with torch.inference_mode():
+                    engine.step()
+            except Exception:  # noqa: BLE001 - rank 0 hit the same error in the same collective
+                log.exception("engine step failed on this rank")
+                engine.close()
+                engine = None  # rank 0 starts a fresh engine too
+    finally:
+        if engine is not None:
+            engine.close()

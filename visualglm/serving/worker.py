@@ -1,19 +1,25 @@
-"""One model, one worker thread, a bounded queue of generation jobs run in batches, cancellation per row.
+"""One model, one worker thread, a bounded queue of generation jobs, continuously batched.
 
 The HTTP API and the web UI both submit :class:`GenerationRequest` s here. A request is stateless (it
 carries its whole history). ``submit`` admits it first, in the caller's thread: it builds the prompt ids
 and checks every limit (prompt tokens, length budget, sampling settings, an image for a text-only model),
 so a request that cannot run is refused with a 400 at once and never takes a queue slot. The model (and
-its KV cache) is only ever touched by the worker thread. When it takes a job it also takes the jobs
-already waiting (up to ``limits.max_batch``) and generates for all of them in one batched call, each row
-with its own sampling settings, seed, stop strings and length budget (:mod:`visualglm.serving.batch`).
-Jobs report through a ``sink`` callback (called on the worker thread) with :class:`Event` s: ``start`` once
-the batch starts, ``delta`` for each piece of text, then exactly one of ``done`` or ``error``. A job whose
-``cancel`` flag is set (the client went away) stops before the next token and leaves the batch, or is
-skipped if it has not started.
+its KV cache) is only ever touched by the worker thread, which runs a
+:class:`~visualglm.generation.continuous.ContinuousEngine`: at every step a waiting job whose turn has come
+joins the running batch when a slot is free (its image encoded first, its prompt prefilled, reusing cached
+tokens where that is exact), every running row gets its next token, and a row that finishes, fails or whose
+client leaves frees its slot at once. Slots: ``limits.max_batch``, fewer when the KV cache budget
+(``limits.kv_cache_gib``; default: half the memory free at start-up) holds fewer rows of full context.
+With ``scheduler="static"`` a new batch starts only when the previous one has ended (the behaviour before
+continuous batching, kept for comparison).
 
-Under tensor parallelism (``channel`` set, rank 0) each batch and each step's ended rows are sent to the
-other ranks, which run the same batch in lockstep (:mod:`visualglm.serving.follower`).
+Jobs report through a ``sink`` callback (called on the worker thread) with :class:`Event` s: ``start`` when
+the job enters the engine, ``delta`` for each piece of text, then exactly one of ``done`` or ``error``. A job
+whose ``cancel`` flag is set (the client went away) leaves before its next token, or is skipped if it has
+not started.
+
+Under tensor parallelism (``channel`` set, rank 0) each step's newcomers (with their image embeddings) and
+ended rows are sent to the other ranks, which make the same engine calls (:mod:`visualglm.serving.follower`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import queue
 import random
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +41,10 @@ from torch import nn
 
 from visualglm.checkpoint.load import release_freed_memory
 from visualglm.generation.chat import FAMILY_SAMPLING, answer_stop_ids, build_prompt_ids, model_undecodable_ranges
+from visualglm.generation.continuous import ContinuousEngine, EngineRequest, kv_bytes_per_token, rows_for_budget
 from visualglm.generation.engine import GenerationParams
 from visualglm.image import ImageError, load_image, preprocess
-from visualglm.serving.batch import Row, RowOutput, batch_steps, rows_to_end
+from visualglm.serving.batch import RowOutput, rows_to_end
 from visualglm.serving.protocol import APIError, ServeLimits
 
 log = logging.getLogger("visualglm.serving")
@@ -119,7 +126,7 @@ class Worker:
     other ranks; see :class:`visualglm.serving.follower.Leader`."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, name: str = "visualglm",
-                 limits: ServeLimits | None = None, channel: Any = None) -> None:
+                 limits: ServeLimits | None = None, channel: Any = None, scheduler: str = "continuous") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -129,40 +136,60 @@ class Worker:
         self.context: int = model.config.max_sequence_length
         if self.limits.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.limits.max_batch}")
+        if scheduler not in ("continuous", "static"):
+            raise ValueError(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
+        self.scheduler = scheduler
+        budget = None if self.limits.kv_cache_gib is None else int(self.limits.kv_cache_gib * 2**30)
+        if budget is None and model.config.max_sequence_length * self.limits.max_batch > 0:
+            budget = _default_kv_budget()
+        self.rows = rows_for_budget(model, self.context, self.limits.max_batch, budget)
+        self.kv_cache_bytes = self.rows * self.context * kv_bytes_per_token(model)
         self.channel = channel
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.limits.max_queue)
-        self._held: deque[Job] = deque()  # taken from the queue but left for the next batch (see _take_batch)
         self._thread: threading.Thread | None = None
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._next_id = 0
+        self._stopping = threading.Event()
+        self.engine: ContinuousEngine | None = None
         self.busy = False
         self.served = 0  # jobs run (answered, failed or cancelled while running)
         self.skipped = 0  # jobs dropped before they started: their client had left
-        self.batches = 0  # batched generate calls made
-        self.largest_batch = 0
         self.images_encoded = 0
         # The output layer has rows the tokenizer cannot decode (padding): never sample them (as ChatSession).
         self._undecodable = tuple(model_undecodable_ranges(model, tokenizer))
         self._stop_ids = answer_stop_ids(model.config)
 
+    @property
+    def engine_shape(self) -> tuple[int, int, int]:
+        """(rows, context, prefill chunk): followers build the same engine."""
+        return self.rows, self.context, self.limits.prefill_chunk
+
+    @property
+    def largest_batch(self) -> int:
+        """Most rows decoded in one step so far."""
+        return 0 if self.engine is None else self.engine.stats.largest_batch
+
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> Worker:
         if self._thread is None or not self._thread.is_alive():
+            self._stopping = threading.Event()
             self._thread = threading.Thread(target=self._run, name="visualglm-worker", daemon=True)
             self._thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running batch's current token, drop the queue, and end the thread."""
+        """Drop the queue, end the running answers before their next token, and end the thread."""
         while True:
             try:
-                job = self._held.popleft() if self._held else self._queue.get_nowait()
+                job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
                 job.cancel.set()
                 job.emit(Event("done", finish_reason="cancelled"))
         if self._thread is not None and self._thread.is_alive():
+            self._stopping.set()
             self._queue.put(None)
             self._thread.join(timeout)
         self._thread = None
@@ -218,11 +245,9 @@ class Worker:
 
     # -- the thread --------------------------------------------------------------------------------------
 
-    def _next_job(self) -> Job | None:
-        """The next job to run (None: stop). Idle under tensor parallelism, the followers get a heartbeat
-        every ``channel.heartbeat_s`` seconds."""
-        if self._held:
-            return self._held.popleft()
+    def _wait_for_job(self) -> Job | None:
+        """Block until a job comes (None: stop). Idle under tensor parallelism, the followers get a
+        heartbeat every ``channel.heartbeat_s`` seconds."""
         if self.channel is None:
             return self._queue.get()
         while True:
@@ -235,115 +260,114 @@ class Worker:
                     log.exception("heartbeat to the other ranks failed")
 
     def _run(self) -> None:
+        engine = self.engine = make_engine(self.model, self.engine_shape)
+        outputs: dict[int, RowOutput] = {}
+        stopping = False
         try:
-            while True:
-                first = self._next_job()
-                if first is None:
-                    return
-                batch, stopping = self._take_batch(first)
-                self.busy = True
-                try:
-                    self._run_batch(batch)
-                except Exception:  # never lose the worker (the jobs got their errors in _run_batch)
-                    log.exception("batch failed")
-                finally:
+            while not (stopping and not outputs):
+                newcomers: list[tuple[EngineRequest, torch.Tensor | None]] = []
+                if not outputs and not stopping:
                     self.busy = False
-                if stopping:
-                    return
+                    job = self._wait_for_job()
+                    if job is None:
+                        break
+                    stopping = self._join(job, outputs, newcomers)
+                self.busy = True
+                stopping = self._take_waiting(outputs, newcomers) or stopping
+                if self._stopping.is_set():
+                    for output in outputs.values():
+                        output.finish("cancelled")
+                ended = rows_to_end(outputs)
+                for key in ended:
+                    engine.end(key)
+                if self.channel is not None:
+                    self.channel.send_step(self.engine_shape, newcomers, ended)
+                try:
+                    events = engine.step()
+                except Exception:  # the batched forward failed: every row in the engine, never a trace
+                    log.exception("generation failed")
+                    engine = self.engine = self._reset_engine(outputs)
+                    continue
+                for event in events:
+                    output = outputs.get(event.id)
+                    if output is not None:
+                        output.take(event)
+                        if event.reason is not None:
+                            output.reported = True  # the engine ended it itself
+                for key in [key for key, output in outputs.items() if output.done and output.reported]:
+                    del outputs[key]
+                    self.served += 1
         finally:
+            self.busy = False
+            engine.close()
             if self.channel is not None:
                 self.channel.close()  # the followers leave their loop
 
-    def _take_batch(self, first: Job) -> tuple[list[Job], bool]:
-        """``first`` and the jobs already waiting, up to ``limits.max_batch``; True when the stop sentinel
-        was met. A job whose prompt and budget would make the batch's KV cache longer than the model's
-        context is left for the next batch, so a batch never needs more cache than the longest request
-        could alone, times its rows."""
-        batch, stopping = [first], False
-        longest, budget = len(first.admitted.ids), first.admitted.budget
-        while len(batch) < self.limits.max_batch:
+    def _reset_engine(self, outputs: dict[int, RowOutput]) -> ContinuousEngine:
+        for output in outputs.values():
+            output.fail(APIError(500, "internal error while generating", type="server_error"))
+        self.served += len(outputs)
+        outputs.clear()
+        self.engine.close()
+        return make_engine(self.model, self.engine_shape)
+
+    def _take_waiting(self, outputs: dict[int, RowOutput], newcomers: list) -> bool:
+        """Move waiting jobs into the engine while it has room for them (continuous: a free slot; static:
+        an empty engine, then up to every slot); True when the stop sentinel was met."""
+        if self.scheduler == "static" and any(not output.done for output in outputs.values()) and not newcomers:
+            return False
+        while len(outputs) < self.rows:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return False
             if job is None:
-                stopping = True
-                break
-            admitted = job.admitted
-            if max(longest, len(admitted.ids)) + max(budget, admitted.budget) > self.context:
-                self._held.append(job)
-                break
-            longest, budget = max(longest, len(admitted.ids)), max(budget, admitted.budget)
-            batch.append(job)
-        return batch, stopping
+                return True
+            self._join(job, outputs, newcomers)
+        return False
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        """Run ``jobs`` (skipping those whose client left) and count them in ``served`` once they end."""
-        started = []
-        for job in jobs:
-            if job.cancel.is_set():  # the client left while the job waited
-                self.skipped += 1
-                job.emit(Event("done", finish_reason="cancelled"))
-            else:
-                started.append(job)
-        try:
-            self._generate(started)
-        finally:
-            self.served += len(started)
-
-    def _generate(self, jobs: list[Job]) -> None:
-        """Encode each job's image (a failure fails that job only), then generate for all of them at once.
-        An exception in the batched generation fails every unfinished row with a 500."""
-        ready: list[tuple[Job, torch.Tensor | None]] = []
-        for job in jobs:
+    def _join(self, job: Job | None, outputs: dict[int, RowOutput], newcomers: list) -> bool:
+        """Hand ``job`` to the engine (its image encoded first); True for the stop sentinel."""
+        if job is None:
+            return True
+        if job.cancel.is_set():  # the client left while the job waited
+            self.skipped += 1
+            job.emit(Event("done", finish_reason="cancelled"))
+            return False
+        admitted = job.admitted
+        image = None
+        if admitted.image_start is not None:
             try:
-                image = self._encode_image(job.request) if job.admitted.image_start is not None else None
+                image = self._encode_image(job.request)
             except APIError as exc:
                 job.emit(Event("error", error=exc))
+                return False
             except (ImageError, ValueError) as exc:
                 job.emit(Event("error", error=APIError(400, f"bad image: {exc}", param="image",
                                                        code="invalid_image")))
+                return False
             except Exception:  # never send the trace to the client
                 log.exception("image encoding failed")
                 job.emit(Event("error", error=APIError(500, "internal error while reading the image",
                                                        type="server_error")))
-            else:
-                ready.append((job, image))
-        if not ready:
-            return
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(ready))
+                return False
+        self._next_id += 1
+        key = self._next_id
         # Every row gets an explicit seed: followers must build the same generators (random for rows
         # without one, as a fresh generator would be).
-        rows = [Row(job.admitted.ids, job.admitted.image_start, job.admitted.params,
-                    job.admitted.params.sampling.seed if job.admitted.params.sampling.seed is not None
-                    else random.SystemRandom().randrange(2**63)) for job, _ in ready]
-        images = [image for _, image in ready]
-        outputs = [RowOutput(job.admitted.prompt_tokens, self.tokenizer, self.family, job.request.stop,
-                             _emitter(job), job.cancel.is_set) for job, _ in ready]
-        channel = self.channel
+        seed = admitted.params.sampling.seed
+        request = EngineRequest(key, admitted.ids, admitted.params,
+                                seed if seed is not None else random.SystemRandom().randrange(2**63),
+                                admitted.image_start, image, job.request.image_key if image is not None else None)
+        output = RowOutput(admitted.prompt_tokens, self.tokenizer, self.family, job.request.stop, _emitter(job),
+                           job.cancel.is_set)
+        self.engine.submit(request)
+        outputs[key] = output
+        newcomers.append((request, image))
+        output.emit("start", prompt_tokens=output.prompt_tokens)
+        return False
 
-        def end_rows() -> list[int]:
-            ended = rows_to_end(outputs)
-            # Under tensor parallelism rank 0 decides, and every rank ends the same rows at the same step.
-            return ended if channel is None else channel.share_ended(ended)
-
-        for output in outputs:
-            output.emit("start", prompt_tokens=output.prompt_tokens)
-        try:
-            with torch.inference_mode():  # the cached image embeddings are inference tensors
-                if channel is not None:
-                    channel.send_batch(rows, images)
-                for step in batch_steps(self.model, rows, images, end_rows):
-                    for index, output in enumerate(outputs):
-                        output.take(step, index)  # a failure of one row's own ends that row only
-        except Exception:  # the batched forward failed: every unfinished row of the batch, never a trace
-            log.exception("generation failed")
-            for output in outputs:
-                output.fail(APIError(500, "internal error while generating", type="server_error"))
-            return
-        for output in outputs:
-            output.finish("length")  # rows still open when the steps ran out used their whole budget
+    # -- images (called from request threads) ------------------------------------------------------------
 
     def read_image(self, data: bytes) -> tuple[torch.Tensor, str]:
         """An image file's bytes -> (the model's pixel values, sha256 of the bytes), under the limits' byte,
@@ -388,6 +412,24 @@ class Worker:
                 self._images.popitem(last=False)
         return embeds
 
+
+
+def make_engine(model: nn.Module, shape: tuple[int, int, int]) -> ContinuousEngine:
+    """The engine of a worker (or of a follower rank) of ``shape`` = (rows, context, prefill chunk)."""
+    rows, context, chunk = shape
+    return ContinuousEngine(model, max_rows=rows, context=context, prefill_chunk=chunk)
+
+
+def _default_kv_budget() -> int | None:
+    """Half the memory the system reports available now (Linux ``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _emitter(job: Job) -> Callable[..., None]:

@@ -1,0 +1,236 @@
+"""The continuous-batching engine: requests arriving at random steps, of every kind, answer as they would
+alone; seeded sampling ignores its neighbours; staged prefill is exact; prefixes are reused only where that
+is exact; ended and failed rows free their slots."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import visualglm
+from visualglm.generation.chat import build_prompt_ids
+from visualglm.generation.continuous import ContinuousEngine, EngineRequest, kv_bytes_per_token, rows_for_budget
+from visualglm.generation.engine import GenerationParams, generate_steps
+from visualglm.generation.sampling import SamplingParams
+from visualglm.image import preprocess
+
+from ..conftest import random_chatglm
+
+GMASK, SOP = 1001, 1004
+GREEDY = SamplingParams(do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    return random_chatglm(tie_word_embeddings=False, seed=3)
+
+
+@pytest.fixture(scope="module")
+def visual(tiny_visual_checkpoint):
+    return visualglm.load(tiny_visual_checkpoint, progress=False), visualglm.load_tokenizer(tiny_visual_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def glm4v(glm4v_checkpoint):
+    return visualglm.load(glm4v_checkpoint, progress=False), visualglm.load_tokenizer(glm4v_checkpoint)
+
+
+def _alone(model, request: EngineRequest) -> list[int]:
+    """The request through the single-batch path, fresh: its answer tokens (stop id excluded)."""
+    embeds = None
+    if request.image_embeds is not None:
+        embeds = model.embed_with_images(torch.tensor([request.ids]), request.image_embeds, [request.image_start])
+    generator = None if request.seed is None else torch.Generator().manual_seed(request.seed)
+    out = []
+    for step in generate_steps(model, [request.ids], params=request.params, generator=generator,
+                               inputs_embeds=embeds):
+        if bool(step.finished[0]):
+            break
+        out.append(int(step.tokens[0]))
+    return out
+
+
+def _run(engine: ContinuousEngine, requests: list[EngineRequest], rng: random.Random, end_after: dict | None = None
+         ) -> tuple[dict, dict]:
+    """Submit the requests one by one at random steps; end some after a number of tokens. Returns each
+    request's tokens and final reason."""
+    end_after = end_after or {}
+    tokens = {r.id: [] for r in requests}
+    reasons: dict = {}
+    pending = list(requests)
+    while pending or engine.has_work():
+        while pending and rng.random() < 0.4:
+            engine.submit(pending.pop(0))
+        for event in engine.step():
+            if event.token is not None:
+                tokens[event.id].append(event.token)
+            if event.reason is not None:
+                reasons[event.id] = event.reason
+        for key, count in end_after.items():
+            if key not in reasons and len(tokens[key]) >= count:
+                engine.end(key)
+    return tokens, reasons
+
+
+def _text_requests(count: int, rng: random.Random) -> list[EngineRequest]:
+    return [EngineRequest(i, [rng.randrange(10, 900) for _ in range(rng.randrange(1, 40))] + [GMASK, SOP],
+                          GenerationParams(max_new_tokens=rng.randrange(1, 14), sampling=GREEDY))
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_requests_arriving_at_random_steps_answer_as_alone(text_model, seed: int) -> None:
+    rng = random.Random(seed)
+    requests = _text_requests(14, rng)
+    engine = ContinuousEngine(text_model, max_rows=4, context=96, prefill_chunk=10)
+    cancelled = {3: 2, 7: 0}  # ended after 2 tokens, and at once
+    tokens, reasons = _run(engine, requests, rng, end_after=cancelled)
+    for request in requests:
+        want = _alone(text_model, request)
+        if request.id in cancelled:
+            assert reasons[request.id] == "ended" or len(want) <= cancelled[request.id]
+            assert tokens[request.id] == want[:len(tokens[request.id])]
+        else:
+            assert tokens[request.id] == want, request.id
+            assert reasons[request.id] == ("length" if len(want) == request.params.max_new_tokens else "stop")
+    assert engine.stats.largest_batch >= 3 and not engine.has_work() and engine.running == 0
+
+
+def test_seeded_sampling_ignores_what_runs_beside_it(text_model) -> None:
+    rng = random.Random(5)
+    sampled = SamplingParams(temperature=0.9, top_k=40, top_p=0.9)
+    requests = [EngineRequest(i, r.ids, GenerationParams(max_new_tokens=10, sampling=sampled), seed=100 + i)
+                for i, r in enumerate(_text_requests(6, rng))]
+    tokens, _ = _run(ContinuousEngine(text_model, max_rows=3, context=96), requests, rng)
+    for request in requests:
+        assert tokens[request.id] == _alone(text_model, request)
+
+
+def test_a_long_prompt_prefilled_in_stages_is_exact_and_lets_the_others_decode(text_model) -> None:
+    long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
+                         GenerationParams(max_new_tokens=4, sampling=GREEDY))
+    short = EngineRequest("short", [11, 12, GMASK, SOP], GenerationParams(max_new_tokens=12, sampling=GREEDY))
+    engine = ContinuousEngine(text_model, max_rows=2, context=96, prefill_chunk=20, prefill_stages=3)
+    engine.submit(short)
+    engine.step()  # short is running
+    engine.submit(long)
+    got = {"long": [], "short": []}
+    short_tokens_during_prefill = 0
+    while engine.has_work():
+        before = len(got["long"])
+        for event in engine.step():
+            if event.token is not None:
+                got[event.id].append(event.token)
+        if not got["long"] and before == 0:
+            short_tokens_during_prefill += 1
+    assert got["long"] == _alone(text_model, long)
+    assert [t for t in got["short"]] == _alone(text_model, short)[1:]  # its first token came in step one
+    # The short row kept getting a token at every step of the long one's staged prefill.
+    layers = len(text_model.attention_modules())
+    assert short_tokens_during_prefill == min(3, layers, -(-len(long.ids) // 20)) - 1 >= 1
+
+
+def test_images_and_text_of_both_image_families_mix(visual, glm4v) -> None:
+    from PIL import Image
+
+    for model, tokenizer in (visual, glm4v):
+        size = model.config.vision_config.image_size if model.config.family == "glm4v" else \
+            model.config.eva_config.image_size
+        rng = random.Random(9)
+        requests = []
+        for i in range(7):
+            with_image = i % 2 == 0
+            ids, start = build_prompt_ids(model, tokenizer, f"question number {i} " * (i % 3 + 1), [],
+                                          image=with_image)
+            embeds = None
+            if with_image:
+                color = (40 * i % 255, 120, 200)
+                with torch.inference_mode():
+                    embeds = model.encode_images(preprocess(Image.new("RGB", (32, 24), color), size))
+            requests.append(EngineRequest(i, ids, GenerationParams(max_new_tokens=3 + i, sampling=GREEDY),
+                                          image_start=start, image_embeds=embeds, image_key=f"img{i}"))
+        tokens, _ = _run(ContinuousEngine(model, max_rows=3), requests, rng)
+        for request in requests:
+            assert tokens[request.id] == _alone(model, request), (model.config.family, request.id)
+
+
+def test_glm4v_reuses_the_earlier_turns_and_the_same_image(glm4v) -> None:
+    from PIL import Image
+
+    model, tokenizer = glm4v
+    image = preprocess(Image.new("RGB", (20, 20), (10, 200, 30)), model.config.vision_config.image_size)
+    with torch.inference_mode():
+        embeds = model.encode_images(image)
+    engine = ContinuousEngine(model, max_rows=2)
+    first_ids, start = build_prompt_ids(model, tokenizer, "describe it", [], image=True)
+    first = EngineRequest("t1", first_ids, GenerationParams(max_new_tokens=6, sampling=GREEDY), image_start=start,
+                          image_embeds=embeds, image_key="same")
+    answer, _ = _run(engine, [first], random.Random(0))
+    text = tokenizer.decode(answer["t1"])
+    # The client resends the whole conversation with its new question.
+    second_ids, start2 = build_prompt_ids(model, tokenizer, "and the colour?", [("describe it", text)], image=True)
+    second = EngineRequest("t2", second_ids, GenerationParams(max_new_tokens=6, sampling=GREEDY), image_start=start2,
+                           image_embeds=embeds, image_key="same")
+    before = engine.stats.prefill_tokens
+    tokens, _ = _run(engine, [second], random.Random(0))
+    computed = engine.stats.prefill_tokens - before
+    common = next(i for i, (a, b) in enumerate(zip(first_ids + answer["t1"], second_ids, strict=False)) if a != b)
+    assert computed == len(second_ids) - min(common, len(first_ids) + len(answer["t1"]) - 1)
+    assert computed < len(second_ids) - model.image_tokens  # the image was not encoded into the cache again
+    assert tokens["t2"] == _alone(model, second)
+    # Another image at the same place: nothing from the image on may be reused.
+    other = EngineRequest("t3", second_ids, GenerationParams(max_new_tokens=6, sampling=GREEDY), image_start=start2,
+                          image_embeds=embeds * 0.5, image_key="other")
+    before = engine.stats.prefill_tokens
+    tokens, _ = _run(engine, [other], random.Random(0))
+    assert engine.stats.prefill_tokens - before >= len(second_ids) - start2
+    assert tokens["t3"] == _alone(model, other)
+
+
+def test_chatglm_reuses_only_an_identical_context(text_model) -> None:
+    engine = ContinuousEngine(text_model, max_rows=1, context=96)
+    prompt = [20, 21, 22, 23, GMASK, SOP]
+    first = EngineRequest("a", prompt, GenerationParams(max_new_tokens=4, sampling=GREEDY))
+    tokens, _ = _run(engine, [first], random.Random(0))
+    # A follow-up turn: the history sits in the bidirectional context, so nothing can be reused.
+    follow = EngineRequest("b", [20, 21, 22, 23, 24, 25, 26, GMASK, SOP], first.params)
+    before = engine.stats.prefill_tokens
+    got, _ = _run(engine, [follow], random.Random(0))
+    assert engine.stats.prefill_tokens - before == len(follow.ids) and got["b"] == _alone(text_model, follow)
+    # The identical prompt again (a regenerate): all but its last token come from the cache.
+    again = EngineRequest("c", list(follow.ids), first.params)
+    before = engine.stats.prefill_tokens
+    got, _ = _run(engine, [again], random.Random(0))
+    assert engine.stats.prefill_tokens - before == 1 and got["c"] == _alone(text_model, again)
+
+
+def test_ended_and_failed_rows_free_their_slots(text_model) -> None:
+    vocab = text_model.config.vocab_size
+    engine = ContinuousEngine(text_model, max_rows=2, context=96)
+    ok = EngineRequest("ok", [30, 31, GMASK, SOP], GenerationParams(max_new_tokens=8, sampling=GREEDY))
+    bad = EngineRequest("bad", [40, 41, GMASK, SOP],
+                        GenerationParams(max_new_tokens=8, sampling=GREEDY.replace(banned_ranges=((0, vocab),))))
+    waiting = EngineRequest("waiting", [50, GMASK, SOP], ok.params)
+    for request in (ok, bad, waiting):
+        engine.submit(request)
+    engine.end("waiting")
+    events = engine.step() + engine.step()
+    by_id = {event.id: event for event in events if event.reason is not None}
+    assert by_id["waiting"].reason == "ended" and by_id["bad"].reason == "error"
+    assert "no token left" in str(by_id["bad"].error)
+    assert engine.running == 1  # "ok" only: the failed row's slot is free again
+    while engine.has_work():
+        events += engine.step()
+    assert [e.reason for e in events if e.id == "ok" and e.reason] == ["length"] and engine.running == 0
+
+
+def test_rows_for_a_kv_budget(text_model) -> None:
+    per_token = kv_bytes_per_token(text_model)
+    config = text_model.config
+    heads, dim = text_model.kv_cache_layout()
+    assert per_token == 2 * heads * dim * config.num_layers * 4  # float32 keys and values, every layer
+    assert rows_for_budget(text_model, 100, 8, None) == 8
+    assert rows_for_budget(text_model, 100, 8, 3 * 100 * per_token + 5) == 3
+    assert rows_for_budget(text_model, 100, 8, 10) == 1

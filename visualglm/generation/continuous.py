@@ -1,0 +1,366 @@
+"""Continuous batching: requests join and leave a running batch at every decode step.
+
+:class:`ContinuousEngine` owns the model's KV cache as ``max_rows`` fixed slots of ``context`` positions.
+Each request gets a slot of its own, with its own length, positions and mask; nothing in a row depends on
+what the other rows hold, so a request's greedy answer is the one it gets alone (up to the float noise of a
+different batch size in the matmuls), and a seeded one samples the same tokens whatever runs beside it.
+
+One call to :meth:`ContinuousEngine.step` does, in order:
+
+1. **ends** the rows the caller ended (client gone, stop string) and frees their slots;
+2. **admits** waiting requests while a slot is free: a newcomer gets the free slot whose cached tokens it can
+   reuse the most of (``model.reusable_prefix``: for GLM-4V, which is causal, every common leading token,
+   the same image included; for ChatGLM-6B and VisualGLM-6B, whose prompts attend both ways, only an
+   identical context), or else the slot of a running row it shares a prefix with, copied, or else a cold
+   one; its prompt then only prefills what is new;
+3. **prefills** one newcomer, alone: a long prompt is spread over up to ``prefill_stages`` steps, a few
+   layers at a time (exact: the same computation, paused between layers), so that running rows keep
+   getting tokens; when its last layer is done its first token is chosen and it joins the decode batch;
+4. **decodes** one token for every running row in one forward over cache rows ``[0, highest used + 1)``
+   (free slots in that range compute a token nobody reads, cheaper than moving a row's cache).
+
+Finished, ended and failed rows free their slot at once; their cached tokens stay there for reuse until a
+newcomer needs the slot. The engine is deterministic in its inputs: under tensor parallelism every rank
+makes the same ``submit``/``end``/``step`` calls and so runs the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from visualglm.generation.engine import GenerationParams
+from visualglm.generation.sampling import make_generator, next_tokens
+from visualglm.models.layers import run_stages
+
+
+@dataclass
+class EngineRequest:
+    """One generation. ``ids`` are the prompt ids (images already expanded to their placeholders);
+    ``image_embeds`` ``[1, image_length, hidden]`` replace the placeholders from ``image_start`` on, and
+    ``image_key`` names the image (two requests share cached image positions only when their keys are equal;
+    None: an image that is never shared). ``seed`` seeds the row's sampling generator (None: a fresh one)."""
+
+    id: Hashable
+    ids: list[int]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    seed: int | None = None
+    image_start: int | None = None
+    image_embeds: torch.Tensor | None = None
+    image_key: str | None = None
+
+
+@dataclass
+class TokenEvent:
+    """What one step did for one request: ``token`` is an answer token (None when the row ended without
+    one); ``reason`` is None while the row runs on, else ``"stop"`` (it chose a stop id, not an answer
+    token), ``"length"`` (its budget is spent, with this token), ``"ended"`` (the caller ended it) or
+    ``"error"`` (its token could not be chosen: ``error``)."""
+
+    id: Hashable
+    token: int | None
+    reason: str | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_steps: int = 0
+    prefills: int = 0
+    prefill_tokens: int = 0  # tokens actually computed by prefills
+    reused_tokens: int = 0  # prompt tokens taken from cached slots instead
+    largest_batch: int = 0
+
+
+class _Row:
+    """A request in a slot: its tokens so far, positions, budget and generator."""
+
+    def __init__(self, request: EngineRequest, slot: int, budget: int, generator: torch.Generator) -> None:
+        self.request = request
+        self.slot = slot
+        self.budget = budget
+        self.generator = generator
+        self.sampling = request.params.sampling.validate()
+        self.stops = frozenset(request.params.stop_ids)
+        self.tokens = torch.tensor([request.ids], dtype=torch.long)  # [1, T]: prompt + answer
+        self.produced = 0
+        self.length = 0  # cache slots written
+        self.position: torch.Tensor | None = None  # [P, 1] of the last token
+        self.last: int | None = None  # the token to feed next
+
+
+class _Prefill:
+    """A newcomer's prompt: the model's arguments for it, and once started in stages, their generator."""
+
+    def __init__(self, row: _Row, inputs: dict, layers_per_stage: int) -> None:
+        self.row = row
+        self.inputs = inputs
+        self.layers_per_stage = layers_per_stage
+        self.stages = None
+
+
+class ContinuousEngine:
+    """See the module docstring. ``model`` is any decoder of the package; ``max_rows`` slots of ``context``
+    positions (default: the model's) are allocated at once. ``prefill_chunk`` tokens: a prompt longer than
+    that is prefilled in ceil(length / prefill_chunk) stages, at most ``prefill_stages`` (so a newcomer's
+    first token waits for at most ``prefill_stages - 1`` decode steps of the others besides its own
+    prefill)."""
+
+    def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 512,
+                 prefill_stages: int = 3, pad_id: int | None = None) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.model = model
+        self.context = context or model.config.max_sequence_length
+        self.max_rows = max_rows
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.prefill_stages = max(1, prefill_stages)
+        self.pad_id = model.config.pad_token_id if pad_id is None else pad_id
+        self.device = next(model.parameters()).device
+        self.num_layers = len(model.attention_modules())
+        model.setup_kv_cache(max_rows, self.context)
+        # The engine owns these caches and puts them back in the model at every step: another user of the
+        # same model object (a chat session, a test) may have set up caches of its own in between.
+        self._caches = [attention.kv_cache for attention in model.attention_modules()]
+        self.valid = torch.zeros(max_rows, self.context, dtype=torch.bool, device=self.device)
+        self.rows: list[_Row | None] = [None] * max_rows
+        # What each slot's cache holds (for reuse by a newcomer): token ids and the image key, oldest first.
+        self.cached: list[tuple[list[int], str | None, int | None]] = [([], None, None)] * max_rows
+        self._used_at = [0] * max_rows  # step of last use: the coldest free slot is taken first
+        self.waiting: deque[EngineRequest] = deque()
+        self.prefill: _Prefill | None = None
+        self._ended: set = set()
+        self.stats = EngineStats()
+
+    # -- the caller's side ---------------------------------------------------------------------------------
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue ``request`` for admission at the next step (its budget is checked now: ValueError)."""
+        request.params.budget(len(request.ids), self.context)
+        request.params.sampling.validate()
+        self.waiting.append(request)
+
+    def end(self, request_id: Hashable) -> None:
+        """End a request (waiting or running) at the start of the next step; it gets an ``"ended"`` event."""
+        self._ended.add(request_id)
+
+    @property
+    def running(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.prefill is not None or any(row is not None for row in self.rows)
+
+    def close(self) -> None:
+        """Release the cache (the model's attention modules drop it if it is still there)."""
+        for attention, cache in zip(self.model.attention_modules(), self._caches, strict=True):
+            if attention.kv_cache is cache:
+                attention.kv_cache = None
+        self._caches = []
+
+    # -- one step ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One scheduling step (see the module docstring); the events of every request it touched."""
+        self.stats.steps += 1
+        for attention, cache in zip(self.model.attention_modules(), self._caches, strict=True):
+            attention.kv_cache = cache
+        events = self._apply_ends()
+        self._admit()
+        decoding = [row for row in self.rows if row is not None and row.last is not None]
+        if self.prefill is not None:
+            events += self._advance_prefill(full=not decoding)
+        if decoding:
+            events += self._decode(decoding)
+        return events
+
+    def _apply_ends(self) -> list[TokenEvent]:
+        if not self._ended:
+            return []
+        events = []
+        kept = deque()
+        for request in self.waiting:
+            if request.id in self._ended:
+                events.append(TokenEvent(request.id, None, "ended"))
+            else:
+                kept.append(request)
+        self.waiting = kept
+        for row in self.rows:
+            if row is not None and row.request.id in self._ended:
+                if self.prefill is not None and self.prefill.row is row:
+                    self.prefill = None
+                    row.length = 0  # a half-prefilled cache is of no use to anyone
+                self._free(row)
+                events.append(TokenEvent(row.request.id, None, "ended"))
+        self._ended.clear()
+        return events
+
+    def _free(self, row: _Row) -> None:
+        self.rows[row.slot] = None
+        request = row.request
+        ids = row.tokens[0, :row.length].tolist()
+        self.cached[row.slot] = (ids, request.image_key, request.image_start)
+        self._used_at[row.slot] = self.stats.steps
+
+    # -- admission and prefix reuse ---------------------------------------------------------------------------
+
+    def _reuse(self, slot: int, request: EngineRequest) -> int:
+        """How many leading cache slots of ``slot`` ``request`` may take as they are."""
+        ids, key, image_start = self.cached[slot] if self.rows[slot] is None else (
+            self.rows[slot].tokens[0, :self.rows[slot].length].tolist(), self.rows[slot].request.image_key,
+            self.rows[slot].request.image_start)
+        if not ids:
+            return 0
+        reuse = self.model.reusable_prefix(ids, request.ids)
+        # Image positions hold the image's embeddings, not its placeholder ids: they match only for the
+        # same image (a known key), at the same place.
+        for start in {image_start, request.image_start} - {None}:
+            if reuse > start and (key is None or key != request.image_key or image_start != request.image_start):
+                reuse = self.model.reusable_prefix(ids[:start], request.ids) if start else 0
+        return reuse
+
+    def _admit(self) -> None:
+        # One prefill at a time: a newcomer is admitted once the previous one has joined the batch.
+        while self.waiting and self.prefill is None:
+            free = [slot for slot, row in enumerate(self.rows) if row is None]
+            if not free:
+                return
+            request = self.waiting.popleft()
+            reuse = {slot: self._reuse(slot, request) for slot in range(self.max_rows)}
+            # The free slot it reuses the most of; among equals the coldest, which keeps the warm ones warm.
+            slot = max(free, key=lambda s: (reuse[s], -self._used_at[s]))
+            start = reuse[slot]
+            donor = max(range(self.max_rows), key=lambda s: reuse[s])
+            if reuse[donor] > start and donor != slot:
+                self._copy_slots(donor, slot, reuse[donor])
+                start = reuse[donor]
+            self._start_prefill(request, slot, start)
+
+    def _copy_slots(self, source: int, target: int, count: int) -> None:
+        for attention in self.model.attention_modules():
+            cache = attention.kv_cache
+            cache.k[target, :, :count] = cache.k[source, :, :count]
+            cache.v[target, :, :count] = cache.v[source, :, :count]
+
+    def _start_prefill(self, request: EngineRequest, slot: int, start: int) -> None:
+        params = request.params
+        budget = params.budget(len(request.ids), self.context)
+        row = _Row(request, slot, budget, make_generator(request.seed, self.device))
+        self.rows[slot] = row
+        self.cached[slot] = ([], None, None)
+        self._used_at[slot] = self.stats.steps
+        model = self.model
+        ids = row.tokens.to(self.device)
+        length = ids.shape[1]
+        positions, mask = model.prompt_inputs(ids)
+        embeds = None
+        if request.image_embeds is not None and request.image_start is not None:
+            embeds = model.embed_with_images(ids, request.image_embeds.to(self.device), [request.image_start])
+        new = length - start
+        stages = min(self.prefill_stages, self.num_layers, math.ceil(new / self.prefill_chunk))
+        layers = math.ceil(self.num_layers / stages)
+        inputs = dict(input_ids=ids[:, start:] if embeds is None else None, position_ids=positions[..., start:],
+                      attention_mask=mask[:, :, start:, :],
+                      cache_positions=torch.arange(start, length, device=self.device),
+                      inputs_embeds=None if embeds is None else embeds[:, start:], cache_rows=slice(slot, slot + 1))
+        self.valid[slot] = False
+        self.valid[slot, :length] = True
+        row.position = positions[0, :, -1:]
+        self.prefill = _Prefill(row, inputs, layers)
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += new
+        self.stats.reused_tokens += start
+
+    def _advance_prefill(self, full: bool) -> list[TokenEvent]:
+        """Run the waiting prefill: whole (one forward) when ``full`` and not started yet, else its next
+        stage of layers; the newcomer's first token once its last layer is done."""
+        prefill = self.prefill
+        if full and prefill.stages is None:
+            inputs = dict(prefill.inputs)
+            logits = self.model(inputs.pop("input_ids"), inputs.pop("position_ids"), inputs.pop("attention_mask"),
+                                **inputs, logits_to_keep=1)[:, -1].float()
+        else:
+            if prefill.stages is None:
+                prefill.stages = self.model.hidden_state_stages(**prefill.inputs)
+            hidden = None
+            for _ in range(self.num_layers if full else prefill.layers_per_stage):
+                if next(prefill.stages) == self.num_layers:  # the last layer: take the final norm now
+                    hidden = run_stages(prefill.stages)
+                    break
+            if hidden is None:
+                return []
+            logits = self.model.output_logits(hidden[:, -1:].clone())[:, -1].float()
+        self.prefill = None
+        row = prefill.row
+        row.length = row.tokens.shape[1]
+        return [self._choose(row, logits)]
+
+    # -- decoding ------------------------------------------------------------------------------------------
+
+    def _decode(self, decoding: list[_Row]) -> list[TokenEvent]:
+        model = self.model
+        high = max(row.slot for row in decoding) + 1
+        self.stats.decode_steps += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(decoding))
+        tokens = torch.full((high, 1), self.pad_id, dtype=torch.long)
+        slots = torch.full((high, 1), self.context - 1, dtype=torch.long)  # free rows write a slot never read
+        template = decoding[0].position
+        positions = torch.zeros(high, *template.shape, dtype=template.dtype, device=self.device)
+        kv_length = max(row.length for row in decoding) + 1
+        for row in decoding:
+            tokens[row.slot, 0] = row.last
+            slots[row.slot, 0] = row.length
+            row.position = model.next_position_ids(row.position[None])[0]
+            positions[row.slot] = row.position
+            self.valid[row.slot, row.length] = True
+        mask = self.valid[:high, None, None, :kv_length].clone()
+        logits = model(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
+                       cache_rows=slice(0, high))[:, -1].float()
+        events = []
+        for row in decoding:
+            row.length += 1
+            events.append(self._choose(row, logits[row.slot:row.slot + 1]))
+        return events
+
+    def _choose(self, row: _Row, logits: torch.Tensor) -> TokenEvent:
+        """Pick ``row``'s next token from ``logits`` ``[1, vocab]``; ends the row when it is done."""
+        request = row.request
+        try:
+            token = int(next_tokens(logits, row.tokens.to(logits.device), row.sampling, row.generator)[0])
+        except Exception as exc:  # confined to this row (NaN scores, ...): it ends, the others go on
+            self._free(row)
+            return TokenEvent(request.id, None, "error", exc)
+        if token in row.stops:
+            self._free(row)
+            return TokenEvent(request.id, None, "stop")
+        row.produced += 1
+        row.tokens = torch.cat((row.tokens, torch.tensor([[token]])), dim=1)
+        row.last = token
+        if row.produced >= row.budget:
+            self._free(row)
+            return TokenEvent(request.id, token, "length")
+        return TokenEvent(request.id, token)
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of KV cache one token takes in every layer (keys and values, the cache's dtype)."""
+    heads, head_dim = model.kv_cache_layout()
+    weight = model.get_input_embeddings().weight
+    dtype = weight.dtype if weight.is_floating_point() else torch.bfloat16
+    return 2 * heads * head_dim * len(model.attention_modules()) * torch.finfo(dtype).bits // 8
+
+
+def rows_for_budget(model: nn.Module, context: int, max_rows: int, budget_bytes: int | None) -> int:
+    """Slots that fit ``budget_bytes`` of KV cache (each ``context`` positions), at most ``max_rows``, at
+    least 1 (None: no budget)."""
+    if budget_bytes is None:
+        return max_rows
+    return max(1, min(max_rows, budget_bytes // (context * kv_bytes_per_token(model))))
+
