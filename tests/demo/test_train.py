@@ -18,7 +18,7 @@ def test_a_short_training_run_writes_a_loadable_model(tmp_path) -> None:
     import visualglm
     from visualglm.demo.train import train
 
-    out = train(tmp_path / "demo", TrainRecipe(steps=3, images_per_step=4, questions_per_image=2, focus_steps=1),
+    out = train(tmp_path / "demo", TrainRecipe(vision_steps=2, steps=3, images_per_step=4, questions_per_image=2),
                 progress=False, log=lambda *_: None)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "ice_text.model", "tokenizer_config.json", "training"} <= names

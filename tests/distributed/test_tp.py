@@ -111,7 +111,7 @@ def test_cli_chat_under_torchrun_matches_one_process(tiny_visual_checkpoint, tmp
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == expected  # one transcript: rank 1 is silent
-    assert expected.count("ChatGLM: ") == 2
+    assert expected.count("VisualGLM-6B: ") == 2
 
 
 def test_tp_flag_relaunches_under_torchrun(monkeypatch) -> None:

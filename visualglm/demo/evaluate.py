@@ -1,9 +1,11 @@
 """Visual question answering accuracy: free-text answers from the chat templates, scored by normalised match.
 
 Questions are answered in batches through the generation engine with the prompts ``ChatSession`` builds
-(VisualGLM-6B's template, ``Q:/A:`` for English and ``问：/答：`` for Chinese, one image per question) and
-greedy decoding, so the figure is what a user of ``visualglm chat`` sees, reproducibly. No classifier
-head is involved: the model writes its answer and :mod:`visualglm.demo.scoring` judges it.
+(``build_prompt_ids``: VisualGLM-6B's template, ``Q:/A:`` for a question without CJK characters and
+``问：/答：`` otherwise, one image per question, earlier turns as history) and greedy decoding, so the figure
+is what a user of ``visualglm chat`` sees, reproducibly. No classifier head is involved: the model writes
+its answer and :mod:`visualglm.demo.scoring` judges it. Conversations are answered turn by turn, each turn's
+history holding the model's own earlier answers, exactly as a chat keeps them.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 import torch
 
 from visualglm.demo.data import Record, build_records
+from visualglm.demo.dialogue import Conversation
+from visualglm.demo.scope import SCOPE_REPLY
 from visualglm.demo.scoring import is_correct
-from visualglm.generation.chat import has_cjk, model_undecodable_ranges
+from visualglm.generation.chat import build_prompt_ids, has_cjk, model_undecodable_ranges
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, generate_steps, left_pad
 from visualglm.generation.sampling import SamplingParams
 from visualglm.image import load_image, preprocess
-from visualglm.tokenizers.templates import visualglm_ids
 
 
 @dataclass
@@ -33,6 +36,7 @@ class EvalResult:
 
     correct: Counter = field(default_factory=Counter)
     total: Counter = field(default_factory=Counter)
+    refused: Counter = field(default_factory=Counter)  # in-scope questions answered with the scope reply
     rows: list[tuple[Record, str, bool]] = field(default_factory=list)
 
     @property
@@ -47,9 +51,20 @@ class EvalResult:
         return {t: {"accuracy": self.correct[t] / self.total[t], "correct": self.correct[t], "n": self.total[t]}
                 for t in sorted(self.total)}
 
+    def add(self, record: Record, answer: str, keep_row: bool) -> bool:
+        """Score one answer; returns whether it is correct."""
+        ok = is_correct(answer, record.answers)
+        self.total[record.qtype] += 1
+        self.correct[record.qtype] += int(ok)
+        if record.qtype != "oos" and is_scope_reply(answer):
+            self.refused[record.qtype] += 1
+        if keep_row:
+            self.rows.append((record, answer, ok))
+        return ok
+
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "n": self.n, "correct": sum(self.correct.values()),
-                "by_type": self.by_type()}
+                "refused": sum(self.refused.values()), "by_type": self.by_type()}
 
 
 def easyvqa_records(split: str = "test", lang: str = "en", limit: int | None = None, seed: int = 0) -> list[Record]:
@@ -108,8 +123,10 @@ def read_vqa_jsonl(path: str | Path) -> list[Record]:
 
 
 @torch.inference_mode()
-def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 24) -> list[str]:
-    """Greedy answers to ``records`` (one image each) in one batched generation."""
+def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 40,
+                 histories: list[list[tuple[str, str]]] | None = None) -> list[str]:
+    """Greedy answers to ``records`` (one image each, after ``histories[i]`` when given) in one batched
+    generation."""
     config = model.config
     size = config.eva_config.image_size
     size = (size, size) if isinstance(size, int) else (size[0], size[1])
@@ -122,9 +139,9 @@ def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 
     image_embeds = model.encode_images(torch.cat([cache[p] for p in paths]).to(device))
     row_of = {p: i for i, p in enumerate(paths)}
     prompts, starts = [], []
-    for record in records:
-        ids, start = visualglm_ids(tokenizer, record.question, image_length=config.image_length,
-                                   english=record.lang == "en")
+    for i, record in enumerate(records):
+        ids, start = build_prompt_ids(model, tokenizer, record.question, histories[i] if histories else [],
+                                      image=True)
         prompts.append(ids)
         starts.append(start)
     padded, pads = left_pad(prompts, config.pad_token_id)
@@ -157,11 +174,59 @@ def evaluate(model, tokenizer, records: Iterable[Record], *, batch_size: int = 6
     for begin in range(0, len(records), batch_size):
         chunk = records[begin:begin + batch_size]
         for record, answer in zip(chunk, answer_batch(model, tokenizer, chunk), strict=True):
-            ok = is_correct(answer, record.answers)
-            result.total[record.qtype] += 1
-            result.correct[record.qtype] += int(ok)
-            if keep_rows:
-                result.rows.append((record, answer, ok))
+            result.add(record, answer, keep_rows)
         if on_batch is not None:
             on_batch(len(chunk))
+    return result
+
+
+def is_scope_reply(answer: str) -> bool:
+    """True when ``answer`` is the demo model's out-of-scope reply (either language)."""
+    return any(is_correct(answer, reply) for reply in SCOPE_REPLY.values())
+
+
+@dataclass
+class ConversationResult:
+    """One :class:`EvalResult` per turn (index 0 = turn 1), over all conversations."""
+
+    turns: list[EvalResult]
+
+    @property
+    def n(self) -> int:
+        return sum(t.n for t in self.turns)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(sum(t.correct.values()) for t in self.turns) / self.n if self.n else 0.0
+
+    def summary(self) -> dict:
+        by_turn = [t.summary() for t in self.turns]
+        first = by_turn[0]["accuracy"] if by_turn else 0.0
+        later = [t["accuracy"] for t in by_turn[1:]]
+        return {"accuracy": self.accuracy, "n": self.n, "by_turn": by_turn,
+                "max_drop_after_turn_1": max((first - a for a in later), default=0.0)}
+
+
+def evaluate_conversations(model, tokenizer, conversations: Iterable[Conversation], *, batch_size: int = 64,
+                           keep_rows: bool = False, on_batch: Callable[[int], None] | None = None
+                           ) -> ConversationResult:
+    """Answer every conversation turn by turn (turn k of all conversations in batches, after the model's
+    own answers to turns 1..k-1) and score each turn."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    conversations = list(conversations)
+    most = max((len(c.turns) for c in conversations), default=0)
+    histories: list[list[tuple[str, str]]] = [[] for _ in conversations]
+    result = ConversationResult([EvalResult() for _ in range(most)])
+    for turn in range(most):
+        active = [i for i, c in enumerate(conversations) if len(c.turns) > turn]
+        for begin in range(0, len(active), batch_size):
+            rows = active[begin:begin + batch_size]
+            records = [conversations[i].turns[turn] for i in rows]
+            answers = answer_batch(model, tokenizer, records, histories=[histories[i] for i in rows])
+            for i, record, answer in zip(rows, records, answers, strict=True):
+                result.turns[turn].add(record, answer, keep_rows)
+                histories[i].append((record.question, answer))
+            if on_batch is not None:
+                on_batch(len(rows))
     return result

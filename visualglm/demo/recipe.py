@@ -1,20 +1,23 @@
 """What the shipped demo model is: its tokenizer corpus, its config and its training hyperparameters.
 
 Everything here is fixed (seeded), so ``visualglm demo train`` rebuilds the same model on the same machine.
+Only training text goes into the vocabulary: the held-out phrasings and out-of-scope inputs stay unseen.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from visualglm.config import EvaViTConfig, QFormerConfig, VisualGLMConfig
-from visualglm.demo.data import Record, corpus_lines
+from visualglm.demo.data import corpus_lines
 from visualglm.demo.translate import DESCRIBE_EN, DESCRIBE_ZH
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
 from visualglm.tokenizers.tiny import train_chatglm_sentencepiece
 
+_CJK_RUN = re.compile(r"[\u4e00-\u9fff]+")
 IMAGE_SIZE = 64  # easy-VQA's own size: no resampling of the training images
 IMAGE_LENGTH = 8  # Q-Former queries = image tokens in the prompt (VisualGLM-6B has 32)
 
@@ -24,26 +27,33 @@ class TrainRecipe:
     """Hyperparameters of ``visualglm demo train`` (defaults are the shipped model's)."""
 
     seed: int = 0
-    # Stage 1: the vision tower alone learns colour and shape through a temporary linear head on its
-    # mean-pooled tokens (the role a pretrained EVA-CLIP plays for VisualGLM-6B). Trained end to end from
-    # scratch, answer tokens teach it colours quickly but not shapes (chance after 1,200 steps).
+    # Stage 1: the image encoder alone learns colour and shape through temporary linear heads on the
+    # mean-pooled tower tokens (the role a pretrained EVA-CLIP plays for VisualGLM-6B) and on the Q-Former's
+    # image embeddings (BLIP-2's first stage). Trained end to end from scratch, answer tokens teach the tower
+    # colours quickly but not shapes (chance after 1,200 steps).
     vision_steps: int = 1000
     vision_learning_rate: float = 2e-3
     # Stage 2: the Q-Former, projection and language model on the questions (the vision tower frozen).
-    steps: int = 2000
+    steps: int = 3000
     freeze_vision: bool = True
+    freeze_encoder: bool = False  # the Q-Former and projection too
     images_per_step: int = 64  # each image is encoded once per step ...
-    questions_per_image: int = 2  # ... and asked this many of its (English or Chinese) questions
+    questions_per_image: int = 2  # ... and asked this many questions (each the last turn of a conversation)
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    # Curriculum: the first ``focus_steps`` steps ask only questions whose answer names what is in the image
-    # (colour, shape, description). Yes/no answers are mostly guessable from the question alone, so they
-    # teach the vision tower little until it already tells colours and shapes apart.
-    focus_steps: int = 0
+    # The training mix. A question is the last turn of a conversation of 1..5 turns about its image (weights
+    # below), each turn an easy-VQA question, a grammar phrasing or an out-of-scope input; a conversation is
+    # all English, all Chinese or mixed turn by turn.
+    turn_weights: tuple[float, ...] = (0.4, 0.2, 0.15, 0.125, 0.125)
+    lang_mode_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)  # en, zh, mixed
+    easyvqa_weight: float = 0.35
+    phrasing_weight: float = 0.5
+    oos_weight: float = 0.15
+    length_buckets: int = 4  # a step's sequences, sorted by length, run in this many chunks (less padding)
     max_shift: int = 64  # random translation of each image (px), kept so the shape stays whole
-    vocab_size: int = 700  # SentencePiece target (byte fallback pieces included)
+    vocab_size: int = 1000  # SentencePiece target (byte fallback pieces included)
     threads: int = 0  # torch threads; 0 = torch's default
 
 
@@ -64,10 +74,27 @@ def demo_config(tokenizer: ChatGLMTokenizer) -> VisualGLMConfig:
     return dataclasses.replace(config, extra={"architectures": ["ChatGLMModel"], "model_name": "visualglm-demo"})
 
 
-def train_tokenizer(directory: str | Path, records: list[Record], vocab_size: int) -> Path:
-    """SentencePiece vocabulary of the demo (ChatGLM-6B piece conventions) trained on the data's text and
-    the prompt templates; returns the ``ice_text.model`` path."""
-    template_lines = ["<img></img>Q:\nA:", "<img></img>问：\n答：", DESCRIBE_EN, DESCRIBE_ZH]
-    lines = corpus_lines(records) + template_lines
+def tokenizer_corpus() -> list[str]:
+    """The vocabulary's training text: easy-VQA's train questions and answers (both languages), every form
+    of the training phrasing frames, the training out-of-scope inputs, the replies and the prompt templates."""
+    from visualglm.demo.data import build_records
+    from visualglm.demo.phrasings import EN_PREFIXES, ZH_IMPERATIVE_PREFIXES, ZH_PREFIXES, all_frames, expand
+    from visualglm.demo.scope import SCOPE_REPLY, TRAIN_INPUTS, expand_input
+
+    lines = corpus_lines(build_records("train"))
+    lines += [form for frame in all_frames("train") for form in expand(frame)]
+    lines += [form for lang, inputs in TRAIN_INPUTS.items() for t in inputs for form in expand_input(t, lang)]
+    lines += [p.strip() for p in (*EN_PREFIXES, *ZH_PREFIXES, *ZH_IMPERATIVE_PREFIXES) if p.strip()]
+    lines += [*SCOPE_REPLY.values(), "<img></img>Q:\nA:", "<img></img>问：\n答：", DESCRIBE_EN, DESCRIBE_ZH]
     lines += [line[:1].upper() + line[1:] for line in lines if line[:1].islower()]  # "What ...", "Blue"
-    return train_chatglm_sentencepiece(directory, lines, vocab_size=vocab_size)
+    # Chinese is learnt character by character: pieces spanning several words (v1 had "的形状是什么") split
+    # new phrasings at odd places, single characters compose. The replies are frequent in the data, so
+    # they get whole-word pieces.
+    return [_CJK_RUN.sub(lambda m: " ".join(m.group(0)), line) for line in sorted(set(lines))
+            ] + [*SCOPE_REPLY.values()] * 100
+
+
+def train_tokenizer(directory: str | Path, vocab_size: int) -> Path:
+    """SentencePiece vocabulary of the demo (ChatGLM-6B piece conventions) trained on
+    :func:`tokenizer_corpus`; returns the ``ice_text.model`` path."""
+    return train_chatglm_sentencepiece(directory, tokenizer_corpus(), vocab_size=vocab_size)

@@ -1,12 +1,14 @@
 """``visualglm demo train``: train the shipped demo model from scratch on easy-VQA's train split.
 
-Recipe (all seeded): a SentencePiece vocabulary on the data's text; the VisualGLM-6B architecture at a
+Recipe (all seeded): a SentencePiece vocabulary on the training text; the VisualGLM-6B architecture at a
 small size (:func:`visualglm.demo.recipe.demo_config`). Stage 1 trains the vision tower alone to name each
 image's colour and shape (a temporary linear head, not shipped), as VisualGLM-6B starts from a pretrained
-EVA-CLIP. Stage 2 trains everything on the questions with AdamW, warmup and cosine decay: each step
-encodes ``images_per_step`` randomly translated/flipped train images once and asks each of them
-``questions_per_image`` of its own questions (English, Chinese or the description task), so the vision
-tower's cost is shared by several answers. The loss is next-token cross entropy on the answer and the
+EVA-CLIP. Stage 2 trains the Q-Former, projection and language model (tower frozen) with AdamW, warmup and
+cosine decay: each step encodes ``images_per_step`` randomly translated/flipped train images once and asks
+each of them ``questions_per_image`` questions, each the last turn of a fresh conversation of 1-5 turns
+about that image (:mod:`visualglm.demo.dialogue`: easy-VQA questions, grammar phrasings and out-of-scope
+inputs, English, Chinese or mixed). The prompt is ``build_prompt_ids``'s, the one ``ChatSession`` sends,
+with the earlier turns as history; the loss is next-token cross entropy on the last answer and the
 ``<eop>`` that ends it, exactly the tokens chat generation produces after ``<sop>``.
 """
 
@@ -17,7 +19,6 @@ import math
 import random
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,65 +29,62 @@ import torch.nn.functional as F
 from visualglm.checkpoint.load import build_model
 from visualglm.checkpoint.save import save_checkpoint
 from visualglm.checkpoint.staging import staged_directory
-from visualglm.demo.data import PALETTE, Record, build_records
+from visualglm.demo.data import PALETTE
+from visualglm.demo.dialogue import (
+    LANG_MODES,
+    Conversation,
+    ImageFacts,
+    TurnMix,
+    history_of,
+    image_facts,
+    sample_conversation,
+)
 from visualglm.demo.recipe import IMAGE_SIZE, TrainRecipe, demo_config, train_tokenizer
 from visualglm.finetune.plot import plot_losses
+from visualglm.generation.chat import build_prompt_ids
 from visualglm.image import CLIP_MEAN, CLIP_STD
 from visualglm.models.chatglm import chatglm_prompt_inputs
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
-from visualglm.tokenizers.templates import visualglm_ids
 
 COLOR_NAMES = sorted(PALETTE)
 SHAPE_NAMES = ("circle", "rectangle", "triangle")
 
 
 class Example:
-    """One tokenized record: full ids (prompt + answer + <eop>), where the image slots and answer start."""
+    """One tokenized question: full ids (prompt + answer + <eop>), where the image slots and the answer
+    start, and which row of the step's images it asks about."""
 
-    __slots__ = ("ids", "image_start", "answer_start", "direct")
+    __slots__ = ("ids", "image_start", "answer_start", "row")
 
-    def __init__(self, ids: list[int], image_start: int, answer_start: int, direct: bool) -> None:
-        self.ids, self.image_start, self.answer_start = ids, image_start, answer_start
-        self.direct = direct  # the answer names the colour or the shape (not yes/no)
-
-
-def tokenize(records: list[Record], tokenizer: ChatGLMTokenizer, image_length: int,
-             rng: random.Random) -> dict[int, list[Example]]:
-    """``{image_id: [Example]}``: prompts exactly as chat builds them, answers encoded like generated text.
-
-    easy-VQA's questions are all lower case; half of the English ones (a seeded coin) get a capital first
-    letter, as people type them.
-    """
-    by_image: dict[int, list[Example]] = defaultdict(list)
-    for record in records:
-        question = record.question
-        if record.lang == "en" and rng.random() < 0.5:
-            question = question[:1].upper() + question[1:]
-        prompt, start = visualglm_ids(tokenizer, question, image_length=image_length,
-                                      english=record.lang == "en")
-        answer = tokenizer.encode(record.answers[0], add_special_tokens=False)
-        by_image[record.image_id].append(Example(prompt + answer + [tokenizer.eos_token_id], start, len(prompt),
-                                                 record.qtype != "yes/no"))
-    return by_image
+    def __init__(self, ids: list[int], image_start: int, answer_start: int, row: int = 0) -> None:
+        self.ids, self.image_start, self.answer_start, self.row = ids, image_start, answer_start, row
 
 
-def load_pixels(records: list[Record]) -> tuple[dict[int, int], torch.Tensor, torch.Tensor]:
-    """All train images once: ``{image_id: row}``, uint8 ``[N, 3, 64, 64]`` and the foreground boxes
+def make_example(model, tokenizer: ChatGLMTokenizer, conversation: Conversation, row: int = 0) -> Example:
+    """The conversation's last turn as a training example: the prompt ``ChatSession`` would send after the
+    earlier turns (their reference answers as history), then the answer encoded like generated text."""
+    last = conversation.turns[-1]
+    history = history_of(conversation, len(conversation.turns) - 1)
+    prompt, start = build_prompt_ids(model, tokenizer, last.question, history, image=True)
+    answer = tokenizer.encode(last.answers[0], add_special_tokens=False)
+    return Example(prompt + answer + [tokenizer.eos_token_id], start, len(prompt), row)
+
+
+def load_pixels(facts: list[ImageFacts]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All train images once, in ``facts`` order: uint8 ``[N, 3, 64, 64]`` and the foreground boxes
     ``[N, 4]`` (y0, y1, x0, x1; inclusive) that bound random translations."""
     from PIL import Image
 
-    paths = {r.image_id: r.image for r in records}
-    index = {image_id: row for row, image_id in enumerate(sorted(paths))}
-    pixels = torch.empty(len(index), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    boxes = torch.empty(len(index), 4, dtype=torch.long)
-    for image_id, row in index.items():
-        with Image.open(paths[image_id]) as image:
+    pixels = torch.empty(len(facts), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    boxes = torch.empty(len(facts), 4, dtype=torch.long)
+    for row, f in enumerate(facts):
+        with Image.open(f.path) as image:
             array = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
         pixels[row] = torch.from_numpy(array.copy()).permute(2, 0, 1)
         foreground = np.abs(array.astype(np.int32) - array[0, 0].astype(np.int32)).sum(-1) > 30
         ys, xs = np.nonzero(foreground) if foreground.any() else (np.array([0, IMAGE_SIZE - 1]),) * 2
         boxes[row] = torch.tensor([ys.min(), ys.max(), xs.min(), xs.max()])
-    return index, pixels, boxes
+    return pixels, boxes
 
 
 def augment(pixels: torch.Tensor, boxes: torch.Tensor, rng: random.Random, max_shift: int) -> torch.Tensor:
@@ -131,17 +129,15 @@ def lr_at(step: int, recipe: TrainRecipe) -> float:
     return recipe.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batch_loss(model, examples: list[Example], image_embeds: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Mean cross entropy over the answer tokens (and ``<eop>``) of a left-padded batch.
-
-    ``image_embeds`` ``[N, image_length, hidden]`` holds one row per example.
-    """
+def batch_loss(model, examples: list[Example], image_embeds: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
+    """Summed cross entropy over the answer tokens (and ``<eop>``) of a left-padded batch, and how many
+    tokens it sums. ``image_embeds`` ``[N, image_length, hidden]``: example e's image is row ``e.row``."""
     length = max(len(e.ids) for e in examples)
     pads = [length - len(e.ids) for e in examples]
     ids = torch.tensor([[pad_id] * p + e.ids for e, p in zip(examples, pads, strict=True)])
     positions, mask = chatglm_prompt_inputs(ids, model.config, pads)
-    embeds = model.embed_with_images(ids, image_embeds, [e.image_start + p for e, p in zip(examples, pads,
-                                                                                            strict=True)])
+    embeds = model.embed_with_images(ids, image_embeds[torch.tensor([e.row for e in examples])],
+                                     [e.image_start + p for e, p in zip(examples, pads, strict=True)])
     hidden = model.hidden_states(ids, positions, mask, inputs_embeds=embeds)
     rows, cols, targets = [], [], []
     for row, (e, p) in enumerate(zip(examples, pads, strict=True)):
@@ -150,40 +146,60 @@ def batch_loss(model, examples: list[Example], image_embeds: torch.Tensor, pad_i
             cols.append(p + t)
             targets.append(e.ids[t + 1])
     logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])
-    return F.cross_entropy(logits.float(), torch.tensor(targets))
+    return F.cross_entropy(logits.float(), torch.tensor(targets), reduction="sum"), len(targets)
 
 
-def image_labels(records: list[Record]) -> dict[int, tuple[int, int]]:
-    """``{image_id: (colour index, shape index)}`` from the description records (``A blue rectangle.``)."""
-    labels = {}
-    for record in records:
-        if record.qtype == "describe" and record.lang == "en":
-            color, shape = record.answers[0].removeprefix("A ").rstrip(".").split(" ")
-            labels[record.image_id] = (COLOR_NAMES.index(color), SHAPE_NAMES.index(shape))
-    return labels
+def step_loss(model, examples: list[Example], image_embeds: torch.Tensor, pad_id: int, buckets: int) -> torch.Tensor:
+    """Mean answer-token cross entropy of ``examples``, run in ``buckets`` chunks of similar length (sorted
+    by length, so little of each chunk is padding)."""
+    ordered = sorted(examples, key=lambda e: len(e.ids))
+    size = math.ceil(len(ordered) / max(1, buckets))
+    total, count = None, 0
+    for begin in range(0, len(ordered), size):
+        loss, n = batch_loss(model, ordered[begin:begin + size], image_embeds, pad_id)
+        total = loss if total is None else total + loss
+        count += n
+    return total / count
+
+
+def image_labels(facts: list[ImageFacts]) -> torch.Tensor:
+    """``[N, 2]`` (colour index, shape index) of each image, in ``facts`` order."""
+    return torch.tensor([[COLOR_NAMES.index(f.color), SHAPE_NAMES.index(f.shape)] for f in facts])
 
 
 def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
                     recipe: TrainRecipe, rng: random.Random, bar=None, log=print) -> list[float]:
-    """Stage 1: train ``model.image_encoder.vit`` to tell colours and shapes apart, through a temporary
-    linear head over its mean-pooled output tokens (dropped afterwards). ``labels`` ``[N, 2]``."""
-    vit = model.image_encoder.vit
-    hidden = vit.config.hidden_size
+    """Stage 1: train the image encoder (``model.image_encoder``: vision tower, Q-Former, projection) to tell
+    colours and shapes apart, through temporary linear heads (dropped afterwards) over the mean-pooled
+    tower tokens and over the mean of the image embeddings the language model will read. ``labels`` ``[N, 2]``.
+
+    The tower's head is v1's stage 1 (the role of a pretrained EVA-CLIP). The head on the Q-Former's output
+    is BLIP-2's first stage in miniature: without it the image embeddings carried shape but not colour to the
+    language model after 800 stage-2 steps (colour answers at chance), with it both from the start.
+    """
+    encoder = model.image_encoder
     generator = torch.Generator().manual_seed(recipe.seed + 1)
-    head = torch.nn.Linear(hidden, len(COLOR_NAMES) + len(SHAPE_NAMES))
+    classes = len(COLOR_NAMES) + len(SHAPE_NAMES)
+    heads = torch.nn.ModuleList([torch.nn.Linear(encoder.vit.config.hidden_size, classes),
+                                 torch.nn.Linear(model.config.hidden_size, classes)])
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / hidden**0.5)
-        head.bias.zero_()
-    params = list(vit.parameters()) + list(head.parameters())
+        for head in heads:
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / head.in_features**0.5)
+            head.bias.zero_()
+    params = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.vision_learning_rate, weight_decay=recipe.weight_decay)
+    colors = len(COLOR_NAMES)
     losses = []
     for step in range(recipe.vision_steps):
         rows = torch.tensor(rng.sample(range(len(labels)), min(recipe.images_per_step, len(labels))))
         images = augment(pixels[rows], boxes[rows], rng, recipe.max_shift)
-        logits = head(vit(images).mean(dim=1))
-        colors = len(COLOR_NAMES)
-        loss = (F.cross_entropy(logits[:, :colors], labels[rows, 0])
-                + F.cross_entropy(logits[:, colors:], labels[rows, 1]))
+        tokens = encoder.vit(images)
+        embeds = encoder.glm_proj(encoder.qformer(tokens))
+        loss = torch.zeros(())
+        for head, features in zip(heads, (tokens, embeds), strict=True):
+            logits = head(features.mean(dim=1))
+            loss = loss + (F.cross_entropy(logits[:, :colors], labels[rows, 0])
+                           + F.cross_entropy(logits[:, colors:], labels[rows, 1]))
         for group in optimizer.param_groups:
             group["lr"] = recipe.vision_learning_rate * min(1.0, (step + 1) / recipe.warmup_steps)
         _step(optimizer, loss, params, recipe.grad_clip, losses)
@@ -194,17 +210,19 @@ def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: to
 def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: bool = True,
           log=print) -> Path:
     """Train the demo model and write it to ``out_dir`` (HF layout + tokenizer + ``training/`` with the
-    recipe, the loss log and ``loss.png``). The directory appears complete or not at all."""
+    recipe, the timings, the loss logs and their curves). The directory appears complete or not at all."""
     recipe = recipe or TrainRecipe()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     started = time.perf_counter()
-    records = build_records("train")
-    log(f"data: {len(records):,} train records (English + Chinese + descriptions)")
+    timings: dict[str, float] = {}
+    facts = image_facts("train")
+    log(f"data: {len(facts):,} train images, {sum(len(f.questions) for f in facts):,} easy-VQA questions "
+        "(+ Chinese, grammar phrasings, out-of-scope inputs, conversations)")
     with tempfile.TemporaryDirectory(prefix="visualglm-demo-tok-") as tmp:
-        vocab_file = train_tokenizer(tmp, records, recipe.vocab_size)
+        vocab_file = train_tokenizer(tmp, recipe.vocab_size)
         vocab_bytes = vocab_file.read_bytes()
         tokenizer = ChatGLMTokenizer(vocab_file)
     config = demo_config(tokenizer)
@@ -212,56 +230,54 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
     init_weights(model, recipe.seed)
     model.train()
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {tokenizer.vocab_size}")
-    examples = tokenize(records, tokenizer, config.image_length, rng)
-    index, pixels, boxes = load_pixels(records)
-    image_ids = sorted(examples)
+    pixels, boxes = load_pixels(facts)
+    timings["data_and_vocabulary"] = time.perf_counter() - started
     bar = _progress(recipe.vision_steps + recipe.steps, progress)
-    labels = image_labels(records)
-    labelled = [i for i in image_ids if i in labels]
-    rows = torch.tensor([index[i] for i in labelled])
-    vision_losses = pretrain_vision(model, pixels[rows], boxes[rows], torch.tensor([labels[i] for i in labelled]),
-                                    recipe, rng, bar, log) if recipe.vision_steps else []
+    vision_losses = pretrain_vision(model, pixels, boxes, image_labels(facts), recipe, rng, bar,
+                                    log) if recipe.vision_steps else []
+    timings["stage_1_vision"] = time.perf_counter() - started - sum(timings.values())
     if recipe.freeze_vision:
         # As BLIP-2 and VisualGLM-6B keep their image encoder frozen. Left trainable, stage 2's early,
         # still meaningless gradients wash the shape features out of the tower (shape answers end at chance).
         model.image_encoder.vit.requires_grad_(False)
+    if recipe.freeze_encoder:
+        model.image_encoder.requires_grad_(False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.dim() >= 2]
     no_decay = [p for n, p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.learning_rate,
                                   betas=(0.9, 0.98))
+    mix = TurnMix(easyvqa=recipe.easyvqa_weight, phrasing=recipe.phrasing_weight, oos=recipe.oos_weight)
+    lengths = range(1, len(recipe.turn_weights) + 1)
     order: list[int] = []
-    cursor = {image_id: 0 for image_id in image_ids}
-    for image_id in image_ids:
-        rng.shuffle(examples[image_id])
-    direct = {image_id: [e for e in examples[image_id] if e.direct] for image_id in image_ids}
     losses: list[float] = []
     for step in range(recipe.steps):
         if len(order) < recipe.images_per_step:
-            fresh = image_ids[:]
+            fresh = list(range(len(facts)))
             rng.shuffle(fresh)
             order += fresh
         chosen, order = order[:recipe.images_per_step], order[recipe.images_per_step:]
         batch: list[Example] = []
-        for image_id in chosen:  # each image cycles through its own shuffled questions
-            items = direct[image_id] if step < recipe.focus_steps else examples[image_id]
+        for row, index in enumerate(chosen):
             for _ in range(recipe.questions_per_image):
-                batch.append(items[cursor[image_id] % len(items)])
-                cursor[image_id] += 1
-        rows = torch.tensor([index[i] for i in chosen])
+                turns = rng.choices(lengths, recipe.turn_weights)[0]
+                mode = rng.choices(LANG_MODES, recipe.lang_mode_weights)[0]
+                conversation = sample_conversation(facts[index], turns, mode, rng, mix)
+                batch.append(make_example(model, tokenizer, conversation, row))
+        rows = torch.tensor(chosen)
         images = augment(pixels[rows], boxes[rows], rng, recipe.max_shift)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
-        image_embeds = model.image_encoder(images).repeat_interleave(recipe.questions_per_image, dim=0)
-        loss = batch_loss(model, batch, image_embeds, config.pad_token_id)
+        loss = step_loss(model, batch, model.image_encoder(images), config.pad_token_id, recipe.length_buckets)
         _step(optimizer, loss, [p for _, p in trainable], recipe.grad_clip, losses)
         _report(bar, log, losses, step, recipe.steps, "step")
     if bar is not None:
         bar.close()
+    timings["stage_2_answers"] = time.perf_counter() - started - sum(timings.values())
     minutes = (time.perf_counter() - started) / 60
-    log(f"trained {recipe.steps} steps in {minutes:.1f} min; final loss (mean of last 100) "
-        f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+    log(f"trained {recipe.vision_steps} + {recipe.steps} steps in {minutes:.1f} min; final loss (mean of last "
+        f"100) {sum(losses[-100:]) / len(losses[-100:]):.4f}")
     model.eval()
     model.requires_grad_(True)
     out_dir = Path(out_dir)
@@ -279,7 +295,9 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
             training = staging / "training"
             training.mkdir()
             (training / "recipe.json").write_text(json.dumps(
-                {**asdict(recipe), "minutes": round(minutes, 2), "records": len(records)}, indent=2) + "\n")
+                {**asdict(recipe), "minutes": round(minutes, 2), "images": len(facts),
+                 "timings_minutes": {k: round(v / 60, 2) for k, v in timings.items()},
+                 "machine": machine_info()}, indent=2) + "\n")
             (training / "loss.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": round(v, 5)}) + "\n"
                                                          for i, v in enumerate(losses)))
             _plot(losses, training / "loss.png", "visualglm-demo training loss (stage 2: answers)")
@@ -290,6 +308,15 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
                       "visualglm-demo stage 1: vision tower, colour + shape")
     log(f"wrote {out_dir}")
     return out_dir
+
+
+def machine_info() -> dict:
+    """Where the training ran (so its time can be compared): CPUs, torch threads, torch version."""
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "processor": platform.processor() or platform.machine()}
 
 
 def _step(optimizer, loss: torch.Tensor, params: list, grad_clip: float, losses: list[float]) -> None:

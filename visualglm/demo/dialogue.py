@@ -1,0 +1,152 @@
+"""Questions and conversations about easy-VQA images: the demo's training mix and its evaluation sets.
+
+A turn is a :class:`~visualglm.demo.data.Record`: one of the image's own easy-VQA questions (English, or
+its Chinese translation), a question from the phrasing grammar (:mod:`visualglm.demo.phrasings`), or an
+out-of-scope input (:mod:`visualglm.demo.scope`, type ``oos``). A conversation is 1-5 turns about one
+image, each turn in English or Chinese; the prompt of turn k holds turns 1..k-1 as history in the format
+``ChatSession`` builds (``build_prompt_ids``), so training and chat see the same token sequences.
+
+The evaluation sets are fixed (seeded) and use only the test split, held-out phrasings and held-out
+out-of-scope inputs: nothing in them was seen in training.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from visualglm.demo.data import LANGS, Record, image_contents, load_split
+from visualglm.demo.phrasings import QTYPES, phrase
+from visualglm.demo.scope import out_of_scope
+from visualglm.demo.translate import question_type, translate_answer, translate_question
+
+LANG_MODES = ("en", "zh", "mixed")  # one language per conversation, or each turn's own
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """One image: its file, colour and shape (read from its pixels) and its easy-VQA ``(question, answer)``s."""
+
+    image_id: int
+    path: str
+    color: str
+    shape: str
+    questions: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Turns about one image; ``turns[k].answers[0]`` is the reference answer of turn k + 1."""
+
+    image: str
+    image_id: int
+    turns: tuple[Record, ...]
+
+
+@dataclass(frozen=True)
+class TurnMix:
+    """Where turns come from (relative weights) and which grammar/out-of-scope split they use."""
+
+    easyvqa: float = 0.35
+    phrasing: float = 0.5
+    oos: float = 0.15
+    split: str = "train"  # "train" or "held-out" phrasings and out-of-scope inputs
+    qtype_weights: tuple[float, ...] = (0.25, 0.25, 0.3, 0.2)  # color, shape, yes/no, describe
+    capitalise: float = 0.5  # easy-VQA's English questions are lower case: capitalise some, as people type
+
+
+def image_facts(split: str) -> list[ImageFacts]:
+    """Every image of ``split`` whose pixel reading agrees with all of its data-set answers (all but one
+    image of each split), sorted by id."""
+    questions, paths = load_split(split)
+    contents = image_contents(questions, paths)
+    by_image: dict[int, list[tuple[str, str]]] = {i: [] for i in contents}
+    for question, answer, image_id in questions:
+        if image_id in by_image:
+            by_image[image_id].append((question, answer))
+    return [ImageFacts(i, paths[i], *contents[i], tuple(by_image[i])) for i in sorted(contents)]
+
+
+def sample_turn(facts: ImageFacts, lang: str, rng: random.Random, mix: TurnMix) -> Record:
+    """One turn about ``facts``'s image in ``lang``."""
+    source = rng.choices(("easyvqa", "phrasing", "oos"), (mix.easyvqa, mix.phrasing, mix.oos))[0]
+    if source == "easyvqa" and facts.questions:
+        question, answer = rng.choice(facts.questions)
+        qtype = question_type(answer)
+        if lang == "zh":
+            question, answer = translate_question(question), translate_answer(answer)
+        elif rng.random() < mix.capitalise:
+            question = question[:1].upper() + question[1:]
+        return Record(facts.path, question, (answer,), lang, qtype, facts.image_id)
+    if source == "oos":
+        question, reply = out_of_scope(lang, rng, mix.split)
+        return Record(facts.path, question, (reply,), lang, "oos", facts.image_id)
+    qtype = rng.choices(QTYPES, mix.qtype_weights)[0]
+    question, answer, _ = phrase(qtype, lang, facts.color, facts.shape, rng, mix.split)
+    return Record(facts.path, question, (answer,), lang, qtype, facts.image_id)
+
+
+def turn_langs(mode: str, turns: int, rng: random.Random) -> list[str]:
+    if mode not in LANG_MODES:
+        raise ValueError(f"unknown language mode {mode!r} (use {', '.join(LANG_MODES)})")
+    return [mode] * turns if mode in LANGS else [rng.choice(LANGS) for _ in range(turns)]
+
+
+def sample_conversation(facts: ImageFacts, turns: int, mode: str, rng: random.Random, mix: TurnMix) -> Conversation:
+    return Conversation(facts.path, facts.image_id,
+                        tuple(sample_turn(facts, lang, rng, mix) for lang in turn_langs(mode, turns, rng)))
+
+
+def history_of(conversation: Conversation, upto: int) -> list[tuple[str, str]]:
+    """The reference ``(question, answer)`` pairs of the first ``upto`` turns."""
+    return [(t.question, t.answers[0]) for t in conversation.turns[:upto]]
+
+
+# ----- evaluation sets (test split only) ----------------------------------------------------------------
+HELD_OUT = TurnMix(split="held-out")
+EVAL_SEED = 2024
+
+
+def heldout_phrasing_records(lang: str, per_type: int = 1, seed: int = EVAL_SEED,
+                             facts: list[ImageFacts] | None = None) -> list[Record]:
+    """``per_type`` held-out phrasings of each question type per test image, in ``lang``."""
+    rng = random.Random(f"{seed}-phrasings-{lang}")
+    records = []
+    for f in facts if facts is not None else image_facts("test"):
+        for qtype in QTYPES:
+            for _ in range(per_type):
+                question, answer, _ = phrase(qtype, lang, f.color, f.shape, rng, "held-out")
+                records.append(Record(f.path, question, (answer,), lang, qtype, f.image_id))
+    return records
+
+
+def heldout_oos_records(lang: str, per_image: int = 1, seed: int = EVAL_SEED,
+                        facts: list[ImageFacts] | None = None) -> list[Record]:
+    """``per_image`` held-out out-of-scope inputs per test image, in ``lang``."""
+    rng = random.Random(f"{seed}-oos-{lang}")
+    records = []
+    for f in facts if facts is not None else image_facts("test"):
+        for _ in range(per_image):
+            question, reply = out_of_scope(lang, rng, "held-out")
+            records.append(Record(f.path, question, (reply,), lang, "oos", f.image_id))
+    return records
+
+
+def eval_conversations(mode: str, turns: int = 5, per_image: int = 2, seed: int = EVAL_SEED,
+                       facts: list[ImageFacts] | None = None, mix: TurnMix = HELD_OUT) -> list[Conversation]:
+    """``per_image`` conversations of ``turns`` turns per test image: its easy-VQA test questions, held-out
+    phrasings and held-out out-of-scope inputs, in ``mode``'s languages."""
+    if not 1 <= turns <= 16:
+        raise ValueError(f"turns must be 1..16, got {turns}")
+    rng = random.Random(f"{seed}-conversations-{mode}")
+    return [sample_conversation(f, turns, mode, rng, mix)
+            for f in (facts if facts is not None else image_facts("test")) for _ in range(per_image)]
+
+
+def limit_items(items: list, limit: int | None, seed: int = 0) -> list:
+    """A fixed seeded sample of ``limit`` items (all of them when ``limit`` is None or not smaller)."""
+    if limit is None:
+        return items
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    return random.Random(seed).sample(items, limit) if limit < len(items) else items
