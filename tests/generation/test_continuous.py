@@ -112,7 +112,7 @@ def test_a_long_prompt_prefilled_in_stages_is_exact_and_lets_the_others_decode(t
     long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
                          GenerationParams(max_new_tokens=4, sampling=GREEDY))
     short = EngineRequest("short", [11, 12, GMASK, SOP], GenerationParams(max_new_tokens=12, sampling=GREEDY))
-    engine = ContinuousEngine(text_model, max_rows=2, context=96, prefill_chunk=20, prefill_stages=3)
+    engine = ContinuousEngine(text_model, max_rows=2, context=96, prefill_chunk=20)
     engine.submit(short)
     engine.step()  # short is running
     engine.submit(long)
@@ -129,7 +129,7 @@ def test_a_long_prompt_prefilled_in_stages_is_exact_and_lets_the_others_decode(t
     assert [t for t in got["short"]] == _alone(text_model, short)[1:]  # its first token came in step one
     # The short row kept getting a token at every step of the long one's staged prefill.
     layers = len(text_model.attention_modules())
-    assert short_tokens_during_prefill == min(3, layers, -(-len(long.ids) // 20)) - 1 >= 1
+    assert short_tokens_during_prefill == min(layers, -(-len(long.ids) // 20)) - 1 >= 1
 
 
 def test_images_and_text_of_both_image_families_mix(visual, glm4v) -> None:
@@ -234,3 +234,15 @@ def test_rows_for_a_kv_budget(text_model) -> None:
     assert rows_for_budget(text_model, 100, 8, None) == 8
     assert rows_for_budget(text_model, 100, 8, 3 * 100 * per_token + 5) == 3
     assert rows_for_budget(text_model, 100, 8, 10) == 1
+
+
+@pytest.mark.slow
+def test_compiled_decode_steps_equal_eager(text_model) -> None:
+    from visualglm.generation.engine import compile_decode
+
+    rng = random.Random(4)
+    requests = _text_requests(5, rng)
+    engine = ContinuousEngine(text_model, max_rows=3, context=96, compiled=compile_decode(text_model))
+    tokens, _ = _run(engine, requests, rng)
+    for request in requests:
+        assert tokens[request.id] == _alone(text_model, request)

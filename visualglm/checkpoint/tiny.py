@@ -34,12 +34,14 @@ def init_random_weights(model: torch.nn.Module, weight_scale: float = 2.0, seed:
 
 
 def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_scale: float = 2.0,
-                                 family: str = "chatglm") -> Path:
+                                 family: str = "chatglm", **sizes: int) -> Path:
     """Write config.json + model.safetensors + ice_text.model (official layout) to ``directory``.
 
     ``family`` "chatglm" or "visualglm" (adds a tiny EVA ViT + Q-Former at 224 px). The config's special
     ids are the tokenizer's, as in the real checkpoint. Weights are random with
     ``weight_scale / sqrt(fan_in)`` std so that the network's output depends visibly on its input.
+    ``sizes`` override the tiny config's language-model sizes (``hidden_size``, ``num_layers``, ...), e.g.
+    for a mid-size model whose compute per step matters in a benchmark.
     """
     directory = Path(directory)
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +53,7 @@ def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_sc
             gmask_token_id=vocab.gmask_token_id, pad_token_id=vocab.pad_token_id, extra={},
             # Untied: with random tied weights the residual stream makes the model echo its last input
             # token (<sop>, a control piece that decodes to nothing) forever.
-            tie_word_embeddings=False)
+            tie_word_embeddings=False, **sizes)
         model = build_model(config, device="cpu")
         init_random_weights(model, weight_scale, seed)
         save_checkpoint(model, directory)

@@ -1,7 +1,8 @@
 """Chat sessions: history, the reference prompt templates, images, streaming text, and KV-cache reuse.
 
-Between turns the session keeps the model's KV cache and the tokens it holds. A new turn prefills only
-what the model says is still exact (``model.reusable_prefix``). For ChatGLM-6B's template this is the whole
+A session generates on a one-row :class:`~visualglm.generation.continuous.ContinuousEngine` of its own (the
+engine the server runs), which keeps the tokens of the last turn in its slot. A new turn prefills only what
+the model says is still exact (``model.reusable_prefix``). For ChatGLM-6B's template this is the whole
 prompt when it did not change (e.g. regenerating an answer) and nothing when the history grew: every turn
 puts the history into the bidirectional prefix, whose keys/values depend on all of it, so reusing them would
 change the answers (tests/generation/test_chat.py shows the difference).
@@ -14,8 +15,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.detok import DecodeStream
-from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
+from visualglm.generation.engine import GenerationParams, compile_decode
 from visualglm.generation.sampling import VISUALGLM_ENGLISH_BANNED_RANGES, SamplingParams, make_generator
 from visualglm.image import load_image, preprocess
 from visualglm.tokenizers.templates import chatglm_prompt, visualglm_ids
@@ -63,7 +65,8 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.history: list[tuple[str, str]] = [tuple(turn) for turn in (history or [])]
         self._generator = make_generator(self.sampling.seed, next(model.parameters()).device)
-        self._cached_ids: list[int] = []  # tokens whose keys/values sit in the model's cache slots 0..n-1
+        self._engine: ContinuousEngine | None = None  # created at the first turn
+        self._turns = 0
         self.last_prefill_tokens = 0  # how many prompt tokens the last turn actually computed
         # Optional torch.compile'd decode step (fixed shapes; the cache is then sized to the context).
         self._compiled = compile_decode(model) if compile else None
@@ -84,8 +87,7 @@ class ChatSession:
         device = next(self.model.parameters()).device
         pixels = preprocess(load_image(image, allow_remote=allow_remote), size).to(device)
         self._image_embeds = self.model.encode_images(pixels)
-        self.encoded_images += 1
-        self._cached_ids = []  # same placeholder ids, different image: nothing cached is valid
+        self.encoded_images += 1  # also names the image: the same placeholder ids, a different image
 
     def reseed(self) -> None:
         """Restart the random generator from ``sampling.seed`` (after changing the sampling settings)."""
@@ -94,14 +96,14 @@ class ChatSession:
     def clear_history(self) -> None:
         """Forget the conversation but keep the image (the cache goes with the history)."""
         self.history = []
-        self._cached_ids = []
 
     def reset(self) -> None:
         """Forget the history, the image and the cache."""
         self.history = []
         self._image_embeds = None
-        self._cached_ids = []
-        self.model.delete_kv_cache()
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def messages(self, query: str) -> list[dict]:
         """The conversation in GLM-4's message format (the image, if any, in the first user message)."""
@@ -116,37 +118,39 @@ class ChatSession:
         """Yield the answer as text deltas; the turn is added to ``history`` when the stream ends (also
         when the caller stops early, with the text shown so far)."""
         ids, image_start = self.prompt_ids(query)
-        embeds = None
-        if image_start is not None:
-            with torch.inference_mode():
-                device = self._image_embeds.device
-                embeds = self.model.embed_with_images(torch.tensor([ids], device=device), self._image_embeds,
-                                                      [image_start])
-        reuse = self.model.reusable_prefix(self._cached_ids, ids) if self._cached_ids else 0
+        if self._engine is None:
+            self._engine = ContinuousEngine(self.model, max_rows=1, compiled=self._compiled)
+        engine = self._engine
         params = GenerationParams(max_new_tokens=self.max_new_tokens, max_length=self.max_length,
                                   stop_ids=answer_stop_ids(self.model.config), sampling=self.sampling)
         decoded = DecodeStream(self.tokenizer, postprocess="glm4" if self.family == "glm4v" else "chatglm")
-        chosen: list[int] = []
-        self._cached_ids = []  # invalid while the cache is being rewritten
-        self.last_prefill_tokens = len(ids) - reuse
+        self._turns += 1
+        key = self._turns
+        image = self._image_embeds if image_start is not None else None
+        engine.submit(EngineRequest(key, ids, params, image_start=image_start, image_embeds=image,
+                                    image_key=None if image is None else f"image-{self.encoded_images}",
+                                    generator=self._generator))
+        computed = engine.stats.prefill_tokens
+        finished = False
         try:
-            for step in generate_steps(self.model, [ids], params=params, generator=self._generator,
-                                       reuse_prefix=reuse, keep_cache=True, compiled=self._compiled,
-                                       inputs_embeds=embeds):
-                token = int(step.tokens[0])
-                chosen.append(token)
-                if bool(step.finished[0]):
-                    break
-                delta = decoded.push(token)
-                if delta:
-                    yield delta
+            while not finished:
+                for event in engine.step():
+                    if event.id != key:
+                        continue
+                    if event.reason == "error":
+                        raise event.error
+                    finished = event.reason is not None
+                    if event.token is not None:
+                        delta = decoded.push(event.token)
+                        if delta:
+                            yield delta
+                self.last_prefill_tokens = engine.stats.prefill_tokens - computed
             tail = decoded.flush()
             if tail:
                 yield tail
         finally:
-            # Every chosen token but the last was fed back, so its keys/values are cached. With no token
-            # chosen the prefill itself may have been interrupted: trust nothing.
-            self._cached_ids = ids + chosen[:-1] if chosen else []
+            if not finished:  # the caller stopped reading: the row ends at the engine's next step
+                engine.end(key)
             self.history.append((query, decoded.text))
 
     def chat(self, query: str) -> str:

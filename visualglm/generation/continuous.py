@@ -13,9 +13,10 @@ One call to :meth:`ContinuousEngine.step` does, in order:
    the same image included; for ChatGLM-6B and VisualGLM-6B, whose prompts attend both ways, only an
    identical context), or else the slot of a running row it shares a prefix with, copied, or else a cold
    one; its prompt then only prefills what is new;
-3. **prefills** one newcomer, alone: a long prompt is spread over up to ``prefill_stages`` steps, a few
-   layers at a time (exact: the same computation, paused between layers), so that running rows keep
-   getting tokens; when its last layer is done its first token is chosen and it joins the decode batch;
+3. **prefills** one newcomer, alone: a long prompt is spread over several steps, a few layers at a time
+   (exact: the same computation, paused between layers; ChatGLM-6B's prompts attend both ways, so they
+   cannot be cut by tokens), so that running rows keep getting tokens; when its last layer is done its
+   first token is chosen and it joins the decode batch;
 4. **decodes** one token for every running row in one forward over cache rows ``[0, highest used + 1)``
    (free slots in that range compute a token nobody reads, cheaper than moving a row's cache).
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,8 @@ class EngineRequest:
     """One generation. ``ids`` are the prompt ids (images already expanded to their placeholders);
     ``image_embeds`` ``[1, image_length, hidden]`` replace the placeholders from ``image_start`` on, and
     ``image_key`` names the image (two requests share cached image positions only when their keys are equal;
-    None: an image that is never shared). ``seed`` seeds the row's sampling generator (None: a fresh one)."""
+    None: an image that is never shared). ``seed`` seeds the row's sampling generator (None: a fresh one),
+    unless ``generator`` gives the generator itself (a chat session continues one across its turns)."""
 
     id: Hashable
     ids: list[int]
@@ -53,6 +55,7 @@ class EngineRequest:
     image_start: int | None = None
     image_embeds: torch.Tensor | None = None
     image_key: str | None = None
+    generator: torch.Generator | None = None  # the row's sampling generator itself (a chat session's)
 
 
 @dataclass
@@ -107,21 +110,23 @@ class _Prefill:
 
 class ContinuousEngine:
     """See the module docstring. ``model`` is any decoder of the package; ``max_rows`` slots of ``context``
-    positions (default: the model's) are allocated at once. ``prefill_chunk`` tokens: a prompt longer than
-    that is prefilled in ceil(length / prefill_chunk) stages, at most ``prefill_stages`` (so a newcomer's
-    first token waits for at most ``prefill_stages - 1`` decode steps of the others besides its own
-    prefill)."""
+    positions (default: the model's) are allocated at once. ``prefill_chunk`` tokens: while other rows
+    decode, a prompt longer than that is prefilled in ceil(length / prefill_chunk) stages of whole layers
+    (at most one stage per layer), one stage per step, so that no step costs much more than a decode step;
+    a prompt of up to ``prefill_chunk`` tokens is prefilled in one step. With nothing else running a prompt
+    is prefilled at once. ``compiled``: a compiled forward (``torch.compile`` of the model) for the decode steps, which
+    then keep fixed shapes: every slot, a mask over the whole context."""
 
-    def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 512,
-                 prefill_stages: int = 3, pad_id: int | None = None) -> None:
+    def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 64,
+                 pad_id: int | None = None, compiled: Callable | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         self.model = model
         self.context = context or model.config.max_sequence_length
         self.max_rows = max_rows
         self.prefill_chunk = max(1, prefill_chunk)
-        self.prefill_stages = max(1, prefill_stages)
         self.pad_id = model.config.pad_token_id if pad_id is None else pad_id
+        self.compiled = compiled
         self.device = next(model.parameters()).device
         self.num_layers = len(model.attention_modules())
         model.setup_kv_cache(max_rows, self.context)
@@ -132,7 +137,6 @@ class ContinuousEngine:
         self.rows: list[_Row | None] = [None] * max_rows
         # What each slot's cache holds (for reuse by a newcomer): token ids and the image key, oldest first.
         self.cached: list[tuple[list[int], str | None, int | None]] = [([], None, None)] * max_rows
-        self._used_at = [0] * max_rows  # step of last use: the coldest free slot is taken first
         self.waiting: deque[EngineRequest] = deque()
         self.prefill: _Prefill | None = None
         self._ended: set = set()
@@ -207,7 +211,6 @@ class ContinuousEngine:
         request = row.request
         ids = row.tokens[0, :row.length].tolist()
         self.cached[row.slot] = (ids, request.image_key, request.image_start)
-        self._used_at[row.slot] = self.stats.steps
 
     # -- admission and prefix reuse ---------------------------------------------------------------------------
 
@@ -234,8 +237,9 @@ class ContinuousEngine:
                 return
             request = self.waiting.popleft()
             reuse = {slot: self._reuse(slot, request) for slot in range(self.max_rows)}
-            # The free slot it reuses the most of; among equals the coldest, which keeps the warm ones warm.
-            slot = max(free, key=lambda s: (reuse[s], -self._used_at[s]))
+            # The free slot it reuses the most of; with nothing to reuse the lowest free slot, which keeps the
+            # decode batch (cache rows up to the highest one in use) short.
+            slot = max(free, key=lambda s: (reuse[s], -s))
             start = reuse[slot]
             donor = max(range(self.max_rows), key=lambda s: reuse[s])
             if reuse[donor] > start and donor != slot:
@@ -252,10 +256,10 @@ class ContinuousEngine:
     def _start_prefill(self, request: EngineRequest, slot: int, start: int) -> None:
         params = request.params
         budget = params.budget(len(request.ids), self.context)
-        row = _Row(request, slot, budget, make_generator(request.seed, self.device))
+        generator = request.generator or make_generator(request.seed, self.device)
+        row = _Row(request, slot, budget, generator)
         self.rows[slot] = row
         self.cached[slot] = ([], None, None)
-        self._used_at[slot] = self.stats.steps
         model = self.model
         ids = row.tokens.to(self.device)
         length = ids.shape[1]
@@ -264,7 +268,9 @@ class ContinuousEngine:
         if request.image_embeds is not None and request.image_start is not None:
             embeds = model.embed_with_images(ids, request.image_embeds.to(self.device), [request.image_start])
         new = length - start
-        stages = min(self.prefill_stages, self.num_layers, math.ceil(new / self.prefill_chunk))
+        # About prefill_chunk tokens of work per step, a layer at least: a step that carries a stage costs
+        # about as much as a decode step when prefill_chunk is the machine's FLOPs per byte of bandwidth.
+        stages = min(self.num_layers, max(1, math.ceil(new / self.prefill_chunk)))
         layers = math.ceil(self.num_layers / stages)
         inputs = dict(input_ids=ids[:, start:] if embeds is None else None, position_ids=positions[..., start:],
                       attention_mask=mask[:, :, start:, :],
@@ -306,14 +312,15 @@ class ContinuousEngine:
 
     def _decode(self, decoding: list[_Row]) -> list[TokenEvent]:
         model = self.model
-        high = max(row.slot for row in decoding) + 1
+        static = self.compiled is not None
+        high = self.max_rows if static else max(row.slot for row in decoding) + 1
         self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(decoding))
         tokens = torch.full((high, 1), self.pad_id, dtype=torch.long)
         slots = torch.full((high, 1), self.context - 1, dtype=torch.long)  # free rows write a slot never read
         template = decoding[0].position
         positions = torch.zeros(high, *template.shape, dtype=template.dtype, device=self.device)
-        kv_length = max(row.length for row in decoding) + 1
+        kv_length = self.context if static else max(row.length for row in decoding) + 1
         for row in decoding:
             tokens[row.slot, 0] = row.last
             slots[row.slot, 0] = row.length
@@ -321,8 +328,9 @@ class ContinuousEngine:
             positions[row.slot] = row.position
             self.valid[row.slot, row.length] = True
         mask = self.valid[:high, None, None, :kv_length].clone()
-        logits = model(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
-                       cache_rows=slice(0, high))[:, -1].float()
+        forward = self.compiled if static else model
+        logits = forward(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
+                         cache_rows=slice(0, high))[:, -1].float()
         events = []
         for row in decoding:
             row.length += 1

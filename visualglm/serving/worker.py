@@ -150,6 +150,7 @@ class Worker:
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._next_id = 0
         self._stopping = threading.Event()
+        self._poll_s: float | None = None  # None: block on the queue (the thread started by start())
         self.engine: ContinuousEngine | None = None
         self.busy = False
         self.served = 0  # jobs run (answered, failed or cancelled while running)
@@ -178,16 +179,32 @@ class Worker:
             self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Drop the queue, end the running answers before their next token, and end the thread."""
+    def run(self) -> None:
+        """Run the worker's loop in the calling thread until :meth:`request_stop` (the command line runs
+        it in the main thread, and the HTTP server in another: with OpenMP, a thread other than the one
+        that first ran parallel work measured ~40% slower per decode step on a 2-core CPU)."""
+        self._stopping = threading.Event()
+        self._poll_s = 0.2  # notice request_stop (set from a signal handler) while idle
+        self._run()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to end: the running answers end before their next token. Safe to call from a
+        signal handler (it only sets a flag)."""
+        self._stopping.set()
+
+    def _drop_queue(self) -> None:
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return
             if job is not None:
                 job.cancel.set()
                 job.emit(Event("done", finish_reason="cancelled"))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Drop the queue, end the running answers before their next token, and end the thread."""
+        self._drop_queue()
         if self._thread is not None and self._thread.is_alive():
             self._stopping.set()
             self._queue.put(None)
@@ -248,16 +265,23 @@ class Worker:
     def _wait_for_job(self) -> Job | None:
         """Block until a job comes (None: stop). Idle under tensor parallelism, the followers get a
         heartbeat every ``channel.heartbeat_s`` seconds."""
-        if self.channel is None:
-            return self._queue.get()
+        heartbeat = None if self.channel is None else time.monotonic() + self.channel.heartbeat_s
         while True:
+            if self._stopping.is_set():
+                return None
+            timeout = self._poll_s
+            if heartbeat is not None:
+                timeout = max(0.0, heartbeat - time.monotonic()) if timeout is None else \
+                    min(timeout, max(0.0, heartbeat - time.monotonic()))
             try:
-                return self._queue.get(timeout=self.channel.heartbeat_s)
+                return self._queue.get(timeout=timeout)
             except queue.Empty:
-                try:
-                    self.channel.heartbeat()
-                except Exception:  # a rank is gone: keep the worker (and its errors to clients) alive
-                    log.exception("heartbeat to the other ranks failed")
+                if heartbeat is not None and time.monotonic() >= heartbeat:
+                    heartbeat = time.monotonic() + self.channel.heartbeat_s
+                    try:
+                        self.channel.heartbeat()
+                    except Exception:  # a rank is gone: keep the worker (and its errors to clients) alive
+                        log.exception("heartbeat to the other ranks failed")
 
     def _run(self) -> None:
         engine = self.engine = make_engine(self.model, self.engine_shape)
@@ -300,6 +324,7 @@ class Worker:
         finally:
             self.busy = False
             engine.close()
+            self._drop_queue()
             if self.channel is not None:
                 self.channel.close()  # the followers leave their loop
 

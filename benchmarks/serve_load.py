@@ -1,0 +1,235 @@
+"""Open-loop load on a real ``visualglm serve`` (127.0.0.1): continuous versus static batching.
+
+    python benchmarks/serve_load.py                      # the shipped demo model and a 151M random ChatGLM
+    python benchmarks/serve_load.py --models mid --schedulers continuous
+    python benchmarks/serve_load.py --models mid --requests 60
+
+For each model and scheduler (``--scheduler continuous|static`` of the server) it measures, with streamed
+OpenAI chat completions whose answers run to their ``max_tokens`` (random weights rarely stop early):
+
+1. **unloaded**: one stream of 64 tokens alone: its time between tokens (TBT) is the unloaded step time and
+   its time to first token (TTFT) the prefill alone;
+2. **8 long answers**: 8 concurrent streams of 256 tokens: answer tokens/s against the single stream;
+3. **newcomer**: a short request sent while 7 long answers stream: its TTFT against its prefill alone plus
+   2 loaded decode steps;
+4. **capacity**: 8 clients sending mixed requests back to back (prompts of about 16, 128 and 512 tokens,
+   answers of 16, 64 and 192 tokens): completed requests/s;
+5. **Poisson**: open-loop arrivals of the same mix at 40% and 80% of that capacity: throughput, TTFT
+   p50/p95, TBT p50/p95.
+
+Every figure is printed; nothing is asserted. Answers are read as server-sent events: a chunk's arrival
+time is its token's (the detokenizer may hold a piece back for a step, which shows as a longer gap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks.attack import Server
+from visualglm import load_tokenizer
+from visualglm.demo import resolve_model
+
+WORDS = ("red", "green", "blue", "circle", "square", "shape", "colour", "image", "small", "large", "left", "right")
+PROMPTS = (16, 128, 512)  # prompt tokens (of the model's tokenizer, template included roughly)
+ANSWERS = (16, 64, 192)  # tokens
+
+
+@dataclass
+class Stream:
+    """One streamed answer: when it was sent, when each content chunk came, its status."""
+
+    sent: float = 0.0
+    chunks: list[float] = field(default_factory=list)
+    status: int | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunks[0] - self.sent if self.chunks else None
+
+    @property
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunks, self.chunks[1:], strict=False)]
+
+
+class Prompts:
+    """Random texts of about a given number of tokens of ``tokenizer``."""
+
+    def __init__(self, tokenizer, rng: random.Random) -> None:
+        self.tokenizer, self.rng = tokenizer, rng
+
+    def __call__(self, tokens: int) -> str:
+        words: list[str] = []
+        while len(self.tokenizer.encode(" ".join(words))) < tokens:
+            words.append(self.rng.choice(WORDS))
+        return " ".join(words)
+
+
+def stream(url: str, prompt: str, max_tokens: int) -> Stream:
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "stream": True, "temperature": 0}
+    result = Stream(sent=time.monotonic())
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+            result.status = response.status_code
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("delta", {}).get("content"):
+                        result.chunks.append(time.monotonic())
+    except httpx.HTTPError:
+        result.status = -1
+    return result
+
+
+def concurrent(url: str, jobs: list[tuple[float, str, int]]) -> list[Stream]:
+    """Send each (delay after start, prompt, max_tokens) on its own thread; the streams in job order."""
+    results: list[Stream | None] = [None] * len(jobs)
+    start = time.monotonic()
+
+    def run(index: int, delay: float, prompt: str, max_tokens: int) -> None:
+        time.sleep(max(0.0, start + delay - time.monotonic()))
+        results[index] = stream(url, prompt, max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results  # type: ignore[return-value]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    _prompt = Prompts(tokenizer, rng)
+    stream(url, _prompt(16), 8)  # warm-up
+    single = stream(url, _prompt(16), 64)
+    step = statistics.median(single.gaps)
+    alone_short = stream(url, _prompt(16), 8)
+    figures = {"step_s": step, "single_tok_s": 1 / step, "prefill_short_s": alone_short.ttft}
+    started = time.monotonic()
+    long = concurrent(url, [(0.0, _prompt(16), 256) for _ in range(8)])
+    tokens = sum(len(s.chunks) for s in long)
+    figures["eight_tok_s"] = tokens / (max(s.chunks[-1] for s in long if s.chunks) - started)
+    figures["eight_step_s"] = statistics.median(g for s in long for g in s.gaps)
+    # A newcomer while 7 long answers stream (sent once they all stream).
+    jobs = [(0.0, _prompt(16), 256) for _ in range(7)] + [(3.0, _prompt(16), 8)]
+    loaded = concurrent(url, jobs)
+    figures["newcomer_ttft_s"] = loaded[-1].ttft
+    figures["loaded_step_s"] = statistics.median(g for s in loaded[:-1] for g in s.gaps)
+    # Capacity: 8 clients sending the mixed requests back to back (closed loop), completed requests/s.
+    mixed = [(_prompt(rng.choice(PROMPTS)), rng.choice(ANSWERS)) for _ in range(max(16, requests // 2))]
+    started = time.monotonic()
+    results: list[Stream] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not mixed:
+                    return
+                prompt, answer = mixed.pop()
+            outcome = stream(url, prompt, answer)
+            with lock:
+                results.append(outcome)
+
+    workers = [threading.Thread(target=client) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    capacity = len(results) / (time.monotonic() - started)
+    figures["capacity_req_s"] = capacity
+    figures["capacity_tok_s"] = sum(len(s.chunks) for s in results) / (time.monotonic() - started)
+    for share in (0.4, 0.8):
+        rate = share * capacity
+        clock, jobs = 0.0, []
+        for _ in range(requests):
+            clock += rng.expovariate(rate)
+            jobs.append((clock, _prompt(rng.choice(PROMPTS)), rng.choice(ANSWERS)))
+        started = time.monotonic()
+        results = concurrent(url, jobs)
+        ended = max((s.chunks[-1] for s in results if s.chunks), default=started)
+        ok = [s for s in results if s.status == 200 and s.chunks]
+        figures[f"poisson_{share}"] = {
+            "rate_req_s": rate, "ok": len(ok), "sent": len(results),
+            "tok_s": sum(len(s.chunks) for s in ok) / max(ended - started, 1e-9),
+            "ttft_p50": _pct([s.ttft for s in ok], 0.5), "ttft_p95": _pct([s.ttft for s in ok], 0.95),
+            "tbt_p50": _pct(gaps := [g for s in ok for g in s.gaps], 0.5), "tbt_p95": _pct(gaps, 0.95)}
+    return figures
+
+
+def report(name: str, scheduler: str, f: dict) -> None:
+    print(f"\n== {name}, --scheduler {scheduler}", flush=True)
+    print(f"unloaded: step {_ms(f['step_s'])} ({f['single_tok_s']:.1f} tok/s), short prefill (TTFT) "
+          f"{_ms(f['prefill_short_s'])}")
+    print(f"8 long answers: {f['eight_tok_s']:.1f} answer tok/s = {f['eight_tok_s'] / f['single_tok_s']:.1f}x one "
+          f"stream; step {_ms(f['eight_step_s'])}")
+    bound = f["prefill_short_s"] + 2 * f["loaded_step_s"]
+    print(f"newcomer under 7 long answers: TTFT {_ms(f['newcomer_ttft_s'])} (prefill alone + 2 loaded steps = "
+          f"{_ms(bound)})")
+    print(f"capacity, mixed requests, 8 clients back to back: {f['capacity_req_s']:.2f} req/s "
+          f"({f['capacity_tok_s']:.1f} answer tok/s)")
+    for share in (0.4, 0.8):
+        p = f[f"poisson_{share}"]
+        print(f"Poisson {share:.0%} of capacity ({p['rate_req_s']:.2f} req/s): {p['ok']}/{p['sent']} ok, "
+              f"{p['tok_s']:.1f} tok/s, TTFT p50 {_ms(p['ttft_p50'])} p95 {_ms(p['ttft_p95'])}, TBT p50 "
+              f"{_ms(p['tbt_p50'])} p95 {_ms(p['tbt_p95'])} ({p['tbt_p95'] / f['step_s']:.1f}x the unloaded step)",
+              flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="demo,mid", help="demo (the shipped model) and/or mid (151M random)")
+    parser.add_argument("--schedulers", default="continuous,static")
+    parser.add_argument("--requests", type=int, default=40, help="Poisson arrivals per rate")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="visualglm-serve-load-"))
+    models: dict[str, list[str]] = {}
+    for name in args.models.split(","):
+        if name == "demo":
+            models["demo model (2.2M)"] = ["--model", str(resolve_model(None))]
+        elif name == "mid":
+            from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
+
+            path = write_tiny_random_checkpoint(work / "mid", hidden_size=1024, num_layers=12,
+                                                num_attention_heads=16, inner_hidden_size=4096)
+            models["random ChatGLM 151M, bf16"] = ["--model", str(path), "--dtype", "bfloat16"]
+        else:
+            parser.error(f"unknown model {name!r}")
+    for name, flags in models.items():
+        for scheduler in args.schedulers.split(","):
+            server = Server("serve", [*flags, "--scheduler", scheduler, "--max-batch", "8", "--max-queue", "64",
+                                      "--max-new-tokens", "256", "--log-level", "warning"], work / "serve.log")
+            try:
+                tokenizer = load_tokenizer(flags[1])
+                report(name, scheduler, measure(server.url, tokenizer, args.requests, args.seed))
+            finally:
+                server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
