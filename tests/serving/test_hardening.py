@@ -369,20 +369,20 @@ def test_the_worker_never_holds_a_full_size_image_for_a_queued_request(visual_mo
     assert job.admitted.image_start is not None
 
 
-def test_the_readme_lists_every_limit_with_its_default() -> None:
+def test_the_serving_docs_list_every_limit_with_its_default() -> None:
     from dataclasses import fields
     from pathlib import Path
 
     from visualglm.cli.limits import LIMIT_FLAGS
     from visualglm.serving.limits import ServeLimits
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    safety = readme[readme.index("### Safety"):]
-    safety = safety[:safety.index("\n## ")]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text(encoding="utf-8")
+    safety = page[page.index("## Safety"):]
+    safety = safety[:safety.index("\n## ", 1)] if "\n## " in safety[1:] else safety
     defaults = {f.name: f.default for f in fields(ServeLimits)}
     for row in LIMIT_FLAGS:
         line = next((line for line in safety.splitlines() if line.startswith(f"| `{row.flag}` |")), None)
-        assert line is not None, f"{row.flag} is missing from the README's Safety table"
+        assert line is not None, f"{row.flag} is missing from docs/serving.md's Safety table"
         default = defaults[row.field]
         if default is not None:
             assert f"| {default:g}" in line or f"| {default} " in line, (row.flag, default, line)
