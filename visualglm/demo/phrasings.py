@@ -9,7 +9,10 @@ that is present or absent), then a surface form is chosen: capitals, punctuation
 ``TRAIN_FRAMES`` are the frames training sees. ``HELD_OUT_FRAMES`` are other frames, never used in
 training, that measure whether the model understands phrasings it has not met (``visualglm eval
 phrasings``); a test checks that no held-out question can coincide with a training question, an easy-VQA
-template, or an out-of-scope input.
+template, or an out-of-scope input. Held-out frames are new sentences, not new meanings: the words that
+decide the answer (colour and shape names, "colour"/"shape"/颜色/形状, negations such as "not"/没有) all occur
+in training, while word order, filler words and synonyms around them may be new ("what sort of shape",
+"呈现什么颜色"). A negation by a word training never shows ("is it absent") could not be inferred.
 
 Yes/no questions follow easy-VQA's convention: a negated question ("is there not a red shape?") is answered
 "yes" when the thing is absent.
@@ -179,7 +182,7 @@ is {x} visible
 _EN_YES_NO_NEG_HELD_OUT = """
 is there no {xb} in the {pic}
 does the {pic} not have {x}
-is {x} absent
+is {x} not in the {pic}
 """
 _EN_DESCRIBE_TRAIN = """
 describe this {pic}
