@@ -2,11 +2,13 @@
 
 Every model folder and every case in its cases.json becomes one test, id ``<folder>/<case>``. Models are
 loaded through the public ``visualglm.load``; nothing here depends on the folder's sizes or seeds.
+``VISUALGLM_TEST_DEVICE=cuda`` runs the same checks with the models on a GPU (float32, TF32 off).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,18 @@ from visualglm.generation.engine import generate_steps
 from .conftest import GOLDEN_DIR
 
 LOGIT_TOLERANCE = 1e-4
+DEVICE = torch.device(os.environ.get("VISUALGLM_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # float32 means float32: no TF32 in matmuls or convolutions
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _dev(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(DEVICE)
+
+
+def _max_abs(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.cpu().float() - want).abs().max().item()
 
 
 def _model_dirs() -> list[Path]:
@@ -45,7 +59,7 @@ _MODELS: dict[Path, torch.nn.Module] = {}
 
 def _load(directory: Path) -> torch.nn.Module:
     if directory not in _MODELS:
-        _MODELS[directory] = visualglm.load(directory, dtype="float32", progress=False)
+        _MODELS[directory] = visualglm.load(directory, dtype="float32", device=DEVICE, progress=False)
     return _MODELS[directory]
 
 
@@ -75,9 +89,9 @@ def check_chatglm_case(directory: Path, case: dict) -> None:
 
     # Prompt logits (last 3 positions), full forward without a cache.
     with torch.no_grad():
-        logits = model(ids, positions, allowed)
+        logits = model(_dev(ids), _dev(positions), _dev(allowed))
     want = expected[f"{name}.logits_last3"]
-    assert (logits[:, -want.shape[1]:] - want).abs().max().item() <= LOGIT_TOLERANCE
+    assert _max_abs(logits[:, -want.shape[1]:], want) <= LOGIT_TOLERANCE
 
     # Greedy decoding through the KV cache: same tokens, same scores at every step.
     want_tokens = expected[f"{name}.greedy_new_tokens"].long()
@@ -86,7 +100,7 @@ def check_chatglm_case(directory: Path, case: dict) -> None:
     tokens = torch.stack([s.tokens for s in steps], dim=1)
     scores = torch.stack([s.logits for s in steps], dim=1)
     assert tokens.tolist() == want_tokens.tolist()
-    assert (scores - want_scores).abs().max().item() <= LOGIT_TOLERANCE
+    assert _max_abs(scores, want_scores) <= LOGIT_TOLERANCE
 
 
 # The image encoder of the tiny VisualGLM golden model is numerically ill-conditioned: recomputing it in
@@ -103,13 +117,13 @@ IMAGE_DECODE_RELATIVE_TOLERANCE = 5e-3
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got.float() - want).abs().max().item() / want.abs().max().item()
+    return (got.cpu().float() - want).abs().max().item() / want.abs().max().item()
 
 
 def check_visualglm_case(directory: Path, case: dict) -> None:
     model = _load(directory)
     expected = load_file(directory / "expected.safetensors")
-    pixels = load_file(directory / "pixel_values.safetensors")["pixel_values"]
+    pixels = _dev(load_file(directory / "pixel_values.safetensors")["pixel_values"])
     name = case["name"]
     ids = torch.tensor(case["input_ids"])
     start, end = case["image_span"]
@@ -126,25 +140,26 @@ def check_visualglm_case(directory: Path, case: dict) -> None:
     assert positions.tolist() == case["position_ids"]
     assert (~allowed).int().tolist() == case["attention_mask"]
     want = expected[f"{name}.logits_last3"]
+    ids, positions, allowed = _dev(ids), _dev(positions), _dev(allowed)
     with torch.no_grad():
         exact_lm = model(ids, positions, allowed, inputs_embeds=model.embed_with_images(
-            ids, expected["image.image_embeds"], [start]))
+            ids, _dev(expected["image.image_embeds"]), [start]))
         end_to_end = model(ids, positions, allowed, inputs_embeds=model.embed_with_images(ids, image_embeds, [start]))
-    assert (exact_lm[:, -want.shape[1]:] - want).abs().max().item() <= LOGIT_TOLERANCE
+    assert _max_abs(exact_lm[:, -want.shape[1]:], want) <= LOGIT_TOLERANCE
     assert _relative_error(end_to_end[:, -want.shape[1]:], want) <= IMAGE_RELATIVE_TOLERANCE
 
     # Greedy decoding through the KV cache: with the reference's image embeddings (the decoder alone), then
     # end to end with ours.
     want_tokens = expected[f"{name}.greedy_new_tokens"].long()
     want_scores = expected[f"{name}.decode_scores"]
-    runs = ((expected["image.image_embeds"], None), (image_embeds, IMAGE_DECODE_RELATIVE_TOLERANCE))
+    runs = ((_dev(expected["image.image_embeds"]), None), (image_embeds, IMAGE_DECODE_RELATIVE_TOLERANCE))
     for embeddings, tolerance in runs:
         embeds = model.embed_with_images(ids, embeddings, [start])
         steps = list(generate_steps(model, ids.tolist(), max_new_tokens=want_tokens.shape[1], inputs_embeds=embeds))
         assert torch.stack([s.tokens for s in steps], dim=1).tolist() == want_tokens.tolist()
         scores = torch.stack([s.logits for s in steps], dim=1)
         if tolerance is None:
-            assert (scores - want_scores).abs().max().item() <= LOGIT_TOLERANCE
+            assert _max_abs(scores, want_scores) <= LOGIT_TOLERANCE
         else:
             assert _relative_error(scores, want_scores) <= tolerance
 
@@ -152,32 +167,32 @@ def check_visualglm_case(directory: Path, case: dict) -> None:
 def check_glm4v_case(directory: Path, case: dict) -> None:
     model = _load(directory)
     expected = load_file(directory / "expected.safetensors")
-    pixels = load_file(directory / "pixel_values.safetensors")["pixel_values"]
+    pixels = _dev(load_file(directory / "pixel_values.safetensors")["pixel_values"])
     name = case["name"]
     ids, start = model.expand_image_placeholders(case["input_ids"][0])
     image_embeds = None
     if start is not None:
         vision = model.transformer.vision
         with torch.no_grad():
-            assert (vision.patch_embedding(pixels) - expected["image.patch_embedding_out"]).abs().max() <= 1e-4
-            assert (vision.encode_patches(pixels) - expected["image.vit_out"]).abs().max() <= 1e-4
+            assert _max_abs(vision.patch_embedding(pixels), expected["image.patch_embedding_out"]) <= 1e-4
+            assert _max_abs(vision.encode_patches(pixels), expected["image.vit_out"]) <= 1e-4
             image_embeds = model.encode_images(pixels)
-        assert (image_embeds - expected["image.vision_out"]).abs().max().item() <= LOGIT_TOLERANCE
+        assert _max_abs(image_embeds, expected["image.vision_out"]) <= LOGIT_TOLERANCE
     tokens = torch.tensor([ids])
     positions, allowed = model.prompt_inputs(tokens)
     assert positions[:, 0].tolist() == expected[f"{name}.expanded_position_ids"].tolist()
     with torch.no_grad():
-        embeds = model.embed_with_images(tokens, image_embeds, [start])
-        assert (embeds - expected[f"{name}.encoder_input_embeds"]).abs().max().item() <= LOGIT_TOLERANCE
-        logits = model(tokens, positions, allowed, inputs_embeds=embeds)
+        embeds = model.embed_with_images(_dev(tokens), image_embeds, [start])
+        assert _max_abs(embeds, expected[f"{name}.encoder_input_embeds"]) <= LOGIT_TOLERANCE
+        logits = model(_dev(tokens), _dev(positions), _dev(allowed), inputs_embeds=embeds)
     want = expected[f"{name}.logits_last3"]
-    assert (logits[:, -want.shape[1]:] - want).abs().max().item() <= LOGIT_TOLERANCE
+    assert _max_abs(logits[:, -want.shape[1]:], want) <= LOGIT_TOLERANCE
 
     want_tokens = expected[f"{name}.greedy_new_tokens"].long()
     steps = list(generate_steps(model, [ids], max_new_tokens=want_tokens.shape[1], inputs_embeds=embeds))
     assert torch.stack([s.tokens for s in steps], dim=1).tolist() == want_tokens.tolist()
     scores = torch.stack([s.logits for s in steps], dim=1)
-    assert (scores - expected[f"{name}.decode_scores"]).abs().max().item() <= LOGIT_TOLERANCE
+    assert _max_abs(scores, expected[f"{name}.decode_scores"]) <= LOGIT_TOLERANCE
 
 
 CHECKERS = {"chatglm": check_chatglm_case, "visualglm": check_visualglm_case, "glm4v": check_glm4v_case}

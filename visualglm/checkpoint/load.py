@@ -29,6 +29,7 @@ from visualglm.models.chatglm import ChatGLMForCausalLM
 from visualglm.models.glm4v import GLM4VForCausalLM
 from visualglm.models.plans import quant_skip
 from visualglm.models.visualglm import VisualGLMForCausalLM
+from visualglm.quant.cuda_kernels import use_cuda_kernels
 from visualglm.quant.swap import quantize_model
 
 if TYPE_CHECKING:
@@ -63,8 +64,12 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def default_dtype(config: AnyConfig, device: torch.device) -> torch.dtype:
     """The checkpoint's own dtype, except float16 on CPU, which becomes bfloat16 (CPU fp16 math is slow
-    and bf16 keeps fp16's values within its wider range)."""
+    and bf16 keeps fp16's values within its wider range), and bfloat16 on CUDA whatever the checkpoint
+    stores (the GPU's fast format; ``dtype="float16"`` keeps ChatGLM-6B's and VisualGLM-6B's reference
+    precision, ``"float32"`` full precision)."""
     dtype = _DTYPES.get(config.torch_dtype, torch.float32)
+    if device.type == "cuda":
+        return torch.bfloat16
     if dtype == torch.float16 and device.type == "cpu":
         return torch.bfloat16
     return dtype
@@ -119,6 +124,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
             apply_quantization(model, quantize, quant_group_size, quantize_also)
         if fast_cpu_kernels:
             apply_cpu_kernels(model)
+        apply_cuda_kernels(model)
         return model
     if qkv_layout != "auto":
         raise ValueError(f"qkv_layout={qkv_layout!r} applies to sat checkpoints only; {directory} is in the "
@@ -149,6 +155,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
         apply_tensor_parallel(model)
     if fast_cpu_kernels:
         apply_cpu_kernels(model)
+    apply_cuda_kernels(model)
     return model.eval()
 
 
@@ -199,6 +206,12 @@ def apply_cpu_kernels(model: nn.Module) -> None:
     """Pick faster CPU kernels for a loaded bf16 model where this CPU needs them."""
     if next(model.parameters()).device.type == "cpu" and cpu_lacks_bf16_matmul():
         use_upcast_linears(model)
+
+
+def apply_cuda_kernels(model: nn.Module) -> dict[str, int]:
+    """Run the quantized linears that sit on a CUDA device on PyTorch's CUDA kernels (INT8, INT4 tinygemm;
+    ``visualglm.quant.cuda_kernels``): one module at a time, on the GPU. A no-op elsewhere."""
+    return use_cuda_kernels(model)
 
 
 def read_checkpoint_config(directory: Path) -> AnyConfig:

@@ -22,7 +22,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    parser.add_argument("--compile", action="store_true", help="decode with torch.compile (fixed shapes)")
+    parser.add_argument("--compile", action="store_true", help="decode with torch.compile (fixed shapes; on "
+                        "CUDA with CUDA graphs, mode reduce-overhead)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--image", action="store_true", help="also time one image encode (VisualGLM-6B, "
+                        "GLM-4V-9B)")
     add_quant_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
@@ -33,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_bench(args.model, None if args.model else args.config, args.dtype, args.batch,
                        args.prompt_tokens, args.new_tokens, compile=args.compile, quant=args.quant,
-                       quant_also=quant_also(args))
+                       quant_also=quant_also(args), device=args.device, image=args.image)
     print(format_result(result, args.json))
     return 0

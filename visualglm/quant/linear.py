@@ -253,8 +253,18 @@ class Int4Linear(nn.Module):
                 codes[:real] = c
                 sz[:, start:start + real, 0] = scale.t()
                 sz[:, start:start + real, 1] = zero.t()
-            qweight[start:stop] = pack_int4_tiled(codes, self.block_n)
+            qweight[start:stop] = self._pack_codes(codes)
         self.qweight, self.scales_and_zeros = qweight, sz
+
+    # The in-memory layout of ``qweight`` (rows are packed ``block_n`` at a time, so chunks of CHUNK_ROWS
+    # pack independently). Subclasses for other kernels override these two (``visualglm.quant.cuda_kernels``).
+    def _pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes ``[n, K]`` (n a multiple of ``block_n``) -> packed uint8 ``[n, K/2]``."""
+        return pack_int4_tiled(codes, self.block_n)
+
+    def _unpack_codes(self, packed: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``_pack_codes``."""
+        return unpack_int4_tiled(packed, self.block_n)
 
     @classmethod
     def _from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
@@ -343,7 +353,7 @@ class Int4Linear(nn.Module):
         plain = torch.empty(n, self.in_features // 2, dtype=torch.uint8, device=self.qweight.device)
         for start in range(0, self.padded_rows, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, self.padded_rows)
-            codes = unpack_int4_tiled(self.qweight[start:stop], self.block_n)
+            codes = self._unpack_codes(self.qweight[start:stop])
             if start < n:
                 plain[start:min(stop, n)] = pack_int4_plain(codes[: min(stop, n) - start])
         return plain, self.scales_and_zeros[:, :n].contiguous()
@@ -372,7 +382,7 @@ class Int4Linear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """uint8 codes 0..15, ``[out, in]``."""
-        return unpack_int4_tiled(self.qweight, self.block_n)[: self.out_features]
+        return self._unpack_codes(self.qweight)[: self.out_features]
 
     def _dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         """Write the ``[N_pad, K]`` weight into ``out`` (any float dtype) in row chunks, computing in fp32."""
