@@ -30,6 +30,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--scheduler", choices=("continuous", "static"), default="continuous",
                         help="continuous: requests join and leave the running batch at every step (default); "
                         "static: a batch starts only when the previous one has ended (for comparison)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with torch.compile (fixed shapes; on CUDA with CUDA graphs, one per "
+                        "batch-size bucket; slow start); not with --tp")
     add_limit_flags(parser)
     parser.set_defaults(run=run)
 
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun (--tp N relaunches under it): every rank loads its shard; rank 0 serves HTTP and
     # leads, the others follow its batches (visualglm.serving.follower) and print nothing.
     parallel = init_from_env(args.device)
+    if parallel is not None and args.compile:
+        raise ValueError("--compile is not supported with tensor parallelism")
     if parallel is None or parallel.is_main:
         if not is_loopback(args.host) and not args.api_key:
             print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the "
@@ -58,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, name = load_model(args.model, quant=args.quant, quant_also=quant_also(args), dtype=args.dtype,
                                         device=parallel.device if parallel else args.device,
                                         adapter=getattr(args, "adapter", None), tensor_parallel=parallel is not None)
+    if args.compile:
+        from visualglm.generation.engine import compile_decode
+
+        compile_decode(model)  # the worker's engine picks it up (visualglm.serving.worker.make_engine)
     channel = None
     if parallel is not None:
         from visualglm.serving.follower import Leader, follow

@@ -115,7 +115,8 @@ class ContinuousEngine:
     (at most one stage per layer), one stage per step, so that no step costs much more than a decode step;
     a prompt of up to ``prefill_chunk`` tokens is prefilled in one step. With nothing else running a prompt
     is prefilled at once. ``compiled``: a compiled forward (``torch.compile`` of the model) for the decode steps, which
-    then keep fixed shapes: every slot, a mask over the whole context."""
+    then keep fixed shapes: the cache rows in use rounded up to a bucket (``decode_bucket``), a mask over the
+    whole context."""
 
     def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 64,
                  pad_id: int | None = None, compiled: Callable | None = None) -> None:
@@ -313,7 +314,9 @@ class ContinuousEngine:
     def _decode(self, decoding: list[_Row]) -> list[TokenEvent]:
         model = self.model
         static = self.compiled is not None
-        high = self.max_rows if static else max(row.slot for row in decoding) + 1
+        high = max(row.slot for row in decoding) + 1
+        if static:  # a fixed set of shapes: one compiled graph per bucket
+            high = decode_bucket(high, self.max_rows)
         self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(decoding))
         tokens = torch.full((high, 1), self.pad_id, dtype=torch.long)
@@ -329,6 +332,8 @@ class ContinuousEngine:
             self.valid[row.slot, row.length] = True
         mask = self.valid[:high, None, None, :kv_length].clone()
         forward = self.compiled if static else model
+        if static:  # CUDA graphs reuse their output buffers at the next replay (the logits are read below)
+            torch.compiler.cudagraph_mark_step_begin()
         logits = forward(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
                          cache_rows=slice(0, high))[:, -1].float()
         events = []
@@ -355,6 +360,14 @@ class ContinuousEngine:
             self._free(row)
             return TokenEvent(request.id, token, "length")
         return TokenEvent(request.id, token)
+
+
+def decode_bucket(rows: int, max_rows: int) -> int:
+    """Rows a compiled decode step runs for ``rows`` cache rows in use: the next power of two, at most
+    ``max_rows`` (so at most log2(max_rows) + 2 shapes, each compiled once)."""
+    if not 1 <= rows <= max_rows:
+        raise ValueError(f"rows must be in 1..{max_rows}, got {rows}")
+    return min(max_rows, 1 << (rows - 1).bit_length())
 
 
 def kv_bytes_per_token(model: nn.Module) -> int:

@@ -188,7 +188,12 @@ def generate_steps(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
                 row_mask = state.mask
             else:  # eager: attend to the written slots only; unpadded rows see all of them (no mask)
                 row_mask = state.mask[..., :state.length] if any(num_pad) else None
-            logits = forward(chosen[:, None], position, row_mask, cache_positions=slot)[:, -1].float()
+            if compiled is not None:
+                # CUDA graphs reuse their output buffers at the next replay: keep a copy of what is yielded.
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = forward(chosen[:, None], position, row_mask, cache_positions=slot)[:, -1].float().clone()
+            else:
+                logits = forward(chosen[:, None], position, row_mask, cache_positions=slot)[:, -1].float()
     finally:
         if not keep_cache:
             model.delete_kv_cache()
@@ -302,10 +307,31 @@ def _prefill(model: nn.Module, input_ids: torch.Tensor, num_pad: Sequence[int], 
     return logits, state, valid
 
 
-def compile_decode(model: nn.Module) -> Callable:
+_COMPILED_ATTR = "_visualglm_compiled_decode"
+
+
+def compile_decode(model: nn.Module, mode: str | None = "auto") -> Callable:
     """``torch.compile`` of the model's forward for decode steps (fixed shapes: one token per row, a mask
-    over every cache slot). Pass the result as ``compiled=`` to ``generate_steps``."""
-    return torch.compile(model, dynamic=False)
+    over every cache slot). Pass the result as ``compiled=`` to ``generate_steps`` or ``ContinuousEngine``.
+
+    One compiled step per model: every later call returns the same one (``compiled_decode_for``), so chat
+    sessions, the server's engine and batch generation share its compiled graphs. ``mode`` "auto": on CUDA
+    ``"reduce-overhead"`` (CUDA graphs, one per shape, i.e. per batch-size bucket) with ``fullgraph=True``,
+    as gpt-fast decodes; elsewhere Inductor's default."""
+    existing = compiled_decode_for(model)
+    if existing is not None:
+        return existing
+    cuda = _model_device(model).type == "cuda"
+    if mode == "auto":
+        mode = "reduce-overhead" if cuda else None
+    compiled = torch.compile(model, dynamic=False, fullgraph=cuda, mode=mode)
+    model.__dict__[_COMPILED_ATTR] = compiled  # not a submodule: invisible to modules() and state_dict()
+    return compiled
+
+
+def compiled_decode_for(model: nn.Module) -> Callable | None:
+    """The compiled decode step made for ``model`` by ``compile_decode``, or None."""
+    return model.__dict__.get(_COMPILED_ATTR)
 
 
 def _cache_capacity(model: nn.Module) -> int:

@@ -135,7 +135,9 @@ def run_stages(stages: Iterator[int]) -> torch.Tensor:
         try:
             next(stages)
         except StopIteration as done:
-            return done.value
+            # ``args[0]`` is ``value``; torch.compile traces this form (not ``.value``), so a compiled
+            # forward stays one graph (``fullgraph=True``, CUDA graphs).
+            return done.args[0] if done.args else None
 
 
 def common_prefix_length(a, b) -> int:

@@ -42,7 +42,7 @@ from torch import nn
 from visualglm.checkpoint.load import release_freed_memory
 from visualglm.generation.chat import FAMILY_SAMPLING, answer_stop_ids, build_prompt_ids, model_undecodable_ranges
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest, kv_bytes_per_token, rows_for_budget
-from visualglm.generation.engine import GenerationParams
+from visualglm.generation.engine import GenerationParams, compiled_decode_for
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.serving.batch import RowOutput, rows_to_end
 from visualglm.serving.protocol import APIError, ServeLimits
@@ -442,7 +442,10 @@ class Worker:
 def make_engine(model: nn.Module, shape: tuple[int, int, int]) -> ContinuousEngine:
     """The engine of a worker (or of a follower rank) of ``shape`` = (rows, context, prefill chunk)."""
     rows, context, chunk = shape
-    return ContinuousEngine(model, max_rows=rows, context=context, prefill_chunk=chunk)
+    # The model's compiled decode step, when one was made (``visualglm serve --compile``): the same graphs
+    # as batch generation and chat sessions on this model.
+    return ContinuousEngine(model, max_rows=rows, context=context, prefill_chunk=chunk,
+                            compiled=compiled_decode_for(model))
 
 
 def _default_kv_budget() -> int | None:
