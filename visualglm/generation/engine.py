@@ -13,6 +13,7 @@ dropped from the batch so that they stop costing compute.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -308,6 +309,7 @@ def _prefill(model: nn.Module, input_ids: torch.Tensor, num_pad: Sequence[int], 
 
 
 _COMPILED_ATTR = "_visualglm_compiled_decode"
+TUNING_ENV = "VISUALGLM_COMPILE_TUNING"
 
 
 def compile_decode(model: nn.Module, mode: str | None = "auto") -> Callable:
@@ -317,13 +319,18 @@ def compile_decode(model: nn.Module, mode: str | None = "auto") -> Callable:
     One compiled step per model: every later call returns the same one (``compiled_decode_for``), so chat
     sessions, the server's engine and batch generation share its compiled graphs. ``mode`` "auto": on CUDA
     ``"reduce-overhead"`` (CUDA graphs, one per shape, i.e. per batch-size bucket) with ``fullgraph=True``,
-    as gpt-fast decodes; elsewhere Inductor's default."""
+    as gpt-fast decodes; elsewhere Inductor's default. ``VISUALGLM_COMPILE_TUNING=1`` turns on Inductor's
+    coordinate-descent tuning (gpt-fast's setting; slower to compile)."""
     existing = compiled_decode_for(model)
     if existing is not None:
         return existing
     cuda = _model_device(model).type == "cuda"
     if mode == "auto":
         mode = "reduce-overhead" if cuda else None
+    if os.environ.get(TUNING_ENV) == "1":  # gpt-fast's setting: matrix-vector products as tuned reductions
+        import torch._inductor.config as inductor_config  # (longer compile; fuses INT8 dequantization)
+
+        inductor_config.coordinate_descent_tuning = True
     compiled = torch.compile(model, dynamic=False, fullgraph=cuda, mode=mode)
     model.__dict__[_COMPILED_ATTR] = compiled  # not a submodule: invisible to modules() and state_dict()
     return compiled
