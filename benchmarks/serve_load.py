@@ -1,8 +1,8 @@
 """Open-loop load on a real ``visualglm serve`` (127.0.0.1): continuous versus static batching.
 
-    python benchmarks/serve_load.py                      # the shipped demo model and a 151M random ChatGLM
-    python benchmarks/serve_load.py --models mid --schedulers continuous
-    python benchmarks/serve_load.py --models mid --requests 60
+    python -m benchmarks.serve_load                      # the shipped demo model and a 151M random ChatGLM
+    python -m benchmarks.serve_load --models mid --schedulers continuous
+    python -m benchmarks.serve_load --models mid --requests 60
 
 For each model and scheduler (``--scheduler continuous|static`` of the server) it measures, with streamed
 OpenAI chat completions whose answers run to their ``max_tokens`` (random weights rarely stop early):
@@ -180,8 +180,8 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
     return figures
 
 
-def report(name: str, scheduler: str, f: dict) -> None:
-    print(f"\n== {name}, --scheduler {scheduler}", flush=True)
+def report(name: str, scheduler: str, f: dict, rss_mib: float) -> None:
+    print(f"\n== {name}, --scheduler {scheduler} (server RSS at the end {rss_mib:.0f} MiB)", flush=True)
     print(f"unloaded: step {_ms(f['step_s'])} ({f['single_tok_s']:.1f} tok/s), short prefill (TTFT) "
           f"{_ms(f['prefill_short_s'])}")
     print(f"8 long answers: {f['eight_tok_s']:.1f} answer tok/s = {f['eight_tok_s'] / f['single_tok_s']:.1f}x one "
@@ -225,7 +225,8 @@ def main() -> int:
                                       "--max-new-tokens", "256", "--log-level", "warning"], work / "serve.log")
             try:
                 tokenizer = load_tokenizer(flags[1])
-                report(name, scheduler, measure(server.url, tokenizer, args.requests, args.seed))
+                figures = measure(server.url, tokenizer, args.requests, args.seed)
+                report(name, scheduler, figures, server.rss_mib())
             finally:
                 server.stop()
     return 0

@@ -246,3 +246,103 @@ def test_compiled_decode_steps_equal_eager(text_model) -> None:
     tokens, _ = _run(engine, requests, rng)
     for request in requests:
         assert tokens[request.id] == _alone(text_model, request)
+
+
+def _drain(engine: ContinuousEngine, end_at_step: dict | None = None) -> tuple[dict, dict]:
+    tokens: dict = {}
+    reasons: dict = {}
+    step = 0
+    while engine.has_work():
+        for key, at in (end_at_step or {}).items():
+            if at == step:
+                engine.end(key)
+        for event in engine.step():
+            tokens.setdefault(event.id, [])
+            if event.token is not None:
+                tokens[event.id].append(event.token)
+            if event.reason is not None:
+                reasons[event.id] = event.reason
+        step += 1
+    return tokens, reasons
+
+
+@pytest.mark.parametrize("chunk", [4, 1000])
+def test_newcomers_waiting_together_are_prefilled_as_one_group_and_answer_as_alone(text_model, chunk) -> None:
+    rng = random.Random(11)
+    requests = _text_requests(6, rng)
+    engine = ContinuousEngine(text_model, max_rows=6, context=96, prefill_chunk=chunk)
+    for request in requests:
+        engine.submit(request)
+    first = engine.step()
+    tokens, _ = _drain(engine)
+    for event in first:
+        tokens.setdefault(event.id, [])
+        if event.token is not None:
+            tokens[event.id].insert(0, event.token)
+    for request in requests:
+        assert tokens[request.id] == _alone(text_model, request), request.id
+    budget = engine.group_tokens(0)
+    if sum(len(r.ids) for r in requests) <= budget:  # all in the first group, left-padded to one length
+        assert {event.id for event in first} == {r.id for r in requests}
+
+
+def test_group_budget_follows_the_decode_batch_and_the_chunk(text_model) -> None:
+    engine = ContinuousEngine(text_model, max_rows=8, context=96, prefill_chunk=16)
+    layers = len(text_model.attention_modules())
+    assert engine.group_tokens(0) == 16 * layers
+    assert engine.group_tokens(40) == 40 * layers
+    # Requests beyond the budget wait for the next group.
+    ids = [5] * 30 + [GMASK, SOP]
+    for index in range(8):
+        engine.submit(EngineRequest(index, ids, GenerationParams(max_new_tokens=2, sampling=GREEDY)))
+    first = engine.step()
+    assert len(first) == (16 * layers) // len(ids) >= 1 and len(engine.waiting) == 8 - len(first)
+
+
+def test_a_row_ended_while_its_group_prefills_leaves_the_others_exact(text_model) -> None:
+    rng = random.Random(4)
+    long = [EngineRequest(f"long{i}", [rng.randrange(10, 900) for _ in range(60)] + [GMASK, SOP],
+                          GenerationParams(max_new_tokens=6, sampling=GREEDY)) for i in range(3)]
+    runner = EngineRequest("runner", [7, 8, GMASK, SOP], GenerationParams(max_new_tokens=30, sampling=GREEDY))
+    engine = ContinuousEngine(text_model, max_rows=4, context=96, prefill_chunk=8)
+    engine.submit(runner)
+    engine.step()  # the runner decodes from now on, so the group is prefilled in stages
+    for request in long:
+        engine.submit(request)
+    tokens, reasons = _drain(engine, end_at_step={"long1": 1})
+    assert reasons["long1"] == "ended" and tokens.get("long1", []) == []
+    for request in (long[0], long[2]):
+        assert tokens[request.id] == _alone(text_model, request)
+    assert engine.running == 0
+
+
+def test_text_requests_grouped_beside_image_requests_answer_as_alone(visual, glm4v) -> None:
+    """All submitted at once: text newcomers are prefilled together, a newcomer with an image alone."""
+    from PIL import Image
+
+    for model, tokenizer in (visual, glm4v):
+        size = model.config.vision_config.image_size if model.config.family == "glm4v" else \
+            model.config.eva_config.image_size
+        requests = []
+        for i, question in enumerate(["hello", "a longer question about the shapes", "why", "the colour?"]):
+            with_image = i == 2
+            ids, start = build_prompt_ids(model, tokenizer, question, [], image=with_image)
+            embeds = None
+            if with_image:
+                with torch.inference_mode():
+                    embeds = model.encode_images(preprocess(Image.new("RGB", (32, 24), (9, 99, 199)), size))
+            requests.append(EngineRequest(i, ids, GenerationParams(max_new_tokens=5, sampling=GREEDY),
+                                          image_start=start, image_embeds=embeds, image_key=f"img{i}"))
+        engine = ContinuousEngine(model, max_rows=4, prefill_chunk=64)  # both text prompts fit one group
+        for request in requests:
+            engine.submit(request)
+        first = {event.id for event in engine.step()}
+        assert first == {0, 1}, first  # the two text rows before the image row, as one group
+        tokens, _ = _drain(engine)
+        for request in requests:
+            want = _alone(model, request)
+            got = tokens.get(request.id, [])
+            if request.id in first:  # their first tokens came from the first step
+                assert got == want[1:], (model.config.family, request.id)
+            else:
+                assert got == want, (model.config.family, request.id)

@@ -37,7 +37,7 @@ from torch import nn
 
 from visualglm.generation.engine import GenerationParams
 from visualglm.generation.sampling import make_generator, next_tokens
-from visualglm.models.layers import run_stages
+from visualglm.models.layers import last_positions, run_stages
 
 
 @dataclass
@@ -99,13 +99,16 @@ class _Row:
 
 
 class _Prefill:
-    """A newcomer's prompt: the model's arguments for it, and once started in stages, their generator."""
+    """The newcomers prefilled together (one forward over their new tokens, left-padded to one length): the
+    model's arguments for them, and once started in stages, their generator. ``dropped``: rows ended while
+    their prefill ran (their slots are free already; their results are discarded)."""
 
-    def __init__(self, row: _Row, inputs: dict, layers_per_stage: int) -> None:
-        self.row = row
+    def __init__(self, rows: list[_Row], inputs: dict, layers_per_stage: int) -> None:
+        self.rows = rows
         self.inputs = inputs
         self.layers_per_stage = layers_per_stage
         self.stages = None
+        self.dropped: set[int] = set()
 
 
 class ContinuousEngine:
@@ -199,9 +202,11 @@ class ContinuousEngine:
         self.waiting = kept
         for row in self.rows:
             if row is not None and row.request.id in self._ended:
-                if self.prefill is not None and self.prefill.row is row:
-                    self.prefill = None
+                if self.prefill is not None and any(other is row for other in self.prefill.rows):
+                    self.prefill.dropped.add(row.slot)
                     row.length = 0  # a half-prefilled cache is of no use to anyone
+                    if len(self.prefill.dropped) == len(self.prefill.rows):
+                        self.prefill = None
                 self._free(row)
                 events.append(TokenEvent(row.request.id, None, "ended"))
         self._ended.clear()
@@ -231,12 +236,20 @@ class ContinuousEngine:
         return reuse
 
     def _admit(self) -> None:
-        # One prefill at a time: a newcomer is admitted once the previous one has joined the batch.
-        while self.waiting and self.prefill is None:
+        """Admit waiting requests into free slots, as one prefill group: text newcomers together while their
+        new tokens fit the group budget, a newcomer with an image alone. One group at a time: the next is
+        admitted once this one has joined the decode batch."""
+        if self.prefill is not None or not self.waiting:
+            return
+        decoding = sum(row is not None and row.last is not None for row in self.rows)
+        budget = self.group_tokens(decoding)
+        group: list[tuple[_Row, int]] = []
+        total = 0
+        while self.waiting:
             free = [slot for slot, row in enumerate(self.rows) if row is None]
             if not free:
-                return
-            request = self.waiting.popleft()
+                break
+            request = self.waiting[0]
             reuse = {slot: self._reuse(slot, request) for slot in range(self.max_rows)}
             # The free slot it reuses the most of; with nothing to reuse the lowest free slot, which keeps the
             # decode batch (cache rows up to the highest one in use) short.
@@ -244,9 +257,27 @@ class ContinuousEngine:
             start = reuse[slot]
             donor = max(range(self.max_rows), key=lambda s: reuse[s])
             if reuse[donor] > start and donor != slot:
-                self._copy_slots(donor, slot, reuse[donor])
                 start = reuse[donor]
-            self._start_prefill(request, slot, start)
+            new = len(request.ids) - start
+            image = request.image_embeds is not None
+            if group and (image or total + new > budget):
+                break
+            self.waiting.popleft()
+            if start > reuse[slot]:
+                self._copy_slots(donor, slot, start)
+            group.append((self._new_row(request, slot), start))
+            total += new
+            if image:
+                break
+        if group:
+            self._start_prefill(group)
+
+    def group_tokens(self, decoding: int) -> int:
+        """New tokens one prefill group may hold while ``decoding`` rows decode: spread over its stages, a
+        stage then costs about what ``max(prefill_chunk, decoding)`` tokens cost through the whole model,
+        i.e. about one decode step of that batch (a decode step of B rows does B tokens' worth of matmuls
+        once the weights are read)."""
+        return max(self.prefill_chunk, decoding) * self.num_layers
 
     def _copy_slots(self, source: int, target: int, count: int) -> None:
         for attention in self.model.attention_modules():
@@ -254,36 +285,70 @@ class ContinuousEngine:
             cache.k[target, :, :count] = cache.k[source, :, :count]
             cache.v[target, :, :count] = cache.v[source, :, :count]
 
-    def _start_prefill(self, request: EngineRequest, slot: int, start: int) -> None:
-        params = request.params
-        budget = params.budget(len(request.ids), self.context)
+    def _new_row(self, request: EngineRequest, slot: int) -> _Row:
+        budget = request.params.budget(len(request.ids), self.context)
         generator = request.generator or make_generator(request.seed, self.device)
         row = _Row(request, slot, budget, generator)
         self.rows[slot] = row
         self.cached[slot] = ([], None, None)
+        return row
+
+    def _start_prefill(self, group: list[tuple[_Row, int]]) -> None:
+        """Build the model's arguments for ``group`` (rows and how many leading slots each reuses). Several
+        rows are left-padded to their longest new part: a pad query writes its key/value to the last cache
+        slot (never attended: it is beyond every row's length) and attends to slot 0 only; its output is never
+        read. Every row's last token is then the last position, whose logits give its first answer token."""
         model = self.model
-        ids = row.tokens.to(self.device)
-        length = ids.shape[1]
-        positions, mask = model.prompt_inputs(ids)
-        embeds = None
-        if request.image_embeds is not None and request.image_start is not None:
-            embeds = model.embed_with_images(ids, request.image_embeds.to(self.device), [request.image_start])
-        new = length - start
+        parts = []
+        for row, start in group:
+            request = row.request
+            ids = row.tokens.to(self.device)
+            length = ids.shape[1]
+            positions, mask = model.prompt_inputs(ids)
+            embeds = None
+            if request.image_embeds is not None and request.image_start is not None:
+                embeds = model.embed_with_images(ids, request.image_embeds.to(self.device), [request.image_start])
+            self.valid[row.slot] = False
+            self.valid[row.slot, :length] = True
+            row.position = positions[0, :, -1:]
+            parts.append((row, start, ids, positions, mask, embeds))
+            self.stats.prefills += 1
+            self.stats.prefill_tokens += length - start
+            self.stats.reused_tokens += start
+        new = sum(ids.shape[1] - start for _, start, ids, *_ in parts)
         # About prefill_chunk tokens of work per step, a layer at least: a step that carries a stage costs
         # about as much as a decode step when prefill_chunk is the machine's FLOPs per byte of bandwidth.
         stages = min(self.num_layers, max(1, math.ceil(new / self.prefill_chunk)))
         layers = math.ceil(self.num_layers / stages)
-        inputs = dict(input_ids=ids[:, start:] if embeds is None else None, position_ids=positions[..., start:],
-                      attention_mask=mask[:, :, start:, :],
-                      cache_positions=torch.arange(start, length, device=self.device),
-                      inputs_embeds=None if embeds is None else embeds[:, start:], cache_rows=slice(slot, slot + 1))
-        self.valid[slot] = False
-        self.valid[slot, :length] = True
-        row.position = positions[0, :, -1:]
-        self.prefill = _Prefill(row, inputs, layers)
-        self.stats.prefills += 1
-        self.stats.prefill_tokens += new
-        self.stats.reused_tokens += start
+        if len(parts) == 1:
+            row, start, ids, positions, mask, embeds = parts[0]
+            length = ids.shape[1]
+            inputs = dict(input_ids=ids[:, start:] if embeds is None else None, position_ids=positions[..., start:],
+                          attention_mask=mask[:, :, start:, :],
+                          cache_positions=torch.arange(start, length, device=self.device),
+                          inputs_embeds=None if embeds is None else embeds[:, start:],
+                          cache_rows=slice(row.slot, row.slot + 1))
+        else:  # text rows only (a row with an image is prefilled alone)
+            width = max(ids.shape[1] - start for _, start, ids, *_ in parts)
+            kv_length = max(ids.shape[1] for _, _, ids, *_ in parts)
+            count, axes = len(parts), parts[0][3].shape[1]
+            input_ids = torch.full((count, width), self.pad_id, dtype=torch.long, device=self.device)
+            position_ids = torch.zeros(count, axes, width, dtype=torch.long, device=self.device)
+            attention = torch.zeros(count, 1, width, kv_length, dtype=torch.bool, device=self.device)
+            attention[:, :, :, 0] = True
+            cache_positions = torch.full((count, width), self.context - 1, dtype=torch.long, device=self.device)
+            for index, (_, start, ids, positions, mask, _) in enumerate(parts):
+                length = ids.shape[1]
+                pad = width - (length - start)
+                input_ids[index, pad:] = ids[0, start:]
+                position_ids[index, :, pad:] = positions[0, :, start:]
+                attention[index, 0, pad:] = False
+                attention[index, 0, pad:, :length] = mask[0, 0, start:, :]
+                cache_positions[index, pad:] = torch.arange(start, length, device=self.device)
+            slots = torch.tensor([row.slot for row, *_ in parts], dtype=torch.long, device=self.device)
+            inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention,
+                          cache_positions=cache_positions, inputs_embeds=None, cache_rows=slots)
+        self.prefill = _Prefill([row for row, *_ in parts], inputs, layers)
 
     def _advance_prefill(self, full: bool) -> list[TokenEvent]:
         """Run the waiting prefill: whole (one forward) when ``full`` and not started yet, else its next
@@ -303,11 +368,15 @@ class ContinuousEngine:
                     break
             if hidden is None:
                 return []
-            logits = self.model.output_logits(hidden[:, -1:].clone())[:, -1].float()
+            logits = self.model.output_logits(last_positions(hidden, 1))[:, -1].float()
         self.prefill = None
-        row = prefill.row
-        row.length = row.tokens.shape[1]
-        return [self._choose(row, logits)]
+        events = []
+        for index, row in enumerate(prefill.rows):
+            if row.slot in prefill.dropped:
+                continue
+            row.length = row.tokens.shape[1]
+            events.append(self._choose(row, logits[index:index + 1]))
+        return events
 
     # -- decoding ------------------------------------------------------------------------------------------
 
