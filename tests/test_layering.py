@@ -8,8 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "visualglm"
 
 # Rank of each top-level part of the package (docs/architecture.md: config < models, tokenizers, image, quant <
-# peft, distributed < checkpoint < generation < finetune < demo < serving < cli). Equal ranks may not import
-# each other either.
+# peft, distributed < checkpoint < generation < finetune < demo < serving, compat, batch < cli). Equal ranks may
+# not import each other either.
 RANKS = {
     "config": 0,
     "models": 1, "tokenizers": 1, "image": 1, "quant": 1, "kernels": 1,
@@ -18,7 +18,7 @@ RANKS = {
     "generation": 4,
     "finetune": 5, "bench": 5,
     "demo": 5.5,  # the shipped model (default for serving and the CLI), its data, training and evaluation
-    "serving": 6, "compat": 6,
+    "serving": 6, "compat": 6, "batch": 6,  # batch: data-set jobs on the engine (one machine or Ray)
     "__init__": 6.5,  # the public API (load, ...): only the command line sits above it
     "cli": 7, "__main__": 8,
 }

@@ -11,11 +11,11 @@ import os
 import sys
 
 from visualglm import __version__
-from visualglm.cli import ask, bench, chat, convert, demo, finetune, info, merge_lora, serve, web
+from visualglm.cli import ask, batch, bench, chat, convert, demo, finetune, info, merge_lora, serve, web
 from visualglm.cli import eval as eval_command
 from visualglm.cli import quantize as quantize_command
 
-SUBCOMMANDS = (demo, chat, ask, eval_command, info, convert, quantize_command, bench, finetune, merge_lora,
+SUBCOMMANDS = (demo, chat, ask, batch, eval_command, info, convert, quantize_command, bench, finetune, merge_lora,
                serve, web)
 
 
