@@ -30,6 +30,7 @@ from visualglm.config import get_config
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
 from visualglm.models.plans import VISION_TOWER, quant_skip
 from visualglm.quant.cuda_kernels import use_cuda_kernels
+from visualglm.quant.output import TiedInt8Output
 from visualglm.quant.swap import plan_quantization, swap_empty
 
 
@@ -155,16 +156,21 @@ def bytes_per_decode_step(model: nn.Module, context: int, batch: int) -> int:
     cache read at ``context`` tokens."""
     embedding = model.get_input_embeddings().weight
     tower = VISION_TOWER[model.config.family]
+    # A tied output layer reads the embedding matrix, unless it has a (quantized) copy of its own.
+    output = getattr(model, "lm_head", None)
+    output_reads_embedding = (getattr(model.config, "tie_word_embeddings", False)
+                              and not isinstance(output, TiedInt8Output))
     seen, total = set(), 0
     for name, module in model.named_modules():
         if tower is not None and (name == tower or name.startswith(tower + ".")):
             continue
+        if hasattr(module, "weight_nbytes"):  # CPU kernels keep weights outside parameters and buffers
+            total += module.weight_nbytes()
         for param in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            is_input_embedding = param is embedding and not getattr(model.config, "tie_word_embeddings", False)
-            if not is_input_embedding:
+            if param is not embedding or output_reads_embedding:
                 total += param.numel() * param.element_size()
     heads, head_dim = model.kv_cache_layout()  # key/value heads: GLM-4 shares them between query heads
     layers = len(model.attention_modules())

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
 from visualglm.checkpoint.keymaps import KEYMAPS, UnknownKeyError, map_key
 from visualglm.config import AnyConfig, ConfigError, read_config
-from visualglm.kernels.cpu_bf16 import cpu_lacks_bf16_matmul, use_upcast_linears
 from visualglm.models.chatglm import ChatGLMForCausalLM
 from visualglm.models.glm4v import GLM4VForCausalLM
 from visualglm.models.plans import quant_skip
@@ -98,8 +97,10 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     ``dtype`` defaults to the checkpoint's (float16 becomes bfloat16 on CPU); ``"stored"`` keeps every
     tensor's stored dtype (VisualGLM's HF checkpoint stores its image encoder in float32). The model has
     ``.config`` and ``.checkpoint_dir`` attributes; its parameters do not require grad. ``fast_cpu_kernels``
-    swaps bf16 linears for ones that prefill through fp32 GEMM on CPUs without native bf16 matrix math
-    (``visualglm.kernels.cpu_bf16``). ``quantize`` 8/"int8" or 4/"int4" replaces the language model's
+    swaps a CPU model's linears for the fastest kernels this CPU offers, chosen by rule at load time
+    (``visualglm.checkpoint.cpu_kernels``: bf16 weights reordered once for oneDNN on AVX-512 BF16 CPUs, fp32
+    GEMM for prefill on CPUs without bf16 math, oneDNN's int8 matmul on AMX); the results stay those of the
+    plain kernels to rounding. ``quantize`` 8/"int8" or 4/"int4" replaces the language model's
     linears with weight-only INT8 / INT4 (groups of ``quant_group_size``) ones while loading: each weight
     is quantized as it is read, so the full-precision model is never in memory (``visualglm.models.plans``
     says what stays in floating point; ``quantize_also`` adds optional parts: ``"vision"`` for the image
@@ -202,10 +203,12 @@ def is_sat_directory(directory: Path) -> bool:
     return (directory / "model_config.json").is_file() and not (directory / "config.json").is_file()
 
 
-def apply_cpu_kernels(model: nn.Module) -> None:
-    """Pick faster CPU kernels for a loaded bf16 model where this CPU needs them."""
-    if next(model.parameters()).device.type == "cpu" and cpu_lacks_bf16_matmul():
-        use_upcast_linears(model)
+def apply_cpu_kernels(model: nn.Module) -> dict[str, int]:
+    """Swap a loaded CPU model's linears for the fastest kernels this CPU offers (chosen by rule, see
+    ``visualglm.checkpoint.cpu_kernels``); returns how many of each kind were swapped. A no-op elsewhere."""
+    from visualglm.checkpoint.cpu_kernels import apply_cpu_kernels as apply
+
+    return apply(model)
 
 
 def apply_cuda_kernels(model: nn.Module) -> dict[str, int]:

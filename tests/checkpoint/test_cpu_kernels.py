@@ -1,0 +1,110 @@
+"""Load-time CPU kernel choice: the rule per machine, and a transformed model that computes what the plain
+one computes (to rounding), keeps its state_dict and leaves tied and fp32 weights alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import visualglm
+from visualglm.checkpoint import cpu_kernels
+from visualglm.checkpoint.cpu_kernels import KernelPlan, apply_cpu_kernels, plan_cpu_kernels
+from visualglm.kernels.machine import CpuFacts
+from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
+from visualglm.quant.linear import Int8Linear
+from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
+
+ZEN = CpuFacts(name="AMD EPYC", capability="AVX512", avx512_bf16=True, amx=False, vnni=True, onednn=True,
+               threads=2)
+XEON_AMX = dataclasses.replace(ZEN, name="Intel Xeon", amx=True)
+AVX2 = dataclasses.replace(ZEN, capability="AVX2", avx512_bf16=False, vnni=False)
+
+
+@pytest.fixture
+def all_kernels_available(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True))
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+
+
+def test_rule_per_machine(all_kernels_available, monkeypatch) -> None:
+    assert plan_cpu_kernels(ZEN) == KernelPlan("onednn", "plain", 3)  # VNNI alone: oneDNN int8 is a ref path
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3)
+    assert plan_cpu_kernels(XEON_AMX, int8_activations=True).planes == 1
+    monkeypatch.setattr(cpu_kernels, "cpu_lacks_bf16_matmul", lambda: True)
+    assert plan_cpu_kernels(AVX2) == KernelPlan("upcast", "plain", 3)
+    assert plan_cpu_kernels(XEON_AMX, mode="plain") == KernelPlan("plain", "plain", 3)
+    monkeypatch.setenv(cpu_kernels.ENV, "plain")
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("plain", "plain", 3)
+    monkeypatch.setenv(cpu_kernels.ENV, "fastest")
+    with pytest.raises(ValueError, match="VISUALGLM_CPU_KERNELS='fastest'"):
+        plan_cpu_kernels(XEON_AMX)
+
+
+def _tiny(dtype: torch.dtype, quantize: int | None = None) -> nn.Module:
+    from tests.conftest import random_chatglm
+
+    model = random_chatglm().to(dtype)
+    if quantize:
+        model.config.extra = {}
+        visualglm.checkpoint.load.apply_quantization(model, quantize)
+    return model.eval()
+
+
+def _logits(model: nn.Module, body: torch.Tensor) -> torch.Tensor:
+    """Prompt logits of ``body`` + [gMASK] <sop> (a ChatGLM prompt)."""
+    cfg = model.config
+    ends = torch.tensor([[cfg.gmask_token_id, cfg.bos_token_id]]).expand(body.shape[0], 2)
+    ids = torch.cat([body, ends], dim=1)
+    positions, mask = model.prompt_inputs(ids)
+    with torch.inference_mode():
+        return model(ids, positions, mask).float()
+
+
+@pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 linear here")
+def test_bf16_model_swaps_untied_linears_and_computes_the_same() -> None:
+    model = _tiny(torch.bfloat16)
+    ids = torch.randint(5, 100, (2, 7))
+    before = _logits(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    counts = apply_cpu_kernels(model, plan=KernelPlan("onednn", "plain"))
+    linears = [m for m in model.modules() if isinstance(m, PackedBF16Linear)]
+    assert counts["bf16"] == len(linears) > 0
+    assert type(model.lm_head) is nn.Linear  # tied to the embedding: left alone
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    after = _logits(model, ids)
+    assert (after - before).abs().max() <= 0.02 * before.abs().max()
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_fp32_model_is_left_alone() -> None:
+    model = _tiny(torch.float32)
+    assert apply_cpu_kernels(model, plan=KernelPlan("onednn", "onednn")) == {"bf16": 0, "int8": 0}
+    assert all(type(m) is not PackedBF16Linear for m in model.modules())
+
+
+def test_plain_plan_changes_nothing() -> None:
+    model = _tiny(torch.bfloat16)
+    assert apply_cpu_kernels(model, plan=KernelPlan("plain", "plain")) == {"bf16": 0, "int8": 0}
+    assert model.cpu_kernels == KernelPlan("plain", "plain")
+
+
+@pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN int8 linear here")
+def test_int8_model_on_onednn_matches_the_weight_only_kernel() -> None:
+    model = _tiny(torch.bfloat16, quantize=8)
+    ids = torch.randint(5, 100, (1, 6))
+    before = _logits(model, ids)
+    counts = apply_cpu_kernels(model, plan=KernelPlan("plain", "onednn", 3))
+    assert counts["int8"] == sum(isinstance(m, OneDNNInt8Linear) for m in model.modules()) > 0
+    assert not any(type(m) is Int8Linear for m in model.modules())
+    after = _logits(model, ids)
+    assert (after - before).abs().max() <= 0.02 * before.abs().max()
+
+
+def test_int8_activations_need_onednn() -> None:
+    model = _tiny(torch.bfloat16, quantize=8)
+    with pytest.raises(ValueError, match="int8 activations"):
+        apply_cpu_kernels(model, int8_activations=True, plan=KernelPlan("plain", "plain", 1))

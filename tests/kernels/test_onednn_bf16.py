@@ -1,0 +1,63 @@
+"""PackedBF16Linear: the same products as a bf16 nn.Linear, the plain weight back exactly, no silent moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
+
+pytestmark = pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 linear in this build/CPU")
+
+
+def _pair(bias: bool = True) -> tuple[nn.Linear, PackedBF16Linear]:
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 320, bias=bias).to(torch.bfloat16)
+    return linear, PackedBF16Linear(linear)
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (8, 256), (2, 3, 256), (1, 1, 256)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_the_exact_product_to_bf16_rounding(shape, bias) -> None:
+    linear, packed = _pair(bias)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = packed(x)
+        plain = linear(x)
+    exact = x.double() @ linear.weight.double().t() + (linear.bias.double() if bias else 0)
+    assert got.dtype == torch.bfloat16 and got.shape == (*shape[:-1], 320)
+    # fp32 accumulation then one rounding to bf16 (8 significant bits), as F.linear does.
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+    assert (got.float() - plain.float()).abs().max() <= plain.float().abs().max() * 2**-7
+
+
+def test_state_dict_is_the_plain_weight_and_loads_back() -> None:
+    linear, packed = _pair()
+    state = packed.state_dict()
+    assert set(state) == {"weight", "bias"}
+    assert torch.equal(state["weight"], linear.weight.detach())
+    other = PackedBF16Linear(nn.Linear(256, 320).to(torch.bfloat16))
+    other.load_state_dict(state)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(other(x), packed(x))
+    with pytest.raises(RuntimeError, match="size|expected"):
+        other.load_state_dict({"weight": torch.zeros(3, 3, dtype=torch.bfloat16), "bias": state["bias"]})
+
+
+def test_other_dtypes_and_gradients_take_the_plain_linear() -> None:
+    linear, packed = _pair()
+    x = torch.randn(2, 256, requires_grad=True)
+    out = packed(x)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and x.grad is not None
+    assert torch.allclose(out, x @ linear.weight.float().t() + linear.bias.float(), atol=1e-5)
+
+
+def test_refuses_to_move_and_other_dtypes() -> None:
+    _, packed = _pair()
+    with pytest.raises(RuntimeError, match="cannot move"):
+        packed.to("meta")
+    with pytest.raises(ValueError, match="bf16"):
+        PackedBF16Linear(nn.Linear(4, 4))

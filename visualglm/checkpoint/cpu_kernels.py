@@ -1,0 +1,132 @@
+"""Load-time choice of the CPU kernels a built model's linears run on (a transform: the model code never
+knows), decided by rule from what this CPU offers (``visualglm.kernels.machine``).
+
+What each precision gets (figures: ``benchmarks/quant_linear.py``, ``visualglm bench``, docs/performance.md):
+
+- bf16 ``nn.Linear``: ``PackedBF16Linear`` (weight reordered once for oneDNN; same products as
+  ``F.linear``, 7% faster on an AMX Xeon, 40% on a Zen 4 EPYC) where the CPU has AVX-512 BF16; on CPUs
+  without native bf16 math ``UpcastLinear`` (fp32 GEMM for prefill) as before. Shared (tied) weights are
+  left alone. fp32 and fp16 linears are not touched.
+- ``Int8Linear``: ``OneDNNInt8Linear`` (oneDNN's int8 matmul with the activations split into three int8
+  planes: the same results to fp32 rounding, and batch 8 costs about what batch 1 does) where the CPU has
+  AMX; otherwise PyTorch's weight-only kernel as it is. On AVX-512 VNNI without AMX (AMD EPYC Zen 4/5)
+  torch 2.13's oneDNN int8 linear runs a reference path (0.1 GB/s for a 16384x4096 weight against 24 GB/s
+  for ``_weight_int8pack_mm``), so VNNI alone does not qualify.
+- ``Int4Linear``: unchanged (PyTorch's ``_weight_int4pack_mm_for_cpu`` is the fastest INT4 kernel here).
+- ``int8_activations=True`` (explicit opt-in): one int8 plane instead of three, i.e. dynamic per-row
+  activation quantization. Faster at batch 8, less exact; measured by ``benchmarks/quant_accuracy.py``.
+
+``VISUALGLM_CPU_KERNELS=plain`` in the environment turns every swap off (PyTorch's default kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from visualglm.kernels.cpu_bf16 import UpcastLinear, cpu_lacks_bf16_matmul
+from visualglm.kernels.machine import CpuFacts, cpu_facts
+from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
+from visualglm.quant.linear import Int8Linear
+from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
+from visualglm.quant.output import TiedInt8Output
+
+ENV = "VISUALGLM_CPU_KERNELS"
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Which kernel each kind of linear gets: ``linear16`` "onednn" | "upcast" | "plain"; ``int8``
+    "onednn" | "plain"; ``planes`` 3 (exact) or 1 (dynamic int8 activations)."""
+
+    linear16: str
+    int8: str
+    planes: int = 3
+
+    def describe(self) -> str:
+        bf16 = {"onednn": "oneDNN reordered bf16", "upcast": "fp32 GEMM for prefill (no bf16 units)",
+                "plain": "F.linear"}[self.linear16]
+        int8 = ("oneDNN int8 matmul, " + ("3 exact activation planes" if self.planes == 3
+                                          else "dynamic int8 activations")
+                if self.int8 == "onednn" else "_weight_int8pack_mm")
+        return f"16-bit: {bf16}; INT8: {int8}; INT4: _weight_int4pack_mm_for_cpu"
+
+
+@functools.cache
+def _available() -> tuple[bool, bool]:
+    return onednn_bf16_available(), onednn_int8_available()
+
+
+def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = False,
+                     mode: str | None = None) -> KernelPlan:
+    """The rule. ``mode`` (default: ``$VISUALGLM_CPU_KERNELS`` or "auto"): "auto" or "plain"."""
+    mode = mode or os.environ.get(ENV, "auto")
+    if mode not in ("auto", "plain"):
+        raise ValueError(f"{ENV}={mode!r}: expected 'auto' or 'plain'")
+    planes = 1 if int8_activations else 3
+    if mode == "plain":
+        return KernelPlan("plain", "plain", planes)
+    facts = facts or cpu_facts()
+    bf16_ok, int8_ok = _available()
+    if facts.avx512_bf16 and facts.onednn and bf16_ok:
+        linear16 = "onednn"
+    elif cpu_lacks_bf16_matmul():
+        linear16 = "upcast"
+    else:
+        linear16 = "plain"
+    int8 = "onednn" if facts.amx and facts.onednn and int8_ok else "plain"
+    return KernelPlan(linear16, int8, planes)
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of weights used by more than one module (a tied output layer and its embedding)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None:
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    return {key for key, count in owners.items() if count > 1}
+
+
+def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: KernelPlan | None = None
+                      ) -> dict[str, int]:
+    """Swap ``model``'s CPU linears for the kernels ``plan`` (default: ``plan_cpu_kernels()``) chooses, in
+    place, one layer at a time (the old weight is freed as its replacement is made: no second copy).
+    Records the plan as ``model.cpu_kernels``; returns how many modules of each kind were swapped."""
+    params = next(iter(model.parameters()), None)
+    if params is None or params.device.type != "cpu":
+        return {}
+    plan = plan or plan_cpu_kernels(int8_activations=int8_activations)
+    if int8_activations and plan.int8 != "onednn":
+        raise ValueError("int8 activations need oneDNN's int8 matmul, which this CPU or PyTorch build lacks")
+    shared = _shared_weights(model)
+    counts = {"bf16": 0, "int8": 0}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = _replacement(child, plan, shared)
+            if new is not None:
+                setattr(parent, name, new)
+                counts["int8" if isinstance(new, OneDNNInt8Linear) else "bf16"] += 1
+            if isinstance(child, TiedInt8Output) and plan.int8 == "onednn" \
+                    and not isinstance(child.kernel, OneDNNInt8Linear):
+                child.set_kernel(OneDNNInt8Linear.from_int8(child.kernel, plan.planes))
+                counts["int8"] += 1
+    model.cpu_kernels = plan
+    return counts
+
+
+def _replacement(child: nn.Module, plan: KernelPlan, shared: set[int]) -> nn.Module | None:
+    if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
+        if plan.linear16 == "onednn" and id(child.weight) not in shared:  # a shared weight would need a copy
+            with torch.no_grad():
+                return PackedBF16Linear(child)
+        if plan.linear16 == "upcast":
+            return UpcastLinear(child)
+        return None
+    if type(child) is Int8Linear and plan.int8 == "onednn" and child.weight.device.type == "cpu":
+        return OneDNNInt8Linear.from_int8(child, plan.planes)
+    return None
