@@ -30,7 +30,7 @@ from visualglm.config import get_config
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
 from visualglm.models.plans import VISION_TOWER, quant_skip
 from visualglm.quant.cuda_kernels import use_cuda_kernels
-from visualglm.quant.output import TiedInt8Output
+from visualglm.quant.output import TiedInt8Output, quantize_tied_output
 from visualglm.quant.swap import plan_quantization, swap_empty
 
 
@@ -130,6 +130,8 @@ def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None,
         if module.bias is not None:
             module.bias.zero_()
     model.config = config
+    if "output" in quant_also:
+        quantize_tied_output(model)  # a tied output layer's INT8 copy (an untied one is in the plan)
     if device.type == "cuda":
         use_cuda_kernels(model)
     else:

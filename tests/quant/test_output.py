@@ -48,3 +48,14 @@ def test_untied_output_is_not_copied() -> None:
     model = random_chatglm().eval()
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     assert not output_is_tied(model) and not quantize_tied_output(model)
+
+
+def test_load_with_quantize_also_output_copies_a_tied_head(tiny_checkpoint) -> None:
+    import visualglm
+
+    plain = visualglm.load(tiny_checkpoint, dtype="float32", quantize=8, progress=False)
+    copied = visualglm.load(tiny_checkpoint, dtype="float32", quantize=8, quantize_also=("output",),
+                            progress=False)
+    assert type(plain.lm_head) is nn.Linear and isinstance(copied.lm_head, TiedInt8Output)
+    assert copied.lm_head.weight is copied.get_input_embeddings().weight
+    assert set(copied.state_dict()) == set(plain.state_dict())

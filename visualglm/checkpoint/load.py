@@ -104,8 +104,8 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     linears with weight-only INT8 / INT4 (groups of ``quant_group_size``) ones while loading: each weight
     is quantized as it is read, so the full-precision model is never in memory (``visualglm.models.plans``
     says what stays in floating point; ``quantize_also`` adds optional parts: ``"vision"`` for the image
-    encoder, ``"output"`` for GLM-4V-9B's output layer). Quantized checkpoints
-    (``visualglm.checkpoint.quantized``: ours, or THUDM's ``quantization_bit`` 4/8 layout) load as stored,
+    encoder, ``"output"`` for the output layer: quantized by the plan in GLM-4V-9B, an INT8 copy for the
+    logits where it is tied to the embeddings). Quantized checkpoints (``visualglm.checkpoint.quantized``: ours, or THUDM's ``quantization_bit`` 4/8 layout) load as stored,
     with no ``quantize`` needed. ``tensor_parallel`` (under an initialized process group, e.g. torchrun)
     keeps only this rank's shard, read slice by slice from the checkpoint (``visualglm.distributed.tp``);
     quantization then applies to the shard.
@@ -123,6 +123,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
             apply_tensor_parallel(model)
         if quantize is not None:
             apply_quantization(model, quantize, quant_group_size, quantize_also)
+        copy_tied_output(model, quantize_also)
         if fast_cpu_kernels:
             apply_cpu_kernels(model)
         apply_cuda_kernels(model)
@@ -154,6 +155,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
         from visualglm.distributed.tp import apply_tensor_parallel
 
         apply_tensor_parallel(model)
+    copy_tied_output(model, quantize_also)
     if fast_cpu_kernels:
         apply_cpu_kernels(model)
     apply_cuda_kernels(model)
@@ -209,6 +211,15 @@ def apply_cpu_kernels(model: nn.Module) -> dict[str, int]:
     from visualglm.checkpoint.cpu_kernels import apply_cpu_kernels as apply
 
     return apply(model)
+
+
+def copy_tied_output(model: nn.Module, also: tuple[str, ...]) -> bool:
+    """With ``"output"`` in ``also``, give an output layer tied to the embeddings (ChatGLM-6B, VisualGLM-6B)
+    a private INT8 copy for the logits (``visualglm.quant.output``, +0.53 GB at full size); untied ones are
+    quantized by the plan instead. Returns whether a copy was made."""
+    from visualglm.quant.output import quantize_tied_output
+
+    return "output" in also and quantize_tied_output(model)
 
 
 def apply_cuda_kernels(model: nn.Module) -> dict[str, int]:

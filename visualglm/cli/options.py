@@ -28,8 +28,8 @@ def add_quant_flags(parser: argparse.ArgumentParser) -> None:
                         help="with --quant: quantize the image encoder too (smaller, less exact; the references "
                         "keep it in floating point)")
     parser.add_argument("--quant-output", action="store_true",
-                        help="with --quant: quantize the output layer too (GLM-4V-9B; ChatGLM-6B's is tied to "
-                        "its embeddings)")
+                        help="with --quant: quantize the output layer too (GLM-4V-9B; where it is tied to the "
+                        "embeddings, ChatGLM-6B and VisualGLM-6B, an INT8 copy for the logits, +0.53 GB)")
 
 
 def quant_also(args: argparse.Namespace) -> tuple[str, ...]:

@@ -17,11 +17,13 @@ QUANT_SKIP: dict[str, tuple[str, ...]] = {
 }
 
 # Parts a user may ask to quantize as well (``quantize_also``): each removes its patterns from the skip
-# list. ChatGLM-6B's output layer is tied to the word embeddings (one matrix serves both), so it is not
-# offered there; GLM-4V-9B's is a matrix of its own.
+# list. ChatGLM-6B's and VisualGLM-6B's output layer is tied to the word embeddings (one matrix serves
+# both): there "output" removes no pattern; the loader gives the output layer an INT8 copy of its own and
+# the embedding lookup keeps the float matrix (``visualglm.quant.output``). GLM-4V-9B's is a matrix of its
+# own, quantized by the plan.
 QUANT_OPTIONAL: dict[str, dict[str, tuple[str, ...]]] = {
-    "chatglm": {},
-    "visualglm": {"vision": ("image_encoder.*",)},
+    "chatglm": {"output": ()},
+    "visualglm": {"vision": ("image_encoder.*",), "output": ()},
     "glm4v": {"vision": ("transformer.vision.*",), "output": ("transformer.output_layer",)},
 }
 
