@@ -4,7 +4,9 @@ For every case of every folder under the golden directory (chatglm-6b, visualglm
 logits (last 3 positions) of the model loaded in float32 with ``quantize=8`` / ``quantize=4`` are compared
 with the reference's float32 logits stored there. VisualGLM and GLM-4V cases take the stored input
 embeddings (image spliced in), so only the quantized language model differs. Prints, per model and width, the
-largest absolute error, that error relative to the largest |logit|, and the relative L2 error.
+largest absolute error, that error relative to the largest |logit|, and the relative L2 error; "+out" rows
+also quantize the output layer (``quantize_also=("output",)``: an INT8 copy where it is tied to the
+embeddings). ``--dtype bfloat16`` runs the models on this CPU's bf16 decode kernels.
 
 These are tiny random models (hidden 64): the figures show the scheme works end to end, not the error of
 the full-size models, whose rows are 4096 wide.
@@ -54,22 +56,27 @@ def case_logits(model: torch.nn.Module, family: str, case: dict, expected: dict)
             ids, _ = model.expand_image_placeholders(case["input_ids"][0])
             tokens = torch.tensor([ids])
             positions, allowed = model.prompt_inputs(tokens)
-            logits = model(tokens, positions, allowed, inputs_embeds=expected[f"{name}.encoder_input_embeds"])
+            embeds = expected[f"{name}.encoder_input_embeds"].to(next(model.parameters()).dtype)
+            logits = model(tokens, positions, allowed, inputs_embeds=embeds)
     return logits[:, -want.shape[1]:].float()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN, help="golden directory")
+    parser.add_argument("--dtype", default="float32",
+                        help="dtype to load in (bfloat16 runs this CPU's bf16 decode kernels; default float32)")
     args = parser.parse_args(argv)
     folders = sorted(p for p in args.golden.iterdir() if (p / "cases.json").is_file())
-    print(f"{'model':14s} {'weights':8s} {'max |err|':>10s} {'/ max|logit|':>13s} {'rel L2':>8s}  cases")
+    print(f"{'model':14s} {'weights':12s} {'max |err|':>10s} {'/ max|logit|':>13s} {'rel L2':>8s}  cases")
     for folder in folders:
         family = read_config(folder).family
         cases = json.loads((folder / "cases.json").read_text(encoding="utf-8"))["cases"]
         expected = load_file(folder / "expected.safetensors")
-        for quantize in (None, 8, 4):
-            model = visualglm.load(folder, dtype="float32", progress=False, quantize=quantize)
+        # "+out": the output layer quantized too (GLM-4V-9B) or given an INT8 copy (tied, the other two).
+        for quantize, also in ((None, ()), (8, ()), (4, ()), (8, ("output",)), (4, ("output",))):
+            model = visualglm.load(folder, dtype=args.dtype, progress=False, quantize=quantize,
+                                   quantize_also=also)
             max_err = scale = sq_err = sq_ref = 0.0
             for case in cases:
                 want = expected[f"{case['name']}.logits_last3"].float()
@@ -78,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 scale = max(scale, want.abs().max().item())
                 sq_err += (got - want).pow(2).sum().item()
                 sq_ref += want.pow(2).sum().item()
-            label = "float32" if quantize is None else f"int{quantize}" + ("/g64" if quantize == 4 else "")
-            print(f"{folder.name:14s} {label:8s} {max_err:10.4f} {max_err / scale:13.4f} "
+            label = args.dtype if quantize is None else f"int{quantize}" + ("/g64" if quantize == 4 else "")
+            label += "+out" if also else ""
+            print(f"{folder.name:14s} {label:12s} {max_err:10.4f} {max_err / scale:13.4f} "
                   f"{(sq_err / sq_ref) ** 0.5:8.4f}  {len(cases)}")
     return 0
 

@@ -46,13 +46,20 @@ def test_state_dict_is_the_plain_weight_and_loads_back() -> None:
         other.load_state_dict({"weight": torch.zeros(3, 3, dtype=torch.bfloat16), "bias": state["bias"]})
 
 
-def test_other_dtypes_and_gradients_take_the_plain_linear() -> None:
+def test_gradients_take_the_plain_linear_and_other_dtypes_fail_as_there() -> None:
     linear, packed = _pair()
-    x = torch.randn(2, 256, requires_grad=True)
+    x = torch.randn(2, 256, dtype=torch.bfloat16, requires_grad=True)
     out = packed(x)
-    out.sum().backward()
-    assert out.dtype == torch.float32 and x.grad is not None
-    assert torch.allclose(out, x @ linear.weight.float().t() + linear.bias.float(), atol=1e-5)
+    out.float().sum().backward()
+    want = linear(x.detach())
+    assert out.dtype == torch.bfloat16 and x.grad is not None and torch.equal(out.detach(), want)
+    assert torch.equal(x.grad, linear.weight.detach().sum(dim=0, keepdim=True).expand(2, 256))
+    x32 = torch.randn(2, 256)
+    with pytest.raises(RuntimeError) as plain:
+        linear(x32)
+    with pytest.raises(RuntimeError) as ours:
+        packed(x32)
+    assert str(ours.value) == str(plain.value)
 
 
 def test_refuses_to_move_and_other_dtypes() -> None:

@@ -105,8 +105,12 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
         raise ValueError("int8 activations need oneDNN's int8 matmul, which this CPU or PyTorch build lacks")
     shared = _shared_weights(model)
     counts = {"bf16": 0, "int8": 0}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+    # Walk by name: a list of the modules themselves would keep every replaced layer (and its weight) alive
+    # until the end, i.e. two copies of the model at the peak.
+    for parent_name in [name for name, _ in model.named_modules()]:
+        parent = model.get_submodule(parent_name)
+        for name in [name for name, _ in parent.named_children()]:
+            child = getattr(parent, name)
             new = _replacement(child, plan, shared)
             if new is not None:
                 setattr(parent, name, new)
@@ -115,6 +119,7 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
                     and not isinstance(child.kernel, OneDNNInt8Linear):
                 child.set_kernel(OneDNNInt8Linear.from_int8(child.kernel, plan.planes))
                 counts["int8"] += 1
+            child = new = None  # the replaced layer goes now, before the next one is built
     model.cpu_kernels = plan
     return counts
 

@@ -105,10 +105,11 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     is quantized as it is read, so the full-precision model is never in memory (``visualglm.models.plans``
     says what stays in floating point; ``quantize_also`` adds optional parts: ``"vision"`` for the image
     encoder, ``"output"`` for the output layer: quantized by the plan in GLM-4V-9B, an INT8 copy for the
-    logits where it is tied to the embeddings). Quantized checkpoints (``visualglm.checkpoint.quantized``: ours, or THUDM's ``quantization_bit`` 4/8 layout) load as stored,
-    with no ``quantize`` needed. ``tensor_parallel`` (under an initialized process group, e.g. torchrun)
-    keeps only this rank's shard, read slice by slice from the checkpoint (``visualglm.distributed.tp``);
-    quantization then applies to the shard.
+    logits where it is tied to the embeddings). Quantized checkpoints (``visualglm.checkpoint.quantized``:
+    ours, or THUDM's ``quantization_bit`` 4/8 layout) load as stored, with no ``quantize`` needed.
+    ``tensor_parallel`` (under an initialized process group, e.g. torchrun) keeps only this rank's shard,
+    read slice by slice from the checkpoint (``visualglm.distributed.tp``); quantization then applies to
+    the shard.
     """
     device = check_device(device)
     directory = resolve_checkpoint_dir(path_or_name)

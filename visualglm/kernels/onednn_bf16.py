@@ -40,7 +40,8 @@ def onednn_bf16_available() -> bool:
 class PackedBF16Linear(nn.Module):
     """A bf16 ``nn.Linear`` whose weight lives in oneDNN's layout (``packed``, an opaque tensor, not a
     parameter); ``bias`` stays a (frozen) parameter. bf16 CPU inputs take the oneDNN kernel; anything else
-    (other dtypes, an input that needs a gradient) the plain ``F.linear`` on the weight turned back."""
+    (an input that needs a gradient; other dtypes, refused as ``nn.Linear`` refuses them) the plain
+    ``F.linear`` on the weight turned back."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -61,8 +62,7 @@ class PackedBF16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.dequantize(x.dtype), bias)
+            return F.linear(x, self.dequantize(), self.bias)  # what nn.Linear does (and raises) with bf16 weights
         x2d = x.reshape(-1, self.in_features)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
