@@ -188,3 +188,24 @@ def test_a_seeded_answer_does_not_depend_on_the_batch_it_ran_in(data_dir: Path, 
     # The seed matters (so the equalities above say something): another seed changes some sampled answers.
     other_seed = answers(rows, 8, seed=4)
     assert sum(other_seed[key]["answer"] != alone[key]["answer"] for key in alone) >= 3
+
+
+def test_sigterm_saves_the_finished_rows_and_says_how_to_resume(data_dir: Path) -> None:
+    source = write_rows(data_dir / "rows.jsonl", vqa_rows(400))
+    output = data_dir / "out.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "visualglm", "batch", str(source), "-o", str(output),
+                                "--seed", "1", "--flush-rows", "4", "--no-progress"],
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if output.exists() and output.read_bytes().count(b"\n") >= 8:
+            break
+        time.sleep(0.02)
+    seen = output.read_bytes().count(b"\n")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert f"interrupted: the rows finished so far are saved in {output}; run the same command to resume" in stderr
+    data = output.read_bytes()
+    assert data.endswith(b"\n") and seen <= data.count(b"\n") < 400
+    assert all(json.loads(line)["id"] is not None for line in data.splitlines())

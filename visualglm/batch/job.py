@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,9 +121,10 @@ def progress_bar(total: int, progress: bool, initial: int = 0):
 def run_batch(input_path: str | Path, output: str | Path, *, spec: ModelSpec | None = None,
               settings: BatchSettings | None = None, prompt: str | None = None, progress: bool = True,
               flush_rows: int = 64, flush_seconds: float = 5.0, model: Any = None,
-              tokenizer: Any = None) -> JobSummary:
+              tokenizer: Any = None, on_record: Callable[[dict], None] | None = None) -> JobSummary:
     """Answer every row of ``input_path`` not yet in ``output`` (a JSONL file, appended to). ``model`` and
-    ``tokenizer`` may be given already loaded (else ``spec`` says what to load)."""
+    ``tokenizer`` may be given already loaded (else ``spec`` says what to load); ``on_record`` is called
+    with each record as it is written."""
     started = time.perf_counter()
     settings = (settings or BatchSettings()).validate()
     job = open_input(input_path, prompt)
@@ -142,6 +143,8 @@ def run_batch(input_path: str | Path, output: str | Path, *, spec: ModelSpec | N
             try:
                 for record in runner.run(job.rows(done)):
                     writer.write(record)
+                    if on_record is not None:
+                        on_record(record)
                     summary.written += 1
                     summary.errors += "error" in record
                     bar.update(1)

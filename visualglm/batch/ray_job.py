@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,10 @@ def _cluster_replicas(ray, options: RayOptions, gpus: float) -> int:
 def run_batch_on_ray(input_path: str | Path, output: str | Path, *, spec: ModelSpec | None = None,
                      settings: BatchSettings | None = None, prompt: str | None = None,
                      options: RayOptions | None = None, progress: bool = True, flush_rows: int = 1000,
-                     flush_seconds: float = 30.0) -> JobSummary:
+                     flush_seconds: float = 30.0, on_record: Callable[[dict], None] | None = None) -> JobSummary:
     """Answer every row of ``input_path`` not yet in the shard folder ``output``, on Ray (connects to
-    ``options.address``, or uses the Ray already initialised in this process)."""
+    ``options.address``, or uses the Ray already initialised in this process); ``on_record`` is called
+    with each record as it is written."""
     ray = require_ray()
     started = time.perf_counter()
     settings = (settings or BatchSettings()).validate()
@@ -135,6 +137,8 @@ def run_batch_on_ray(input_path: str | Path, output: str | Path, *, spec: ModelS
                     for line in batch["record"]:
                         record = json.loads(line)
                         writer.write(record)
+                        if on_record is not None:
+                            on_record(record)
                         summary.written += 1
                         summary.errors += "error" in record
                         bar.update(1)

@@ -70,7 +70,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from visualglm.batch import ModelSpec, RayOptions, run_batch, run_batch_on_ray
+    from visualglm.batch import ModelSpec
 
     settings = settings_from_args(args)  # bad flags fail before the input is read
     spec = ModelSpec(args.model, args.dtype, args.device, args.quant, quant_also(args), args.adapter, args.compile)
@@ -80,19 +80,27 @@ def run(args: argparse.Namespace) -> int:
              if value is not None}
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill flushes the rows done, as Ctrl-C does
     try:
-        if args.ray is None:
-            summary = run_batch(args.input, args.output, spec=spec, settings=settings, prompt=args.prompt,
-                                progress=not args.no_progress, **flush)
-        else:
-            options = RayOptions(address=args.ray or None, replicas=args.replicas,
-                                 cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                                 rows_per_task=args.rows_per_task)
-            summary = run_batch_on_ray(args.input, args.output, spec=spec, settings=settings, prompt=args.prompt,
-                                       options=options, progress=not args.no_progress, **flush)
+        summary = _run(args, spec, settings, flush)
+    except KeyboardInterrupt:
+        print(f"interrupted: the rows finished so far are saved in {args.output}; run the same command to "
+              "resume", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(summary.line(args.output), file=sys.stderr)
     return 0
+
+
+def _run(args: argparse.Namespace, spec, settings, flush: dict):
+    from visualglm.batch import RayOptions, run_batch, run_batch_on_ray
+
+    if args.ray is None:
+        return run_batch(args.input, args.output, spec=spec, settings=settings, prompt=args.prompt,
+                         progress=not args.no_progress, **flush)
+    options = RayOptions(address=args.ray or None, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                         gpus_per_replica=args.gpus_per_replica, rows_per_task=args.rows_per_task)
+    return run_batch_on_ray(args.input, args.output, spec=spec, settings=settings, prompt=args.prompt,
+                            options=options, progress=not args.no_progress, **flush)
 
 
 def _interrupt(*_) -> None:
