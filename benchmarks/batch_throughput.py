@@ -7,8 +7,8 @@ image), sampled with a fixed seed.
 
 Each run is a whole job as a user starts it, written to a fresh output: the local path loads the model
 in the run (``job s`` includes it), a Ray run starts its replicas' actors and loads their models inside
-(``job s`` includes that). ``steady rows/s`` counts the rows after the first result over the time after
-it, i.e. without start-up. Ray runs on ``ray.init(num_cpus=CPUS)`` in this process: 1 replica with all
+(``job s`` includes that). ``steady rows/s`` counts the rows that came after the first result over the
+time after it, i.e. without start-up (a Ray task's rows reach the driver together). Ray runs on ``ray.init(num_cpus=CPUS)`` in this process: 1 replica with all
 CPUs, or 2 replicas with half each. Every run's answers are checked to equal the local batch-size-1 run's
 (same seed: the answers do not depend on batching or replicas).
 
@@ -49,24 +49,23 @@ def write_data(folder: Path, rows: int, images: int, seed: int = 0) -> Path:
 
 
 class Timed:
-    """Notes when the first and the last record came (``note`` is the jobs' ``on_record``)."""
+    """When each record came (``note`` is the jobs' ``on_record``)."""
 
     def __init__(self) -> None:
-        self.first = self.last = None
-        self.count = 0
+        self.times: list[float] = []
 
     def note(self, record: dict) -> None:
-        now = time.perf_counter()
-        self.first = self.first or now
-        self.last = now
-        self.count += 1
+        self.times.append(time.perf_counter())
 
     @property
     def steady(self) -> float:
-        """Rows per second after the first one."""
-        if self.count < 2 or self.last <= self.first:
+        """Rows per second after start-up: the rows that came after the first arrival (a Ray task's rows
+        arrive together), over the time from the first arrival to the last."""
+        if not self.times:
             return 0.0
-        return (self.count - 1) / (self.last - self.first)
+        first, last = self.times[0], self.times[-1]
+        later = sum(t > first + 1e-3 for t in self.times)
+        return later / (last - first) if later else 0.0
 
 
 def run_once(kind: str, source: Path, work: Path, spec: ModelSpec, settings: BatchSettings, replicas: int,
