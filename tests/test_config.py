@@ -116,3 +116,15 @@ def test_read_json_object_names_the_file(tmp_path, text, message) -> None:
     assert str(path) in str(info.value)
     path.write_text('{"a": 1}')
     assert read_json_object(path, CustomError) == {"a": 1}
+
+
+def test_image_size_is_read_from_each_family_vision_config() -> None:
+    import pytest
+
+    from visualglm.config import ConfigError, get_config, image_size
+
+    visual, glm4v = get_config("visualglm-tiny"), get_config("glm4v-tiny")
+    assert image_size(visual) == visual.eva_config.image_size
+    assert image_size(glm4v) == glm4v.vision_config.image_size
+    with pytest.raises(ConfigError, match="no vision tower"):
+        image_size(get_config("chatglm-tiny"))

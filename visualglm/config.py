@@ -240,6 +240,16 @@ AnyConfig = ChatGLMConfig | VisualGLMConfig | GLM4VConfig
 FAMILY_NAMES = {"chatglm": "ChatGLM-6B", "visualglm": "VisualGLM-6B", "glm4": "GLM-4", "glm4v": "GLM-4V"}
 
 
+def image_size(config: AnyConfig) -> int | list[int]:
+    """The side (or [height, width]) images are resized to for ``config``'s vision tower (VisualGLM-6B's
+    ``eva_config``, GLM-4V-9B's ``vision_config``). ConfigError for a text-only model."""
+    if isinstance(config, GLM4VConfig):
+        return config.vision_config.image_size
+    if isinstance(config, VisualGLMConfig):
+        return config.eva_config.image_size
+    raise ConfigError(f"{FAMILY_NAMES.get(config.family, config.family)} has no vision tower")
+
+
 def detect_family(data: dict[str, Any]) -> str:
     """Our family name for a config.json dict (see the module docstring for the rules)."""
     model_type = data.get("model_type")

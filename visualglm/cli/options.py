@@ -92,11 +92,11 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens at most (default: no "
                         "limit besides --max-length)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: 0.7; "
-                        "VisualGLM 0.4)")
+                        "VisualGLM 0.4; GLM-4V 0.8)")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens, 0 = off "
                         "(default: 50, what the reference applies implicitly; VisualGLM 100)")
     parser.add_argument("--temperature", type=float, default=None,
-                        help="sampling temperature (default: 0.95; VisualGLM 0.8)")
+                        help="sampling temperature (default: 0.95; VisualGLM 0.8; GLM-4V 0.8)")
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="penalty for tokens already present, 1.0 = off (default: 1.0; VisualGLM 1.2)")
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from visualglm.config import image_size as vision_image_size
 from visualglm.generation.chat import has_cjk
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.tokenizers.templates import chatglm_prompt, visualglm_ids
@@ -240,7 +241,7 @@ class Tokenized:
 
 def image_size(config) -> tuple[int, int]:
     """(height, width) the model's vision tower takes."""
-    size = config.vision_config.image_size if config.family == "glm4v" else config.eva_config.image_size
+    size = vision_image_size(config)
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from visualglm.config import image_size
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, compile_decode
@@ -59,8 +60,8 @@ class ChatSession:
         if unknown:
             sampling = sampling.replace(banned_ranges=tuple(sampling.banned_ranges) + tuple(unknown))
         self.sampling = sampling.validate()
-        if max_length == -1:  # the reference chat()'s default: 8192 for GLM-4V-9B, 2048 for the others
-            max_length = 8192 if self.family == "glm4v" else 2048
+        if max_length == -1:  # the reference chat()'s default
+            max_length = FAMILY_MAX_LENGTH[self.family]
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.history: list[tuple[str, str]] = [tuple(turn) for turn in (history or [])]
@@ -82,7 +83,7 @@ class ChatSession:
         if not self.multimodal:
             raise ValueError("this model has no image encoder: images need a VisualGLM-6B checkpoint")
         config = self.model.config
-        size = config.vision_config.image_size if self.family == "glm4v" else config.eva_config.image_size
+        size = image_size(config)
         size = (size, size) if isinstance(size, int) else (size[0], size[1])
         device = next(self.model.parameters()).device
         pixels = preprocess(load_image(image, allow_remote=allow_remote), size).to(device)
@@ -194,6 +195,8 @@ def build_prompt_ids(model: nn.Module, tokenizer, query: str, history: Sequence[
 # The reference chat functions' sampling defaults, per family.
 FAMILY_SAMPLING = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
                    "glm4v": SamplingParams.glm4v}
+# The reference chat functions' max_length (prompt + answer), per family.
+FAMILY_MAX_LENGTH = {"chatglm": 2048, "visualglm": 2048, "glm4v": 8192}
 
 
 def answer_stop_ids(config) -> tuple[int, ...]:

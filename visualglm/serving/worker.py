@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from visualglm.checkpoint.load import release_freed_memory
+from visualglm.config import image_size
 from visualglm.generation.chat import FAMILY_SAMPLING, answer_stop_ids, build_prompt_ids, model_undecodable_ranges
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest, kv_bytes_per_token, rows_for_budget
 from visualglm.generation.engine import GenerationParams, compiled_decode_for
@@ -415,7 +416,7 @@ class Worker:
         """A decoded image -> the model's pixel values ``[1, 3, H, W]`` (float32, CPU). Callers do this in
         their own thread, so that a queued request holds a few MB instead of a full-size decoded image."""
         config = self.model.config
-        size = config.vision_config.image_size if self.family == "glm4v" else config.eva_config.image_size
+        size = image_size(config)
         size = (size, size) if isinstance(size, int) else (size[0], size[1])
         return preprocess(image, size)
 
