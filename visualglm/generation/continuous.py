@@ -13,10 +13,11 @@ One call to :meth:`ContinuousEngine.step` does, in order:
    the same image included; for ChatGLM-6B and VisualGLM-6B, whose prompts attend both ways, only an
    identical context), or else the slot of a running row it shares a prefix with, copied, or else a cold
    one; its prompt then only prefills what is new;
-3. **prefills** one newcomer, alone: a long prompt is spread over several steps, a few layers at a time
-   (exact: the same computation, paused between layers; ChatGLM-6B's prompts attend both ways, so they
-   cannot be cut by tokens), so that running rows keep getting tokens; when its last layer is done its
-   first token is chosen and it joins the decode batch;
+3. **prefills** the newcomers admitted together as one group (left-padded to one length, up to a budget of
+   new tokens): a long group is spread over several steps, a few layers at a time (exact: the same
+   computation, paused between layers; ChatGLM-6B's prompts attend both ways, so they cannot be cut by
+   tokens), so that running rows keep getting tokens; when its last layer is done each newcomer's first
+   token is chosen and it joins the decode batch;
 4. **decodes** one token for every running row in one forward over cache rows ``[0, highest used + 1)``
    (free slots in that range compute a token nobody reads, cheaper than moving a row's cache).
 
@@ -236,9 +237,9 @@ class ContinuousEngine:
         return reuse
 
     def _admit(self) -> None:
-        """Admit waiting requests into free slots, as one prefill group: text newcomers together while their
-        new tokens fit the group budget, a newcomer with an image alone. One group at a time: the next is
-        admitted once this one has joined the decode batch."""
+        """Admit waiting requests into free slots, as one prefill group, while their new tokens fit the group
+        budget (the first always joins). One group at a time: the next is admitted once this one has joined
+        the decode batch."""
         if self.prefill is not None or not self.waiting:
             return
         decoding = sum(row is not None and row.last is not None for row in self.rows)
@@ -259,16 +260,13 @@ class ContinuousEngine:
             if reuse[donor] > start and donor != slot:
                 start = reuse[donor]
             new = len(request.ids) - start
-            image = request.image_embeds is not None
-            if group and (image or total + new > budget):
+            if group and total + new > budget:
                 break
             self.waiting.popleft()
             if start > reuse[slot]:
                 self._copy_slots(donor, slot, start)
             group.append((self._new_row(request, slot), start))
             total += new
-            if image:
-                break
         if group:
             self._start_prefill(group)
 
@@ -295,9 +293,10 @@ class ContinuousEngine:
 
     def _start_prefill(self, group: list[tuple[_Row, int]]) -> None:
         """Build the model's arguments for ``group`` (rows and how many leading slots each reuses). Several
-        rows are left-padded to their longest new part: a pad query writes its key/value to the last cache
-        slot (never attended: it is beyond every row's length) and attends to slot 0 only; its output is never
-        read. Every row's last token is then the last position, whose logits give its first answer token."""
+        rows are left-padded to their longest new part (as embeddings when one has an image): a pad query
+        writes its key/value to the last cache slot (never attended: it is beyond every row's length) and
+        attends to slot 0 only; its output is never read. Every row's last token is then the last position,
+        whose logits give its first answer token."""
         model = self.model
         parts = []
         for row, start in group:
@@ -328,7 +327,7 @@ class ContinuousEngine:
                           cache_positions=torch.arange(start, length, device=self.device),
                           inputs_embeds=None if embeds is None else embeds[:, start:],
                           cache_rows=slice(row.slot, row.slot + 1))
-        else:  # text rows only (a row with an image is prefilled alone)
+        else:
             width = max(ids.shape[1] - start for _, start, ids, *_ in parts)
             kv_length = max(ids.shape[1] for _, _, ids, *_ in parts)
             count, axes = len(parts), parts[0][3].shape[1]
@@ -337,7 +336,13 @@ class ContinuousEngine:
             attention = torch.zeros(count, 1, width, kv_length, dtype=torch.bool, device=self.device)
             attention[:, :, :, 0] = True
             cache_positions = torch.full((count, width), self.context - 1, dtype=torch.long, device=self.device)
-            for index, (_, start, ids, positions, mask, _) in enumerate(parts):
+            # With an image in the group every row comes as embeddings (a text row's are its tokens' own).
+            pictured = any(part[5] is not None for part in parts)
+            inputs_embeds = None
+            if pictured:
+                first = next(part[5] for part in parts if part[5] is not None)
+                inputs_embeds = first.new_zeros(count, width, first.shape[-1])
+            for index, (_, start, ids, positions, mask, embeds) in enumerate(parts):
                 length = ids.shape[1]
                 pad = width - (length - start)
                 input_ids[index, pad:] = ids[0, start:]
@@ -345,9 +350,14 @@ class ContinuousEngine:
                 attention[index, 0, pad:] = False
                 attention[index, 0, pad:, :length] = mask[0, 0, start:, :]
                 cache_positions[index, pad:] = torch.arange(start, length, device=self.device)
+                if pictured:
+                    if embeds is None:
+                        embeds = model.embed_with_images(ids, None, [None])
+                    inputs_embeds[index, pad:] = embeds[0, start:]
             slots = torch.tensor([row.slot for row, *_ in parts], dtype=torch.long, device=self.device)
-            inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention,
-                          cache_positions=cache_positions, inputs_embeds=None, cache_rows=slots)
+            inputs = dict(input_ids=None if pictured else input_ids, position_ids=position_ids,
+                          attention_mask=attention, cache_positions=cache_positions, inputs_embeds=inputs_embeds,
+                          cache_rows=slots)
         self.prefill = _Prefill([row for row, *_ in parts], inputs, layers)
 
     def _advance_prefill(self, full: bool) -> list[TokenEvent]:
