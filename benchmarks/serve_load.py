@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -181,7 +182,9 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
 
 
 def report(name: str, scheduler: str, f: dict, rss_mib: float) -> None:
-    print(f"\n== {name}, --scheduler {scheduler} (server RSS at the end {rss_mib:.0f} MiB)", flush=True)
+    print(f"\n== {name}, --scheduler {scheduler} (server RSS at the end {rss_mib:.0f} MiB; load average "
+          f"{f['load_before']:.1f} before, {f['load_after']:.1f} after: above ~2.5 on 2 cores, other jobs shared "
+          "the machine)", flush=True)
     print(f"unloaded: step {_ms(f['step_s'])} ({f['single_tok_s']:.1f} tok/s), short prefill (TTFT) "
           f"{_ms(f['prefill_short_s'])}")
     print(f"8 long answers: {f['eight_tok_s']:.1f} answer tok/s = {f['eight_tok_s'] / f['single_tok_s']:.1f}x one "
@@ -225,7 +228,9 @@ def main() -> int:
                                       "--max-new-tokens", "256", "--log-level", "warning"], work / "serve.log")
             try:
                 tokenizer = load_tokenizer(flags[1])
+                load_before = os.getloadavg()[0]
                 figures = measure(server.url, tokenizer, args.requests, args.seed)
+                figures.update(load_before=load_before, load_after=os.getloadavg()[0])
                 report(name, scheduler, figures, server.rss_mib())
             finally:
                 server.stop()
