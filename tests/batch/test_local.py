@@ -33,14 +33,14 @@ def demo():
     return load_model(ModelSpec(), progress=False)
 
 
-def _chat_answer(demo, query: str, image: Path | None, history=()) -> str:
-    """The oracle: what an interactive chat session answers, greedily."""
+def _chat_answer(demo, query: str, image: Path | None, history=(), max_new_tokens: int = 12) -> str:
+    """The oracle: what an interactive chat session answers, greedily, with the batch runs' token limit."""
     from visualglm.generation.chat import ChatSession
     from visualglm.generation.sampling import SamplingParams
 
     model, tokenizer = demo
     session = ChatSession(model, tokenizer, sampling=SamplingParams.visualglm().replace(do_sample=False),
-                          history=list(history))
+                          history=list(history), max_new_tokens=max_new_tokens)
     if image is not None:
         session.set_image(image)
     return session.chat(query)
@@ -102,7 +102,8 @@ def test_good_and_bad_rows_on_the_demo_model(data_dir: Path, demo) -> None:
 
 def test_a_folder_of_images_with_one_prompt(data_dir: Path, demo) -> None:
     output = data_dir / "out.jsonl"
-    result = _cli(str(data_dir), "-o", str(output), "--prompt", "What shape is in the image?", "--greedy")
+    result = _cli(str(data_dir), "-o", str(output), "--prompt", "What shape is in the image?", "--greedy",
+                  "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr
     out = read_results(output)
     assert sorted(out) == ['"example-1.png"', '"example-2.png"', '"example-3.png"']
