@@ -133,7 +133,7 @@ def test_a_text_only_model_records_image_rows_as_errors(tmp_path: Path, tiny_cha
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_output(data_dir: Path, demo) -> None:
-    rows = vqa_rows(160)
+    rows = vqa_rows(480)  # enough that the run is still going when it is killed, on a fast or a busy machine
     source = write_rows(data_dir / "rows.jsonl", rows)
     flags = ["--seed", "11", "--batch-size", "4", "--max-new-tokens", "24", "--flush-rows", "8",
              "--flush-seconds", "600", "--no-progress"]  # chunks by row count only (a slow machine may hit 5 s)
