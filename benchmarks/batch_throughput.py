@@ -8,7 +8,8 @@ image), sampled with a fixed seed.
 Each run is a whole job as a user starts it, written to a fresh output: the local path loads the model
 in the run (``job s`` includes it), a Ray run starts its replicas' actors and loads their models inside
 (``job s`` includes that). ``steady rows/s`` counts the rows that came after the first result over the
-time after it, i.e. without start-up (a Ray task's rows reach the driver together). Ray runs on ``ray.init(num_cpus=CPUS)`` in this process: 1 replica with all
+time after it, i.e. without start-up (a Ray task's rows reach the driver together). Ray runs on
+``ray.init(num_cpus=CPUS)`` in this process: 1 replica with all
 CPUs, or 2 replicas with half each. Every run's answers are checked to equal the local batch-size-1 run's
 (same seed: the answers do not depend on batching or replicas).
 
