@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from visualglm.config import image_size as vision_image_size
 from visualglm.image import ImageError, image_bytes, load_image, preprocess
 from visualglm.image.remote import host_of
 
@@ -25,8 +26,7 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 def image_size(model) -> tuple[int, int]:
     """(height, width) the model's vision tower takes."""
-    config = model.config
-    size = config.vision_config.image_size if config.family == "glm4v" else config.eva_config.image_size
+    size = vision_image_size(model.config)
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 

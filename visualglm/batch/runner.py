@@ -27,7 +27,13 @@ from torch import nn
 
 from visualglm.batch.images import ImagePool, image_size
 from visualglm.batch.inputs import BatchRow
-from visualglm.generation.chat import FAMILY_SAMPLING, answer_stop_ids, build_prompt_ids, model_undecodable_ranges
+from visualglm.generation.chat import (
+    FAMILY_MAX_LENGTH,
+    FAMILY_SAMPLING,
+    answer_stop_ids,
+    build_prompt_ids,
+    model_undecodable_ranges,
+)
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest, rows_for_budget
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, compiled_decode_for
@@ -113,7 +119,7 @@ class BatchRunner:
         self.base_sampling = base.replace(banned_ranges=self._banned).validate()
         self.stop_ids = answer_stop_ids(config)
         max_length = settings.max_length
-        self.max_length = (8192 if self.family == "glm4v" else 2048) if max_length == -1 else max_length
+        self.max_length = FAMILY_MAX_LENGTH[self.family] if max_length == -1 else max_length
         self.context = config.max_sequence_length
         budget = None if settings.kv_cache_gib is None else int(settings.kv_cache_gib * 2**30)
         self.rows = rows_for_budget(model, self.context, settings.batch_size, budget)
