@@ -110,6 +110,16 @@ class JobSummary:
         return f"{done}{skipped} in {self.seconds:.1f} s, {self.rows_per_second:.2f} rows/s"
 
 
+def take_record(record: dict, writer, summary: JobSummary, bar, on_record: Callable[[dict], None] | None) -> None:
+    """Write one finished record and count it (the local and the Ray paths alike)."""
+    writer.write(record)
+    if on_record is not None:
+        on_record(record)
+    summary.written += 1
+    summary.errors += "error" in record
+    bar.update(1)
+
+
 def progress_bar(total: int, progress: bool, initial: int = 0):
     from tqdm import tqdm
 
@@ -142,12 +152,7 @@ def run_batch(input_path: str | Path, output: str | Path, *, spec: ModelSpec | N
             bar = progress_bar(len(job.keys), progress, initial=len(done))
             try:
                 for record in runner.run(job.rows(done)):
-                    writer.write(record)
-                    if on_record is not None:
-                        on_record(record)
-                    summary.written += 1
-                    summary.errors += "error" in record
-                    bar.update(1)
+                    take_record(record, writer, summary, bar, on_record)
                     if summary.errors:
                         bar.set_postfix(errors=summary.errors, refresh=False)
             finally:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from visualglm.batch.inputs import id_key, parse_object, parse_row
-from visualglm.batch.job import JobSummary, ModelSpec, load_model, open_input, progress_bar
+from visualglm.batch.job import JobSummary, ModelSpec, load_model, open_input, progress_bar, take_record
 from visualglm.batch.output import ShardWriter
 from visualglm.batch.runner import BatchRunner, BatchSettings
 
@@ -135,13 +135,7 @@ def run_batch_on_ray(input_path: str | Path, output: str | Path, *, spec: ModelS
             try:
                 for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
                     for line in batch["record"]:
-                        record = json.loads(line)
-                        writer.write(record)
-                        if on_record is not None:
-                            on_record(record)
-                        summary.written += 1
-                        summary.errors += "error" in record
-                        bar.update(1)
+                        take_record(json.loads(line), writer, summary, bar, on_record)
             except ray.exceptions.RayError as exc:
                 raise RuntimeError(f"the Ray job failed: {_first_line(exc)} (finished shards are kept: rerun "
                                    "the same command to resume)") from exc

@@ -30,6 +30,7 @@ from visualglm.batch.inputs import BatchRow
 from visualglm.generation.chat import (
     FAMILY_MAX_LENGTH,
     FAMILY_SAMPLING,
+    answer_postprocess,
     answer_stop_ids,
     build_prompt_ids,
     model_undecodable_ranges,
@@ -238,8 +239,8 @@ class BatchRunner:
             self.engine.submit(request)
         except ValueError as exc:
             return error_record(row, str(exc))
-        postprocess = "glm4" if self.family == "glm4v" else "chatglm"
-        active[key] = _Active(prepared, DecodeStream(self.tokenizer, stop=row.stop, postprocess=postprocess))
+        active[key] = _Active(prepared, DecodeStream(self.tokenizer, stop=row.stop,
+                                                     postprocess=answer_postprocess(self.family)))
         return None
 
     @torch.inference_mode()

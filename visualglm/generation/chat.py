@@ -124,7 +124,7 @@ class ChatSession:
         engine = self._engine
         params = GenerationParams(max_new_tokens=self.max_new_tokens, max_length=self.max_length,
                                   stop_ids=answer_stop_ids(self.model.config), sampling=self.sampling)
-        decoded = DecodeStream(self.tokenizer, postprocess="glm4" if self.family == "glm4v" else "chatglm")
+        decoded = DecodeStream(self.tokenizer, postprocess=answer_postprocess(self.family))
         self._turns += 1
         key = self._turns
         image = self._image_embeds if image_start is not None else None
@@ -197,6 +197,11 @@ FAMILY_SAMPLING = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingPar
                    "glm4v": SamplingParams.glm4v}
 # The reference chat functions' max_length (prompt + answer), per family.
 FAMILY_MAX_LENGTH = {"chatglm": 2048, "visualglm": 2048, "glm4v": 8192}
+
+
+def answer_postprocess(family: str) -> str:
+    """The detokenizer's answer post-processing for ``family`` (see :class:`DecodeStream`)."""
+    return "glm4" if family == "glm4v" else "chatglm"
 
 
 def answer_stop_ids(config) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from visualglm.generation.chat import answer_postprocess
 from visualglm.generation.continuous import TokenEvent
 from visualglm.generation.detok import DecodeStream
 from visualglm.serving.protocol import APIError
@@ -30,8 +31,7 @@ class RowOutput:
     def __init__(self, prompt_tokens: int, tokenizer: Any, family: str, stop: Sequence[str],
                  emit: Callable[..., None], cancelled: Callable[[], bool]) -> None:
         self.prompt_tokens = prompt_tokens
-        self.decoded = DecodeStream(tokenizer, stop=tuple(stop), postprocess="glm4" if family == "glm4v"
-                                    else "chatglm")
+        self.decoded = DecodeStream(tokenizer, stop=tuple(stop), postprocess=answer_postprocess(family))
         self.emit = emit
         self.cancelled = cancelled
         self.count = 0  # answer tokens (a stop id is not one)
