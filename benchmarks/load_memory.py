@@ -37,14 +37,15 @@ def write_random_checkpoint(directory: Path, config_name: str, store_dtype: str,
     import torch
     from safetensors.torch import save_file
 
-    from visualglm.checkpoint.keymaps import KEYMAPS, invert, map_key
+    from visualglm.checkpoint.keymaps import invert, map_key
     from visualglm.checkpoint.load import build_model, parse_dtype
     from visualglm.config import get_config, write_config
+    from visualglm.families import family_spec
 
     config = get_config(config_name)
     config.torch_dtype = str(parse_dtype(store_dtype)).removeprefix("torch.")
     dtype = parse_dtype(store_dtype)
-    to_source = invert(KEYMAPS[(config.family, "hf")])
+    to_source = invert(family_spec(config).keymap("hf"))
     model = build_model(config)  # meta: only shapes
     shapes = {}
     for name, param in model.named_parameters(remove_duplicate=False):

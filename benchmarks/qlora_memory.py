@@ -21,9 +21,9 @@ from torch import nn
 
 from visualglm.checkpoint.load import build_model
 from visualglm.config import get_config
+from visualglm.families import family_spec
 from visualglm.finetune.data import Batch
 from visualglm.finetune.train import LossModule, enable_activation_checkpointing
-from visualglm.models.plans import QUANT_SKIP
 from visualglm.peft import LoraConfig, count_parameters, inject_lora
 from visualglm.quant.swap import plan_quantization, swap_empty
 
@@ -64,7 +64,7 @@ def build_int4_random(config_name: str, seed: int = 0) -> nn.Module:
     config = get_config(config_name)
     model = build_model(config)  # meta: no memory
     model.config = config
-    plan = plan_quantization(model, 4, skip=QUANT_SKIP[config.family])
+    plan = plan_quantization(model, 4, skip=family_spec(config).quant_skip)
     quantized: dict[tuple[int, int], nn.Module] = {}
     for module in swap_empty(model, plan, 4, bias_dtype=torch.bfloat16).values():
         key = (module.out_features, module.in_features)

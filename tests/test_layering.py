@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "visualglm"
 RANKS = {
     "config": 0,
     "models": 1, "tokenizers": 1, "image": 1, "quant": 1, "kernels": 1,
+    "families": 1.5,  # one FamilySpec per model family: classes, key maps, plans, defaults (data)
     "peft": 2, "distributed": 2,
     "checkpoint": 3,
     "generation": 4,

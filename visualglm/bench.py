@@ -27,8 +27,8 @@ from visualglm.checkpoint.load import (
 )
 from visualglm.checkpoint.tiny import init_random_weights
 from visualglm.config import get_config
+from visualglm.families import family_spec
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
-from visualglm.models.plans import VISION_TOWER, quant_skip
 from visualglm.quant.cuda_kernels import use_cuda_kernels
 from visualglm.quant.output import TiedInt8Output, quantize_tied_output
 from visualglm.quant.swap import plan_quantization, swap_empty
@@ -110,7 +110,7 @@ def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None,
     planned: dict[str, nn.Module] = {}
     if quant:
         bits = quantize_bits(quant)
-        skip = quant_skip(config.family, quant_also)
+        skip = family_spec(config).quant_skip_patterns(quant_also)
         planned = swap_empty(model, plan_quantization(model, bits, group_size=group_size, skip=skip), bits,
                              bias_dtype=dtype)
         model.quantization = {"bits": bits, **quantization_plan_info(bits, skip, group_size)}
@@ -157,7 +157,7 @@ def bytes_per_decode_step(model: nn.Module, context: int, batch: int) -> int:
     embedding rows, which are gathered, and the vision tower, which a text step does not run) plus the KV
     cache read at ``context`` tokens."""
     embedding = model.get_input_embeddings().weight
-    tower = VISION_TOWER[model.config.family]
+    tower = family_spec(model).vision_tower
     # A tied output layer reads the embedding matrix, unless it has a (quantized) copy of its own.
     output = getattr(model, "lm_head", None)
     output_reads_embedding = (getattr(model.config, "tie_word_embeddings", False)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from visualglm.checkpoint.keymaps import CHATGLM_HF, KEYMAPS, UnknownKeyError, invert, map_key
+from visualglm.checkpoint.keymaps import UnknownKeyError, invert, map_key
 from visualglm.checkpoint.load import build_model
 from visualglm.config import get_config
+from visualglm.families import FAMILIES
+from visualglm.families.chatglm import CHATGLM_HF
+
+KEYMAPS = {(spec.name, fmt): keymap for spec in FAMILIES.values() for fmt, keymap in spec.keymaps.items()}
 
 
 def test_layer_index_is_carried() -> None:

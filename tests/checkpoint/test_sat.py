@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import visualglm
-from visualglm.checkpoint.keymaps import CHATGLM_SAT, KEYMAPS, VISUALGLM_SAT, map_key
+from visualglm.checkpoint.keymaps import map_key
 from visualglm.checkpoint.load import CheckpointError
 from visualglm.checkpoint.sat import (
     config_from_sat,
@@ -27,6 +27,9 @@ from visualglm.checkpoint.sat import (
     split_model_parallel,
 )
 from visualglm.config import get_config
+from visualglm.families import FAMILIES, family_spec
+from visualglm.families.chatglm import CHATGLM_SAT
+from visualglm.families.visualglm import VISUALGLM_SAT
 
 from ..conftest import random_chatglm
 
@@ -458,7 +461,8 @@ def test_save_sat_refuses_bad_requests(tmp_path: Path, chatglm: torch.nn.Module)
 
 # ---- key maps ----------------------------------------------------------------------------------------------------
 def test_sat_keymaps() -> None:
-    assert KEYMAPS[("chatglm", "sat")] is CHATGLM_SAT and KEYMAPS[("visualglm", "sat")] is VISUALGLM_SAT
+    assert family_spec("chatglm").keymap("sat") is CHATGLM_SAT
+    assert family_spec("visualglm").keymap("sat") is VISUALGLM_SAT
     assert map_key("mixins.chatglm-final.lm_head.weight", CHATGLM_SAT) == "lm_head.weight"
     assert map_key("mixins.chatglm-attn.rotary_emb.inv_freq", CHATGLM_SAT) is None
     assert map_key("transformer.position_embeddings.weight", VISUALGLM_SAT) is None
@@ -471,6 +475,6 @@ def test_sat_keymaps() -> None:
 
 def test_every_key_template_has_at_most_one_index() -> None:
     """map_key substitutes one layer index per key; no source key may need two."""
-    for keymap in KEYMAPS.values():
+    for keymap in (m for spec in FAMILIES.values() for m in spec.keymaps.values()):
         for source, target in keymap.items():
             assert source.count("{}") <= 1 and (target is None or target.count("{}") == source.count("{}"))

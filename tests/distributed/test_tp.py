@@ -19,7 +19,7 @@ from visualglm.checkpoint.load import build_model
 from visualglm.config import get_config
 from visualglm.demo import DEMO_MODEL_DIR
 from visualglm.distributed.tp import ShardSpec, TensorParallelError, apply_tensor_parallel, shard_quantized
-from visualglm.models.plans import TP_PLANS
+from visualglm.families import family_spec
 from visualglm.quant.linear import Int4Linear, Int8Linear
 
 WORLD = 2
@@ -159,7 +159,7 @@ def test_rank_slices_tile_every_split_tensor(family_config) -> None:
     """The column-parallel rows (row-parallel columns) of the ranks cover each weight exactly once."""
     config = get_config(family_config)
     specs = [apply_tensor_parallel(build_model(config), rank=r, world_size=WORLD).specs for r in range(WORLD)]
-    plan = TP_PLANS[config.family]
+    plan = family_spec(config).tp_plan
     full = build_model(config)
     for name, param in full.named_parameters():
         if name not in specs[0] or specs[0][name].zero or name.startswith(plan.embedding):

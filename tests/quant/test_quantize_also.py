@@ -12,7 +12,7 @@ import torch
 import visualglm
 from visualglm.checkpoint.load import apply_quantization
 from visualglm.checkpoint.quantize_checkpoint import quantize_checkpoint
-from visualglm.models.plans import QUANT_SKIP, quant_skip
+from visualglm.families import family_spec
 from visualglm.quant.linear import Int4Linear, Int8Linear
 
 from ..conftest import GOLDEN_DIR
@@ -25,14 +25,15 @@ def _quantized_names(model: torch.nn.Module) -> list[str]:
 
 
 def test_quant_skip_drops_only_the_parts_asked_for() -> None:
-    assert quant_skip("visualglm") == QUANT_SKIP["visualglm"]
-    assert quant_skip("visualglm", ("vision",)) == ("lm_head",)
-    assert quant_skip("glm4v", ("vision", "output")) == ()
-    assert quant_skip("chatglm", ("output",)) == ("lm_head",)  # tied: an INT8 copy, the plan is unchanged
+    assert family_spec("visualglm").quant_skip_patterns() == family_spec("visualglm").quant_skip
+    assert family_spec("visualglm").quant_skip_patterns(("vision",)) == ("lm_head",)
+    assert family_spec("glm4v").quant_skip_patterns(("vision", "output")) == ()
+    # tied: an INT8 copy, the plan is unchanged
+    assert family_spec("chatglm").quant_skip_patterns(("output",)) == ("lm_head",)
     with pytest.raises(ValueError, match="cannot also quantize 'vision' in a chatglm model.*offered: output"):
-        quant_skip("chatglm", ("vision",))
+        family_spec("chatglm").quant_skip_patterns(("vision",))
     with pytest.raises(ValueError, match="offered: output, vision"):
-        quant_skip("visualglm", ("vision", "embeddings"))
+        family_spec("visualglm").quant_skip_patterns(("vision", "embeddings"))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

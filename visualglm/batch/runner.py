@@ -28,11 +28,10 @@ from torch import nn
 from visualglm.batch.images import ImagePool, image_size
 from visualglm.batch.inputs import BatchRow
 from visualglm.generation.chat import (
-    FAMILY_MAX_LENGTH,
-    FAMILY_SAMPLING,
     answer_postprocess,
     answer_stop_ids,
     build_prompt_ids,
+    default_max_length,
     model_undecodable_ranges,
 )
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest, rows_for_budget
@@ -115,12 +114,12 @@ class BatchRunner:
         self.family = config.family
         self.multimodal = hasattr(model, "encode_images")
         self.device = next(model.parameters()).device
-        base = FAMILY_SAMPLING[self.family]().replace(**settings.sampling)
+        base = SamplingParams.for_family(self.family, **settings.sampling)
         self._banned = tuple(base.banned_ranges) + tuple(model_undecodable_ranges(model, tokenizer))
         self.base_sampling = base.replace(banned_ranges=self._banned).validate()
         self.stop_ids = answer_stop_ids(config)
         max_length = settings.max_length
-        self.max_length = FAMILY_MAX_LENGTH[self.family] if max_length == -1 else max_length
+        self.max_length = default_max_length(self.family) if max_length == -1 else max_length
         self.context = config.max_sequence_length
         budget = None if settings.kv_cache_gib is None else int(settings.kv_cache_gib * 2**30)
         self.rows = rows_for_budget(model, self.context, settings.batch_size, budget)

@@ -22,20 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
-from visualglm.checkpoint.keymaps import KEYMAPS, UnknownKeyError, map_key
+from visualglm.checkpoint.keymaps import UnknownKeyError, map_key
 from visualglm.config import AnyConfig, ConfigError, read_config
-from visualglm.models.chatglm import ChatGLMForCausalLM
-from visualglm.models.glm4v import GLM4VForCausalLM
-from visualglm.models.plans import quant_skip
-from visualglm.models.visualglm import VisualGLMForCausalLM
+from visualglm.families import family_spec
 from visualglm.quant.cuda_kernels import use_cuda_kernels
 from visualglm.quant.swap import quantize_model
 
 if TYPE_CHECKING:
     from visualglm.checkpoint.quantized import QuantizedLoader
-
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"chatglm": ChatGLMForCausalLM, "visualglm": VisualGLMForCausalLM,
-                                              "glm4v": GLM4VForCausalLM}
 
 # Weight file layouts of the HF format, in order of preference.
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -76,9 +70,7 @@ def default_dtype(config: AnyConfig, device: torch.device) -> torch.dtype:
 
 def build_model(config: AnyConfig, device: torch.device | str = "meta") -> nn.Module:
     """An empty model of the config's family (on the meta device by default: no memory)."""
-    cls = MODEL_CLASSES.get(config.family)
-    if cls is None:
-        raise ConfigError(f"no model class for the {config.family!r} family")
+    cls = family_spec(config).model_class
     with torch.device(device):
         return cls(config)
 
@@ -144,7 +136,7 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
         from visualglm.distributed.tp import apply_tensor_parallel  # each tensor read
 
         tensor_hook = apply_tensor_parallel(model)
-    keymap = KEYMAPS[(config.family, "hf")]
+    keymap = family_spec(config).keymap("hf")
     # Quantized linears are swapped in on the meta model and filled (quantized) tensor by tensor.
     quant = prepare_quantized_load(model, config, quantize, keymap, target_dtype, device, directory,
                                    tensor_hook=tensor_hook, group_size=quant_group_size, also=quantize_also)
@@ -179,8 +171,8 @@ def quantization_plan_info(bits: int, skip: tuple[str, ...], group_size: int, sy
 def apply_quantization(model: nn.Module, quantize: int | str, group_size: int = 128,
                        also: tuple[str, ...] = ()) -> int:
     """Weight-only quantization of a loaded model following its family's plan (plus the optional parts in
-    ``also``, see ``visualglm.models.plans.QUANT_OPTIONAL``); returns modules replaced."""
-    bits, skip = quantize_bits(quantize), quant_skip(model.config.family, also)
+    ``also``, see ``FamilySpec.quant_optional``); returns modules replaced."""
+    bits, skip = quantize_bits(quantize), family_spec(model).quant_skip_patterns(also)
     model.quantization = {"bits": bits, **quantization_plan_info(bits, skip, group_size)}
     return quantize_model(model, bits, group_size=group_size, skip=skip)
 

@@ -46,7 +46,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, bits: int | str,
     ``group_size`` (INT4 only, default 128): input columns per scale. ``dtype``: the floating-point tensors
     that stay unquantized (default: the checkpoint's; float16 becomes bfloat16 on CPU). ``target`` must not
     exist or be empty unless ``overwrite``; it may not overlap the source. ``also`` names optional parts
-    to quantize too (``"vision"``, ``"output"``; see ``visualglm.models.plans.QUANT_OPTIONAL``).
+    to quantize too (``"vision"``, ``"output"``; see ``FamilySpec.quant_optional``).
     """
     bits = quantize_bits(bits)
     if group_size is not None and bits == 8:

@@ -35,7 +35,7 @@ from visualglm.checkpoint.load import (
     release_freed_memory,
 )
 from visualglm.config import AnyConfig
-from visualglm.models.plans import quant_skip
+from visualglm.families import family_spec
 from visualglm.quant.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from visualglm.quant.swap import plan_quantization, swap_empty
 
@@ -238,7 +238,7 @@ def prepare_quantized_load(model: nn.Module, config: AnyConfig, quantize: int | 
         bits, plan = _thudm_plan(model, config, thudm, config_file)
         mode, info = "thudm", {"source": f"THUDM int{bits}"}
     elif requested is not None:
-        bits, skip = requested, quant_skip(config.family, also)
+        bits, skip = requested, family_spec(config).quant_skip_patterns(also)
         if bits == 4 and group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
         plan = plan_quantization(model, bits, group_size=group_size, skip=skip)
@@ -302,7 +302,7 @@ def _thudm_plan(model: nn.Module, config: AnyConfig, bits: int, config_file: Pat
                 ) -> tuple[int, dict[str, int | None]]:
     if bits not in (4, 8):
         raise CheckpointError(f"{config_file}: quantization_bit {bits} is not supported (4 or 8)")
-    if config.family not in ("chatglm", "visualglm"):
+    if not family_spec(config).thudm_quantized:
         raise CheckpointError(f"{config_file}: quantization_bit is set, but pre-quantized checkpoints are only "
                               "read for ChatGLM-6B / VisualGLM-6B")
     if config.extra.get("quantization_embeddings"):

@@ -11,7 +11,7 @@ Directory layout (sat ``training/model_io.py``)::
 
 Three things differ from the Hugging Face layout:
 
-1. Tensor names: ``visualglm.checkpoint.keymaps.CHATGLM_SAT`` / ``VISUALGLM_SAT`` (data).
+1. Tensor names: the family's ``keymaps["sat"]`` (data, ``visualglm.families``).
 2. Model-parallel pieces: with N ranks each file holds a slice of the split layers; ``MP_SPLIT_RULES``
    (data) says how each tensor was split by sat's ``mpu`` and so how the pieces go back together.
 3. The row order of ChatGLM's fused ``query_key_value``: the HF checkpoint (and our model) interleave it
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visualglm.checkpoint.keymaps import KEYMAPS, UnknownKeyError, invert, map_key
+from visualglm.checkpoint.keymaps import UnknownKeyError, invert, map_key
 from visualglm.checkpoint.load import (
     CheckpointError,
     _preview,
@@ -53,6 +53,7 @@ from visualglm.checkpoint.sat_config import (
 )
 from visualglm.checkpoint.staging import staged_directory
 from visualglm.config import read_json_object
+from visualglm.families import family_spec
 
 QKV_LAYOUTS = ("auto", "contiguous", "interleaved")
 
@@ -356,9 +357,9 @@ def load_sat(directory: str | Path, *, dtype: str | torch.dtype | None = None, d
     config = config_from_sat(checkpoint.model_config, where=where, torch_dtype=_stored_dtype(states[0]))
     layout, _ = resolve_qkv_layout(qkv_layout, checkpoint.model_config, checkpoint.mp_size)
     model = build_model(config)
-    tensors = _merged_tensors(checkpoint, states, model, KEYMAPS[(config.family, "sat")], layout,
+    tensors = _merged_tensors(checkpoint, states, model, family_spec(config).keymap("sat"), layout,
                               config.num_attention_heads)
-    assign_weights(model, tensors, KEYMAPS[(config.family, "sat")], target_dtype_for(dtype, config, device),
+    assign_weights(model, tensors, family_spec(config).keymap("sat"), target_dtype_for(dtype, config, device),
                    device, progress, where=checkpoint.iteration_dir)
     del states, tensors
     model.config = config
@@ -372,7 +373,7 @@ def load_sat(directory: str | Path, *, dtype: str | torch.dtype | None = None, d
 # ---- writing ------------------------------------------------------------------------------------------------
 def _sat_state(model: nn.Module, qkv_layout: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     config = model.config
-    to_sat = invert(KEYMAPS[(config.family, "sat")])
+    to_sat = invert(family_spec(config).keymap("sat"))
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         key = map_key(name, to_sat)

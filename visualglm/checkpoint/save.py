@@ -18,16 +18,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from visualglm.checkpoint.keymaps import KEYMAPS, invert
+from visualglm.checkpoint.keymaps import invert
 from visualglm.checkpoint.quantized import QUANT_CONFIG_KEY, map_module_key, quantization_config, quantized_modules
 from visualglm.checkpoint.staging import staged_directory
 from visualglm.config import write_config
+from visualglm.families import family_spec
 
 
 def source_state_dict(model: nn.Module, fmt: str = "hf") -> dict[str, torch.Tensor]:
     """The model's tensors under the source format's key names (tied aliases written like the original)."""
     config = model.config
-    to_source = invert(KEYMAPS[(config.family, fmt)])
+    to_source = invert(family_spec(config).keymap(fmt))
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
         source = map_module_key(name, to_source)
@@ -46,7 +47,7 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, max_shard_bytes:
     quant_entry = quantization_config(model)
     state = source_state_dict(model)
     # Scales of quantized modules keep their own dtype: they are part of the quantized format.
-    to_source = invert(KEYMAPS[(model.config.family, "hf")])
+    to_source = invert(family_spec(model).keymap("hf"))
     fixed = {map_module_key(f"{m}.{t}", to_source) for m in quantized_modules(model)
              for t in ("scale", "scales_and_zeros")}
     if dtype is not None:

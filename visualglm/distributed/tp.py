@@ -15,7 +15,7 @@ It returns a ``Sharding``, the loader's per-tensor hook: ``sharding(name, full_t
 slice, so each rank reads only its part of a memory-mapped checkpoint. A model whose weights are already
 loaded (a SwissArmyTransformer checkpoint, or one already quantized) is sliced in place instead.
 Nothing in the model code knows about any of this: modules are resized, wrapped or hooked, as the plan
-(``visualglm.models.plans.TP_PLANS``) says. The vision towers are replicated.
+(``FamilySpec.tp_plan``) says. The vision towers are replicated.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from visualglm.models.plans import TP_PLANS, Layout, TensorParallelPlan
+from visualglm.families import family_spec
+from visualglm.models.plans import Layout, TensorParallelPlan
 from visualglm.quant.linear import Int4Linear, Int8Linear
 
 
@@ -168,7 +169,7 @@ def _layout_ranges(layout: Layout, sizes: dict[str, tuple[int, int]], rank: int,
 def plan_sharding(model: nn.Module, rank: int, world_size: int) -> tuple[Sharding, dict[str, int]]:
     """This rank's ``Sharding`` of ``model`` and the per-rank count of every unit (no model change)."""
     config = model.config
-    plan = TP_PLANS[config.family]
+    plan = family_spec(config).tp_plan
     check_split(plan, config, world_size)
     sizes = _unit_sizes(plan, config)
     specs: dict[str, ShardSpec] = {}
@@ -193,7 +194,7 @@ def plan_sharding(model: nn.Module, rank: int, world_size: int) -> tuple[Shardin
 
 def apply_tensor_parallel(model: nn.Module, rank: int | None = None, world_size: int | None = None,
                           group: dist.ProcessGroup | None = None) -> Sharding:
-    """Split ``model`` for this rank following ``TP_PLANS[model.config.family]``; returns the loader hook.
+    """Split ``model`` for this rank following its family's ``tp_plan``; returns the loader hook.
 
     ``rank``/``world_size`` default to the process group's (which must be initialized). On a meta-device
     model the parameters are only reshaped (load the weights through the returned hook); on a loaded one
@@ -204,9 +205,7 @@ def apply_tensor_parallel(model: nn.Module, rank: int | None = None, world_size:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("tensor parallelism needs an initialized process group (launch with torchrun)")
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    plan = TP_PLANS.get(model.config.family)
-    if plan is None:
-        raise TensorParallelError(f"no tensor-parallel plan for the {model.config.family!r} family")
+    plan = family_spec(model).tp_plan
     sharding, local = plan_sharding(model, rank, world_size)
     for name, module in list(model.named_modules()):
         if f"{name}.weight" in sharding.specs and name != plan.embedding:

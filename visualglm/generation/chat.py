@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from visualglm.config import image_size
+from visualglm.families import family_spec
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, compile_decode
 from visualglm.generation.sampling import VISUALGLM_ENGLISH_BANNED_RANGES, SamplingParams, make_generator
 from visualglm.image import load_image, preprocess
-from visualglm.tokenizers.templates import chatglm_prompt, visualglm_ids
+from visualglm.models.interface import is_multimodal
+from visualglm.tokenizers.templates import glm4_messages, has_cjk  # noqa: F401 (has_cjk: re-exported)
 
 
 class ChatSession:
@@ -45,13 +47,14 @@ class ChatSession:
                  image=None, english: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.family = model.config.family
-        self.multimodal = hasattr(model, "encode_images")
-        if english is not None and self.family != "visualglm":
+        self.spec = family_spec(model)
+        self.family = self.spec.name
+        self.multimodal = is_multimodal(model)
+        if english is not None and not self.spec.template_language:
             raise ValueError("english mode is a VisualGLM-6B option")
         self.english = english
         if sampling is None:
-            sampling = FAMILY_SAMPLING[self.family]()
+            sampling = SamplingParams.for_family(self.spec)
             if english:
                 sampling = sampling.replace(banned_ranges=VISUALGLM_ENGLISH_BANNED_RANGES)
         # The output layer has more rows than the tokenizer has ids (padding): never sample an id that cannot
@@ -61,7 +64,7 @@ class ChatSession:
             sampling = sampling.replace(banned_ranges=tuple(sampling.banned_ranges) + tuple(unknown))
         self.sampling = sampling.validate()
         if max_length == -1:  # the reference chat()'s default
-            max_length = FAMILY_MAX_LENGTH[self.family]
+            max_length = self.spec.max_length
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.history: list[tuple[str, str]] = [tuple(turn) for turn in (history or [])]
@@ -124,7 +127,7 @@ class ChatSession:
         engine = self._engine
         params = GenerationParams(max_new_tokens=self.max_new_tokens, max_length=self.max_length,
                                   stop_ids=answer_stop_ids(self.model.config), sampling=self.sampling)
-        decoded = DecodeStream(self.tokenizer, postprocess=answer_postprocess(self.family))
+        decoded = DecodeStream(self.tokenizer, postprocess=self.spec.postprocess)
         self._turns += 1
         key = self._turns
         image = self._image_embeds if image_start is not None else None
@@ -159,54 +162,36 @@ class ChatSession:
         return "".join(self.stream(query))
 
 
-def glm4_messages(query: str, history: Sequence[tuple[str, str]], *, image: bool) -> list[dict]:
-    """``history`` pairs + ``query`` in GLM-4's message format; ``image`` marks the first user message as
-    carrying the conversation's image."""
-    messages: list[dict] = []
-    for q, r in history:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
-    messages.append({"role": "user", "content": query})
-    if image:
-        messages[0]["image"] = True
-    return messages
-
-
 def build_prompt_ids(model: nn.Module, tokenizer, query: str, history: Sequence[tuple[str, str]], *,
                      image: bool, english: bool | None = None) -> tuple[list[int], int | None]:
     """The reference chat template's prompt ids for ``query`` after ``history``, and where the image
-    placeholders start (None without an image).
+    placeholders start (None without an image); the family's ``FamilySpec.build_prompt``.
 
     Only ids are built: the placeholders' count comes from the config (VisualGLM ``image_length``, GLM-4V
     ``expand_image_placeholders``), so a server can check a prompt's length before encoding its image.
     ``english`` (VisualGLM only): None picks ``Q:/A:`` for a query without CJK characters.
     """
-    family = model.config.family
-    if family == "glm4v":
-        ids, _ = tokenizer.apply_chat_template(glm4_messages(query, history, image=image),
-                                               add_generation_prompt=True)
-        return model.expand_image_placeholders(ids)
-    if not hasattr(model, "encode_images"):
-        return tokenizer.encode(chatglm_prompt(query, list(history))), None
-    image_length = model.config.image_length if image else None
-    english = english if english is not None else not has_cjk(query)
-    return visualglm_ids(tokenizer, query, history, image_length=image_length, english=english)
+    return family_spec(model).build_prompt(model, tokenizer, query, history, image, english)
 
 
-# The reference chat functions' sampling defaults, per family.
-FAMILY_SAMPLING = {"chatglm": SamplingParams.chatglm6b, "visualglm": SamplingParams.visualglm,
-                   "glm4v": SamplingParams.glm4v}
-# The reference chat functions' max_length (prompt + answer), per family.
-FAMILY_MAX_LENGTH = {"chatglm": 2048, "visualglm": 2048, "glm4v": 8192}
+def default_sampling(model_or_config) -> SamplingParams:
+    """The sampling of the family's reference chat function (``FamilySpec.sampling``)."""
+    return SamplingParams.for_family(model_or_config)
 
 
-def answer_postprocess(family: str) -> str:
-    """The detokenizer's answer post-processing for ``family`` (see :class:`DecodeStream`)."""
-    return "glm4" if family == "glm4v" else "chatglm"
+def default_max_length(model_or_config) -> int:
+    """The reference chat function's max_length (prompt + answer) for the family."""
+    return family_spec(model_or_config).max_length
+
+
+def answer_postprocess(model_or_config) -> str:
+    """The detokenizer's answer post-processing for the family (see :class:`DecodeStream`)."""
+    return family_spec(model_or_config).postprocess
 
 
 def answer_stop_ids(config) -> tuple[int, ...]:
     """The ids that end an answer: GLM-4V-9B's three stop ids, or ChatGLM's end-of-text id."""
-    return tuple(config.stop_ids) if config.family == "glm4v" else (config.eos_token_id,)
+    return family_spec(config).stop_ids(config)
 
 
 def model_undecodable_ranges(model: nn.Module, tokenizer) -> list[tuple[int, int]]:
@@ -226,11 +211,6 @@ def undecodable_ranges(known_ids, vocab: int) -> list[tuple[int, int]]:
     if expected < vocab:
         ranges.append((expected, vocab))
     return ranges
-
-
-def has_cjk(text: str) -> bool:
-    """True when ``text`` holds a CJK unified ideograph (U+4E00..U+9FFF), the reference demos' test."""
-    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
 @torch.inference_mode()

@@ -32,11 +32,16 @@ from typing import Any
 
 import torch
 
+from visualglm.config import ChatGLMConfig, GLM4VConfig, VisualGLMConfig
+from visualglm.families import family_spec
+from visualglm.families.chatglm import CHATGLM_FORCED_ID
+from visualglm.families.glm4v import GLM4_FORCED_ID as GLM4V_FORCED_ID
+
 INVALID_SCORE_VALUE = 5e4
 """The score the invalid-score guard gives the forced token (``scores[..., forced_id] = 5e4``)."""
-CHATGLM6B_FORCED_ID = 5
+CHATGLM6B_FORCED_ID = CHATGLM_FORCED_ID
 """ChatGLM-6B / VisualGLM-6B ``InvalidScoreLogitsProcessor`` forced id."""
-GLM4_FORCED_ID = 198
+GLM4_FORCED_ID = GLM4V_FORCED_ID
 """GLM-4V-9B ``InvalidScoreLogitsProcessor`` forced id."""
 HF_DEFAULT_TOP_K = 50
 """``top_k`` that HF ``generate()`` uses when neither the call nor the config sets it."""
@@ -295,29 +300,29 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def for_family(cls, family: Any, **overrides: Any) -> SamplingParams:
+        """The sampling of ``family``'s reference chat function (a name, config or model; see
+        ``FamilySpec.sampling``), with ``overrides``."""
+        return cls(**family_spec(family).sampling).replace(**overrides)
+
+    @classmethod
     def chatglm6b(cls, **overrides: Any) -> SamplingParams:
         """ChatGLM-6B HF ``chat``/``stream_chat``: do_sample, top_p 0.7, temperature 0.95, HF's implicit
         top_k 50, InvalidScoreLogitsProcessor forcing id 5 (reference-spec A7)."""
-        base = cls(temperature=0.95, top_p=0.7, top_k=HF_DEFAULT_TOP_K, do_sample=True,
-                   invalid_score_forced_id=CHATGLM6B_FORCED_ID)
-        return base.replace(**overrides)
+        return cls.for_family(ChatGLMConfig.family, **overrides)
 
     @classmethod
     def visualglm(cls, **overrides: Any) -> SamplingParams:
         """VisualGLM-6B HF ``chat``: top_p 0.4, top_k 100, temperature 0.8, repetition_penalty 1.2, NaN-only
         guard forcing id 5 (reference-spec B7). ``english=True`` is not a field: pass
         ``banned_ranges=VISUALGLM_ENGLISH_BANNED_RANGES``. (sat's BaseStrategy is a different code path.)"""
-        base = cls(temperature=0.8, top_p=0.4, top_k=100, repetition_penalty=1.2, do_sample=True,
-                   invalid_score_forced_id=CHATGLM6B_FORCED_ID, invalid_score_nan_only=True)
-        return base.replace(**overrides)
+        return cls.for_family(VisualGLMConfig.family, **overrides)
 
     @classmethod
     def glm4v(cls, **overrides: Any) -> SamplingParams:
         """GLM-4V-9B HF ``chat``/``stream_chat``: do_sample, top_p 0.8, temperature 0.8, HF's implicit top_k 50,
         guard forcing id 198 (reference-spec C7)."""
-        base = cls(temperature=0.8, top_p=0.8, top_k=HF_DEFAULT_TOP_K, do_sample=True,
-                   invalid_score_forced_id=GLM4_FORCED_ID)
-        return base.replace(**overrides)
+        return cls.for_family(GLM4VConfig.family, **overrides)
 
     @classmethod
     def glm4v_demo(cls, **overrides: Any) -> SamplingParams:

@@ -141,6 +141,9 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
     def tied_parameters(self) -> dict[str, str]:
         return {}
 
+    def tie_weights(self) -> None:
+        """Nothing to tie: GLM-4's output layer is a matrix of its own (``tied_parameters`` is empty)."""
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.embedding.word_embeddings
 

@@ -16,6 +16,7 @@ from torch import nn
 from visualglm.config import GLM4VConfig, GLM4VisionConfig
 from visualglm.models.eva_vit import FusedSelfAttention
 from visualglm.models.glm4 import GLM4ForCausalLM
+from visualglm.models.layers import splice_image_embeddings
 
 
 class _PatchEmbedding(nn.Module):
@@ -143,12 +144,4 @@ class GLM4VForCausalLM(GLM4ForCausalLM):
                           image_starts) -> torch.Tensor:
         """Embeddings of expanded ids ``[B, T]`` with row b's ``[start, start + N + 2)`` replaced by
         ``image_embeds[b]`` (boi, N vectors, eoi)."""
-        embeds = self.embed(input_ids)
-        if image_embeds is None:
-            return embeds
-        embeds = embeds.clone()
-        width = image_embeds.shape[1]
-        for row, start in enumerate(image_starts):
-            if start is not None:
-                embeds[row, start:start + width] = image_embeds[row]
-        return embeds
+        return splice_image_embeddings(self.embed(input_ids), image_embeds, image_starts)

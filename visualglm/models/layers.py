@@ -148,3 +148,22 @@ def common_prefix_length(a, b) -> int:
             break
         count += 1
     return count
+
+
+def splice_image_embeddings(embeds: torch.Tensor, image_embeds: torch.Tensor | None,
+                            image_starts) -> torch.Tensor:
+    """Token embeddings ``[B, T, hidden]`` with row b's ``[start, start + N)`` replaced by ``image_embeds[b]``
+    ``[N, hidden]`` (rows whose start is None stay text-only). A span that does not fit the row is a
+    ValueError naming it, never a silent partial write. Returns ``embeds`` itself when there is no image."""
+    if image_embeds is None:
+        return embeds
+    embeds = embeds.clone()
+    width = image_embeds.shape[1]
+    for row, start in enumerate(image_starts):
+        if start is None:
+            continue
+        if start < 0 or start + width > embeds.shape[1]:
+            raise ValueError(f"image span [{start}, {start + width}) does not fit a prompt of "
+                             f"{embeds.shape[1]} tokens")
+        embeds[row, start:start + width] = image_embeds[row]
+    return embeds

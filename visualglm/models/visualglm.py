@@ -16,6 +16,7 @@ from torch import nn
 from visualglm.config import VisualGLMConfig
 from visualglm.models.chatglm import ChatGLMForCausalLM
 from visualglm.models.eva_vit import EvaViT
+from visualglm.models.layers import splice_image_embeddings
 from visualglm.models.qformer import QFormer
 
 
@@ -51,16 +52,4 @@ class VisualGLMForCausalLM(ChatGLMForCausalLM):
                           image_starts: Sequence[int | None]) -> torch.Tensor:
         """Token embeddings ``[B, T, hidden]`` with row b's slots ``[start, start + image_length)``
         replaced by ``image_embeds[b]`` (rows whose start is None stay text-only)."""
-        embeds = self.embed(input_ids)
-        if image_embeds is None:
-            return embeds
-        embeds = embeds.clone()
-        length = image_embeds.shape[1]
-        for row, start in enumerate(image_starts):
-            if start is None:
-                continue
-            if start < 0 or start + length > embeds.shape[1]:
-                raise ValueError(f"image span [{start}, {start + length}) does not fit a prompt of "
-                                 f"{embeds.shape[1]} tokens")
-            embeds[row, start:start + length] = image_embeds[row]
-        return embeds
+        return splice_image_embeddings(self.embed(input_ids), image_embeds, image_starts)

@@ -23,19 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Where each family's vision tower lives: frozen, and never a default LoRA target.
-VISION_TOWERS: dict[str, str] = {"visualglm": "image_encoder", "glm4v": "transformer.vision"}
-
-# Reference defaults per family: VisualGLM-6B's script (r 10, alpha 1, attention qkv + dense) and GLM-4's
-# configs/lora.yaml (r 8, alpha 32, dropout 0.1, query_key_value). ChatGLM-6B had no LoRA recipe: it gets
-# VisualGLM's, whose language model it is.
-LORA_DEFAULTS: dict[str, dict] = {
-    "chatglm": {"rank": 10, "alpha": 1.0, "dropout": 0.0,
-                "target_modules": ("attention.query_key_value", "attention.dense")},
-    "visualglm": {"rank": 10, "alpha": 1.0, "dropout": 0.0,
-                  "target_modules": ("attention.query_key_value", "attention.dense")},
-    "glm4v": {"rank": 8, "alpha": 32.0, "dropout": 0.1, "target_modules": ("self_attention.query_key_value",)},
-}
+from visualglm.families import family_spec
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -58,11 +46,13 @@ class LoraConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
-    def for_family(cls, family: str, **overrides) -> LoraConfig:
-        """The reference defaults of a model family (see ``LORA_DEFAULTS``), with overrides (None = keep)."""
-        values = dict(LORA_DEFAULTS.get(family, LORA_DEFAULTS["chatglm"]))
-        if family in VISION_TOWERS:
-            values["exclude"] = (VISION_TOWERS[family] + ".*",)
+    def for_family(cls, family, **overrides) -> LoraConfig:
+        """The reference defaults of a model family (a name, config or model; ``FamilySpec.lora``), with
+        overrides (None = keep). The family's vision tower is excluded: it stays frozen."""
+        spec = family_spec(family)
+        values = dict(spec.lora)
+        if spec.vision_tower is not None:
+            values["exclude"] = (spec.vision_tower + ".*",)
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["target_modules"] = tuple(values["target_modules"])
         return cls(**values)
@@ -326,6 +316,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["LORA_DEFAULTS", "VISION_TOWERS", "LoRALinear", "LoraConfig", "count_parameters", "dequantize_model",
+__all__ = ["LoRALinear", "LoraConfig", "count_parameters", "dequantize_model",
            "freeze", "frozen_forward", "inject_lora", "lora_modules", "lora_state_dict", "lora_target_names",
            "merge_lora", "route_frozen_quantized"]

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from visualglm.generation.chat import FAMILY_MAX_LENGTH
+from visualglm.generation.chat import default_max_length
 from visualglm.image import ImageError, image_bytes
 from visualglm.serving.body import parse_json_body
 from visualglm.serving.guard import Guard, error_response
@@ -281,7 +281,7 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
         image, key = (None, None)
         if body.image:  # the reference requires it; an empty string or null means a text-only turn here
             image, key = await load_request_image(body.image, "image", remote_ok=False)
-        max_length = body.max_length or FAMILY_MAX_LENGTH[worker.family]  # the reference default
+        max_length = body.max_length or default_max_length(worker.family)  # the reference default
         generation = GenerationRequest(
             query=query, history=history, image=image, image_key=key,
             sampling=_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty),

@@ -23,7 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from visualglm.generation.chat import FAMILY_MAX_LENGTH, FAMILY_SAMPLING  # noqa: E402
+from visualglm.generation.chat import default_max_length, default_sampling  # noqa: E402
 from visualglm.image import ImageError  # noqa: E402
 from visualglm.serving.protocol import APIError, check_conversation  # noqa: E402
 from visualglm.serving.worker import GenerationRequest, QueueFullError, Worker  # noqa: E402
@@ -37,8 +37,8 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
 
 def _defaults(worker: Worker) -> dict[str, float]:
     """The model's reference sampling defaults, shown on the sliders."""
-    sampling = FAMILY_SAMPLING[worker.family]()
-    return {"max_length": FAMILY_MAX_LENGTH[worker.family], "top_p": sampling.top_p,
+    sampling = default_sampling(worker.family)
+    return {"max_length": default_max_length(worker.family), "top_p": sampling.top_p,
             "temperature": sampling.temperature}
 
 

@@ -41,9 +41,10 @@ from torch import nn
 
 from visualglm.checkpoint.load import release_freed_memory
 from visualglm.config import image_size
-from visualglm.generation.chat import FAMILY_SAMPLING, answer_stop_ids, build_prompt_ids, model_undecodable_ranges
+from visualglm.generation.chat import answer_stop_ids, build_prompt_ids, model_undecodable_ranges
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest, kv_bytes_per_token, rows_for_budget
 from visualglm.generation.engine import GenerationParams, compiled_decode_for
+from visualglm.generation.sampling import SamplingParams
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.serving.batch import RowOutput, rows_to_end
 from visualglm.serving.protocol import APIError, ServeLimits
@@ -229,7 +230,7 @@ class Worker:
             raise APIError(400, "this model reads no images (it is a text-only ChatGLM-6B checkpoint)",
                            param="image", code="image_not_supported")
         try:
-            sampling = FAMILY_SAMPLING[self.family]().replace(**request.sampling)
+            sampling = SamplingParams.for_family(self.family, **request.sampling)
             banned = tuple(sampling.banned_ranges) + self._undecodable
             sampling = sampling.replace(banned_ranges=banned).validate()
         except (TypeError, ValueError) as exc:

@@ -39,3 +39,20 @@ def visualglm_ids(tokenizer, query: str, history: Sequence[tuple[str, str]] = ()
     after = tokenizer.encode("</img>" + text, add_special_tokens=False)
     ids = before + [tokenizer.unk_token_id] * image_length + after
     return tokenizer.build_inputs_with_special_tokens(ids), len(before)
+
+
+def glm4_messages(query: str, history: Sequence[tuple[str, str]], *, image: bool) -> list[dict]:
+    """``history`` pairs + ``query`` in GLM-4's message format; ``image`` marks the first user message as
+    carrying the conversation's image."""
+    messages: list[dict] = []
+    for q, r in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+    messages.append({"role": "user", "content": query})
+    if image:
+        messages[0]["image"] = True
+    return messages
+
+
+def has_cjk(text: str) -> bool:
+    """True when ``text`` holds a CJK unified ideograph (U+4E00..U+9FFF), the reference demos' test."""
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
