@@ -118,4 +118,6 @@ CHATGLM = FamilySpec(
     answer_encoding={"add_special_tokens": False},
     sat_model_class="ChatGLMModel",
     thudm_quantized=True,
+    hf_chat="text",
+    hf_prompt_text=chatglm_prompt,
 )

@@ -79,6 +79,12 @@ def glm4v_prompt_ids(model: nn.Module, tokenizer, query: str, history: Sequence[
     return model.expand_image_placeholders(ids)
 
 
+def widen_image_placeholders(model: GLM4VForCausalLM, ids: list[int]) -> tuple[list[int], int | None]:
+    """``<|begin_of_image|> <|endoftext|> <|end_of_image|>`` widened to the image's vectors, and where the
+    image starts (None: no image in ``ids``)."""
+    return model.expand_image_placeholders(ids)
+
+
 def glm4v_stop_ids(config: GLM4VConfig) -> tuple[int, ...]:
     """GLM-4V-9B's three stop ids (``<|endoftext|>``, ``<|user|>``, ``<|observation|>``)."""
     return tuple(config.stop_ids)
@@ -104,4 +110,7 @@ GLM4V = FamilySpec(
     stop_ids=glm4v_stop_ids,
     postprocess="glm4",
     example_per_turn=False,
+    hf_chat="messages",
+    hf_tokenizer_template=True,
+    image_placeholders=widen_image_placeholders,
 )

@@ -58,6 +58,23 @@ class FamilySpec:
     template_language: bool = False  # the chat template has an English and a Chinese form (``english=``)
     sat_model_class: str | None = None  # SwissArmyTransformer's model_class, where sat has the family
     thudm_quantized: bool = False  # THUDM's own quantized checkpoints (quantization_bit) are read
+    # --- the reference remote code's API, as visualglm.compat mirrors it ------------------------------------
+    # Its chat()/stream_chat() signature, a key of visualglm.compat.chat.SIGNATURES: "text" (query, history of
+    # (query, response) pairs), "image_first" (image_path, then as "text"), "messages" (query, history of
+    # message dicts, role, image). None: the family has no reference chat().
+    hf_chat: str | None = None
+    # True for GLM-4's tokenizer kind: its own chat template over message dicts, [gMASK] <sop> as a prefix,
+    # position_ids in its output, special tokens decoded unless skipped. False: ChatGLM-6B's SentencePiece kind
+    # ([gMASK] <sop> appended, no template: the chat() prompt is built from ``hf_prompt_text``).
+    hf_tokenizer_template: bool = False
+    # (query, history pairs) -> the reference chat()'s prompt text, for a tokenizer without a template.
+    hf_prompt_text: Callable[[str, Sequence[tuple[str, str]]], str] | None = None
+    # (tokenizer, query, history pairs, image_length) -> (prompt ids with the image placeholders, where they
+    # start): the reference build_inputs_with_image, for a family told where its image goes (pre_image_length).
+    hf_image_prompt: Callable[[Any, str, Sequence[tuple[str, str]], int], tuple[list[int], int]] | None = None
+    # (model, prompt ids) -> (the ids with the image placeholder widened to the image's vectors, where it starts
+    # or None): for a family whose prompts mark the image with tokens the model finds (GLM-4V's <|begin_of_image|>).
+    image_placeholders: Callable[[nn.Module, list[int]], tuple[list[int], int | None]] | None = None
 
     @property
     def multimodal(self) -> bool:

@@ -18,7 +18,7 @@ from visualglm.families.chatglm import (
 from visualglm.families.spec import FamilySpec, KeyMap
 from visualglm.models.visualglm import VisualGLMForCausalLM
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
-from visualglm.tokenizers.templates import has_cjk, visualglm_ids
+from visualglm.tokenizers.templates import has_cjk, visualglm_ids, visualglm_prompt
 
 # THUDM/visualglm-6b, Hugging Face layout: ChatGLM-6B's keys plus the image encoder, whose module names we
 # keep equal to the sat-derived key names.
@@ -69,6 +69,13 @@ def visualglm_prompt_ids(model: nn.Module, tokenizer, query: str, history: Seque
     return visualglm_ids(tokenizer, query, history, image_length=image_length, english=english)
 
 
+def visualglm_image_prompt(tokenizer, query: str, history: Sequence[tuple[str, str]], image_length: int
+                           ) -> tuple[list[int], int]:
+    """VisualGLM-6B's HF ``build_inputs_with_image``: the Chinese template (the HF code has no other) with
+    ``image_length`` placeholders after ``<img>``, and where they start."""
+    return visualglm_ids(tokenizer, query, history, image_length=image_length, english=False)
+
+
 VISUALGLM = FamilySpec(
     name=VisualGLMConfig.family,
     display_name="VisualGLM-6B",
@@ -93,4 +100,7 @@ VISUALGLM = FamilySpec(
     template_language=True,
     sat_model_class="VisualGLMModel",
     thudm_quantized=True,
+    hf_chat="image_first",
+    hf_prompt_text=visualglm_prompt,  # the Chinese template: the HF code has no other
+    hf_image_prompt=visualglm_image_prompt,
 )
