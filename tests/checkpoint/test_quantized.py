@@ -97,7 +97,7 @@ def test_streaming_quantizes_each_weight_as_it_is_read(tiny_checkpoint: Path, bi
 def test_streaming_hands_freed_memory_back_after_each_weight(tiny_checkpoint: Path, monkeypatch) -> None:
     """The temporaries of quantizing a weight are returned to the system before the next one is read
     (glibc would otherwise keep them as holes between the quantized buffers: ~1 GiB for VisualGLM-6B)."""
-    from visualglm.checkpoint import load as load_module
+    from visualglm.checkpoint import io as io_module
     from visualglm.checkpoint import quantized as quantized_module
 
     calls = {"loader": 0, "end": 0}
@@ -108,7 +108,7 @@ def test_streaming_hands_freed_memory_back_after_each_weight(tiny_checkpoint: Pa
         return count
 
     monkeypatch.setattr(quantized_module, "release_freed_memory", counter("loader"))
-    monkeypatch.setattr(load_module, "release_freed_memory", counter("end"))
+    monkeypatch.setattr(io_module, "release_freed_memory", counter("end"))  # assign_weights' last step
     model = visualglm.load(tiny_checkpoint, quantize=4, progress=False)
     assert calls == {"loader": 4 * model.config.num_layers, "end": 1}
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
-from visualglm.checkpoint.load import load, parse_dtype
+from visualglm.checkpoint.io import parse_dtype
+from visualglm.checkpoint.load import load
 from visualglm.checkpoint.sat import QKV_LAYOUTS
 from visualglm.checkpoint.save import save_checkpoint
 from visualglm.checkpoint.staging import check_target, paths_overlap, staged_directory

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
-from visualglm.checkpoint.load import build_model, is_sat_directory, read_checkpoint_config, weight_files
+from visualglm.checkpoint.io import build_model, is_sat_directory, read_checkpoint_config, weight_files
 from visualglm.checkpoint.sat import config_from_sat, open_sat
 from visualglm.config import FAMILY_NAMES
 

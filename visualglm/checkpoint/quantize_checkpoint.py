@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
-from visualglm.checkpoint.load import load, parse_dtype, quantize_bits
-from visualglm.checkpoint.quantized import quantized_modules
+from visualglm.checkpoint.io import parse_dtype
+from visualglm.checkpoint.load import load
+from visualglm.checkpoint.quantized import quantize_bits, quantized_modules
 from visualglm.checkpoint.save import save_checkpoint
 from visualglm.checkpoint.staging import check_target, paths_overlap, staged_directory
 from visualglm.quant.linear import INT4_GROUP_SIZES

@@ -26,14 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visualglm.checkpoint.io import CheckpointError, TensorHook, release_freed_memory
 from visualglm.checkpoint.keymaps import KeyMap, UnknownKeyError, map_key
-from visualglm.checkpoint.load import (
-    CheckpointError,
-    TensorHook,
-    quantization_plan_info,
-    quantize_bits,
-    release_freed_memory,
-)
 from visualglm.config import AnyConfig
 from visualglm.families import family_spec
 from visualglm.quant.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
@@ -48,6 +42,20 @@ THUDM_QUANTIZED = ("transformer.layers.*.attention.query_key_value", "transforme
                    "transformer.layers.*.mlp.dense_h_to_4h", "transformer.layers.*.mlp.dense_4h_to_h")
 # Tensor names of quantized modules besides ``weight``/``bias``.
 QUANT_SUFFIXES = ("scale", "qweight", "scales_and_zeros", "weight_scale")
+
+
+def quantize_bits(quantize: int | str) -> int:
+    """The width a ``quantize`` argument asks for: 8 or 4 (ValueError for anything else)."""
+    bits = {8: 8, 4: 4, "8": 8, "4": 4, "int8": 8, "int4": 4}.get(quantize)
+    if bits is None:
+        raise ValueError(f"quantize must be 8, 4, 'int8' or 'int4', got {quantize!r}")
+    return bits
+
+
+def quantization_plan_info(bits: int, skip: tuple[str, ...], group_size: int, symmetric: bool = False
+                           ) -> dict:
+    """How a model was quantized, as ``model.quantization`` records it (and config.json stores it)."""
+    return {"symmetric": symmetric, "skip": list(skip), **({"group_size": group_size} if bits == 4 else {})}
 
 
 def map_module_key(key: str, keymap: KeyMap) -> str | None:

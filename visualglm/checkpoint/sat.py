@@ -36,28 +36,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from visualglm.checkpoint.keymaps import UnknownKeyError, invert, map_key
-from visualglm.checkpoint.load import (
+from visualglm.checkpoint.cpu_kernels import apply_cpu_kernels
+from visualglm.checkpoint.io import (
     CheckpointError,
-    _preview,
-    _torch_load,
-    apply_cpu_kernels,
     assign_weights,
     build_model,
     check_device,
+    preview,
+    safe_torch_load,
     target_dtype_for,
 )
-from visualglm.checkpoint.sat_config import (
-    config_from_sat,
-    sat_model_config,
-)
+from visualglm.checkpoint.keymaps import UnknownKeyError, invert, map_key
+from visualglm.checkpoint.sat_config import config_from_sat, sat_model_config
 from visualglm.checkpoint.staging import staged_directory
 from visualglm.config import read_json_object
 from visualglm.families import family_spec
 
 QKV_LAYOUTS = ("auto", "contiguous", "interleaved")
-
-# sat model classes (model_config.json "model_class") -> our family.
 
 _RANK_FILE = re.compile(r"^mp_rank_(\d{2})_model_states\.pt$")
 
@@ -125,8 +120,7 @@ def convert_qkv_layout(tensor: torch.Tensor, num_heads: int, source: str, target
     return tensor.index_select(0, index.to(tensor.device))
 
 
-# ---- model_config.json <-> our config ---------------------------------------------------------------------
-# Language-model fields read from model_config.json (sat and HF use the same names for these).
+# ---- the checkpoint directory (model_config.json <-> our config: visualglm.checkpoint.sat_config) -----------
 @dataclass
 class SatCheckpoint:
     """What a sat directory holds, before any weight is read."""
@@ -185,7 +179,7 @@ def open_sat(directory: str | Path) -> SatCheckpoint:
 def _read_rank(path: Path) -> dict[str, torch.Tensor]:
     """The ``module`` state dict of one rank file (memory-mapped; other entries, e.g. optimizer or
     iteration bookkeeping, are ignored)."""
-    saved = _torch_load(path)
+    saved = safe_torch_load(path)
     if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
         found = ", ".join(map(str, list(saved)[:5])) if isinstance(saved, dict) else type(saved).__name__
         raise CheckpointError(f"{path}: expected torch.save({{'module': state_dict}}) (sat layout), found {found}")
@@ -302,8 +296,8 @@ def _merged_tensors(checkpoint: SatCheckpoint, states: list[dict[str, torch.Tens
         if set(state) != set(keys):
             lacks = sorted(set(keys) - set(state))
             has = sorted(set(state) - set(keys))
-            detail = "; ".join(part for part in (lacks and f"lacks {_preview(lacks, 4)}",
-                                                 has and f"has extra {_preview(has, 4)}") if part)
+            detail = "; ".join(part for part in (lacks and f"lacks {preview(lacks, 4)}",
+                                                 has and f"has extra {preview(has, 4)}") if part)
             raise CheckpointError(f"{checkpoint.rank_files[rank]}: {detail} compared with rank 0: "
                                   "inconsistent model-parallel ranks")
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
@@ -332,9 +326,9 @@ def _tie_if_equal(model: nn.Module) -> None:
     """sat stores ``lm_head`` separately; when it equals the embedding (as in ChatGLM-6B, whose HF model
     ties them) share one matrix, like the HF checkpoint's config says."""
     config = model.config
-    if config.tie_word_embeddings or not hasattr(model, "tie_weights"):
+    if config.tie_word_embeddings:
         return
-    embedding, head = model.transformer.word_embeddings.weight, model.lm_head.weight
+    embedding, head = model.get_input_embeddings().weight, model.lm_head.weight
     if embedding.shape == head.shape and embedding.dtype == head.dtype and torch.equal(embedding, head):
         config.tie_word_embeddings = True
         model.tie_weights()

@@ -6,9 +6,7 @@ import json
 import warnings
 from typing import Any
 
-from visualglm.checkpoint.load import (
-    CheckpointError,
-)
+from visualglm.checkpoint.io import CheckpointError
 from visualglm.config import AnyConfig, ChatGLMConfig, ConfigError, config_from_dict, config_to_dict
 
 SAT_MODEL_CLASSES = {"ChatGLMModel": "chatglm", "VisualGLMModel": "visualglm"}
@@ -213,6 +211,3 @@ def sat_model_config(config: AnyConfig, *, mp_size: int = 1, qkv_layout: str = "
         qformer = {**full["qformer_config"], "layernorm_order": "post", "model_parallel_size": mp_size}
         data.update(image_length=config.image_length, eva_args=eva, qformer_args=qformer)
     return data
-
-
-# ---- the checkpoint directory ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from visualglm.checkpoint.load import build_model
+from visualglm.checkpoint.io import build_model
 from visualglm.checkpoint.save import save_checkpoint
 from visualglm.config import get_config
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
