@@ -13,7 +13,8 @@ from visualglm.checkpoint.load import load
 from visualglm.checkpoint.tokenizer import load_tokenizer
 from visualglm.compat.model import CompatModel
 from visualglm.compat.tokenizer import CompatTokenizer, refuse_extra
-from visualglm.config import read_config
+from visualglm.config import image_size, read_config
+from visualglm.families import FAMILIES, FamilySpec, family_spec
 
 # Accepted and ignored: they change nothing here (no remote code runs; loading always streams tensors
 # from memory-mapped files; a local directory needs no download options).
@@ -48,6 +49,26 @@ def model_device(device_map: Any) -> torch.device:
             pass
     raise ValueError(f"device_map must be 'cpu', 'cuda', 'cuda:N', 'auto', a GPU index or a dict sending every "
                      f"module to one device; got {device_map!r}")
+
+
+def tokenizer_family(tokenizer: Any) -> FamilySpec:
+    """The family of a tokenizer found without a config.json: the first whose ``tokenizer_class`` it is,
+    text-only families first (ChatGLM-6B and VisualGLM-6B share a tokenizer, and without the model config
+    VisualGLM's image placeholder count is unknown anyway)."""
+    matches = [spec for spec in FAMILIES.values() if isinstance(tokenizer, spec.tokenizer_class)]
+    if not matches:
+        raise ValueError(f"no model family uses a {type(tokenizer).__name__} tokenizer")
+    return min(matches, key=lambda spec: spec.multimodal)
+
+
+def config_tokenizer(tokenizer: Any, config: Any) -> CompatTokenizer:
+    """The tokenizer with its model config's image details: the vision tower's input size (the model's own,
+    what ChatSession uses; GLM-4V's tokenizer config repeats it) and, for a family told where its image
+    goes, the placeholder count."""
+    spec = family_spec(config)
+    size = image_size(config) if spec.multimodal else None
+    length = config.image_length if spec.hf_image_prompt is not None else None
+    return CompatTokenizer(tokenizer, spec, image_size=size, image_length=length)
 
 
 def _quantize(load_in_8bit: bool, load_in_4bit: bool, quantization_config: Any) -> int | None:
@@ -114,13 +135,6 @@ class AutoTokenizer:
         directory = resolve_checkpoint_dir(pretrained_model_name_or_path)
         tokenizer = load_tokenizer(directory)
         if not (directory / "config.json").is_file():
-            family = "glm4v" if hasattr(tokenizer, "apply_chat_template") else "chatglm"
-            return CompatTokenizer(tokenizer, family, image_size=getattr(tokenizer, "image_size", None))
-        config = read_config(directory)
-        if config.family == "glm4v":
-            # The model's own size (what ChatSession uses); the tokenizer config repeats it.
-            return CompatTokenizer(tokenizer, "glm4v", image_size=config.vision_config.image_size)
-        if config.family == "visualglm":
-            return CompatTokenizer(tokenizer, "visualglm", image_size=config.eva_config.image_size,
-                                   image_length=config.image_length)
-        return CompatTokenizer(tokenizer, config.family)
+            return CompatTokenizer(tokenizer, tokenizer_family(tokenizer),
+                                   image_size=getattr(tokenizer, "image_size", None))
+        return config_tokenizer(tokenizer, read_config(directory))

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from visualglm.compat.encoding import BatchEncoding
+from visualglm.families import FAMILIES, FamilySpec, family_spec
 from visualglm.image import preprocess
-from visualglm.tokenizers.templates import chatglm_prompt, visualglm_ids, visualglm_prompt
 
 _PADDING = (False, None, True, "longest", "max_length", "do_not_pad")
 
@@ -43,16 +43,18 @@ def id_list(token_ids: Any) -> list[int]:
 class CompatTokenizer:
     """ChatGLM-6B / VisualGLM-6B (SentencePiece) or GLM-4V-9B (tiktoken) tokenizer with the HF call style.
 
-    ``family`` is the checkpoint's (``"chatglm"``, ``"visualglm"``, ``"glm4v"``); ``image_size`` the side
-    images are resized to; ``image_length`` VisualGLM's placeholder count (from the model config).
+    ``family`` is the checkpoint's (a family name or :class:`FamilySpec`; ``.family`` keeps the name, ``.spec``
+    the spec); ``image_size`` the side (or ``(height, width)``) images are resized to; ``image_length`` the
+    placeholder count of a family told where its image goes (VisualGLM's, from the model config).
     """
 
     padding_side = "left"
 
-    def __init__(self, tokenizer: Any, family: str, *, image_size: int | None = None,
+    def __init__(self, tokenizer: Any, family: str | FamilySpec, *, image_size: int | Sequence[int] | None = None,
                  image_length: int | None = None) -> None:
         self.tokenizer = tokenizer
-        self.family = family
+        self.spec = family_spec(family)
+        self.family = self.spec.name
         self.image_size = image_size
         self.image_length = image_length
 
@@ -70,7 +72,7 @@ class CompatTokenizer:
         GLM-4 prepends ``[gMASK] <sop>``."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        if self.family == "glm4v":
+        if self.spec.hf_tokenizer_template:
             ids = self.tokenizer.encode(text)
             return self.tokenizer.get_prefix_tokens() + ids if add_special_tokens else ids
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -123,43 +125,44 @@ class CompatTokenizer:
         images = [image for _, image, _ in built if image is not None]
         if images:
             encoding["images"] = torch.cat([self._pixels(image) for image in images])
-        if self.family == "visualglm" and images:
+        if self.spec.hf_image_prompt is not None and images:
             if len(images) != len(built):
-                raise ValueError("VisualGLM-6B batches need an image in every conversation or in none")
+                raise ValueError(f"{self.spec.display_name} batches need an image in every conversation or in none")
             starts = [start for _, _, start in built]
             encoding["pre_image_length"] = starts[0] if len(set(starts)) == 1 else starts
         return encoding
 
     def _template_ids(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool,
                       add_special_tokens: bool) -> tuple[list[int], Any, int | None]:
-        """(ids, the conversation's image or None, VisualGLM's placeholder start or None)."""
-        if self.family == "glm4v":
+        """(ids, the conversation's image or None, the placeholder start of a family told where its image goes
+        (``hf_image_prompt``) or None)."""
+        if self.spec.hf_tokenizer_template:
             ids, image_index = self.tokenizer.apply_chat_template(messages, add_generation_prompt,
                                                                   add_special_tokens=add_special_tokens)
             # The template checked that at most one message has an image (None or "" count as none).
             image = None if image_index is None else next(m["image"] for m in messages if _has_image(m))
             return ids, image, None
         history, query, image = self._turns(messages, add_generation_prompt, add_special_tokens)
-        if self.family == "chatglm":
-            return self.tokenizer.encode(chatglm_prompt(query, history)), None, None
-        image_length = None if image is None else self._image_length()
-        ids, start = visualglm_ids(self.tokenizer, query, history, image_length=image_length, english=False)
+        if image is None:
+            return self.tokenizer.encode(self.spec.hf_prompt_text(query, history)), None, None
+        ids, start = self.spec.hf_image_prompt(self.tokenizer, query, history, self._image_length())
         return ids, image, start
 
     def _template_text(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool,
                        add_special_tokens: bool) -> str:
-        if self.family == "glm4v":
+        if self.spec.hf_tokenizer_template:
             return self.tokenizer.chat_template_text(messages, add_generation_prompt,
                                                      add_special_tokens=add_special_tokens)
         history, query, image = self._turns(messages, add_generation_prompt, add_special_tokens)
         if image is not None:
-            raise ValueError("a VisualGLM-6B prompt with an image is not plain text: use tokenize=True")
-        return chatglm_prompt(query, history) if self.family == "chatglm" else visualglm_prompt(query, history)
+            raise ValueError(f"a {self.spec.display_name} prompt with an image is not plain text: use tokenize=True")
+        return self.spec.hf_prompt_text(query, history)
 
     def _turns(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, add_special_tokens: bool
                ) -> tuple[list[tuple[str, str]], str, Any]:
-        """ChatGLM-6B / VisualGLM-6B: the messages as (history pairs, query, image or None)."""
-        name = "ChatGLM-6B" if self.family == "chatglm" else "VisualGLM-6B"
+        """A tokenizer without a template (ChatGLM-6B's kind): the messages as (history pairs, query, image or
+        None)."""
+        name = self.spec.display_name
         if not add_generation_prompt:
             raise ValueError(f"{name}'s prompt always ends with the answer cue: pass add_generation_prompt=True")
         if not add_special_tokens:
@@ -173,10 +176,10 @@ class CompatTokenizer:
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("message content must be a string")
         images = [m["image"] for m in messages if m.get("image") is not None]
-        if images and self.family == "chatglm":
-            raise ValueError("ChatGLM-6B takes no images (use a VisualGLM-6B or GLM-4V-9B checkpoint)")
+        if images and not self.spec.multimodal:
+            raise ValueError(no_images_message(self.spec))
         if len(images) > 1:
-            raise ValueError("only one image per conversation is supported (VisualGLM-6B)")
+            raise ValueError(f"only one image per conversation is supported ({name})")
         history = list(zip(texts[0:-1:2], texts[1:-1:2], strict=True))
         return history, texts[-1], images[0] if images else None
 
@@ -217,7 +220,7 @@ class CompatTokenizer:
         fields: dict[str, list[list[int]]] = {"input_ids": [[pad] * g + r for g, r in zip(gaps, rows, strict=True)]}
         if attention_mask:
             fields["attention_mask"] = [[0] * g + [1] * len(r) for g, r in zip(gaps, rows, strict=True)]
-        if self.family == "glm4v":
+        if self.spec.hf_tokenizer_template:  # GLM-4's reference tokenizer returns them
             fields["position_ids"] = [[0] * g + list(range(len(r))) for g, r in zip(gaps, rows, strict=True)]
         if return_tensors == "pt":
             return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in fields.items()})
@@ -230,7 +233,7 @@ class CompatTokenizer:
         nothing (as its reference tokenizer); GLM-4's special tokens appear unless ``skip_special_tokens``."""
         refuse_extra(kwargs, "decode()")
         ids = id_list(token_ids)
-        if self.family == "glm4v":
+        if self.spec.hf_tokenizer_template:
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         cleanup = True if clean_up_tokenization_spaces is None else bool(clean_up_tokenization_spaces)
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=cleanup)
@@ -238,6 +241,12 @@ class CompatTokenizer:
     def batch_decode(self, sequences: Any, **kwargs: Any) -> list[str]:
         """:meth:`decode` of each row of a ``[B, T]`` tensor or list of id lists."""
         return [self.decode(row, **kwargs) for row in sequences]
+
+
+def no_images_message(spec: FamilySpec) -> str:
+    """The error for images given to a text-only family, naming the families that take them."""
+    multimodal = " or ".join(other.display_name for other in FAMILIES.values() if other.multimodal)
+    return f"{spec.display_name} takes no images (use a {multimodal} checkpoint)"
 
 
 def _has_image(message: Mapping[str, Any]) -> bool:
