@@ -1,5 +1,6 @@
 """The reference models' ``chat`` / ``stream_chat``, each family with its own signature and defaults,
-run by :class:`~visualglm.generation.chat.ChatSession`.
+run by :class:`~visualglm.generation.chat.ChatSession`. The family's ``FamilySpec.hf_chat`` names its
+signature (a key of :data:`SIGNATURES`).
 
 - ChatGLM-6B: ``(tokenizer, query, history=None, max_length=2048, num_beams=1, do_sample=True, top_p=0.7,
   temperature=0.95, logits_processor=None, **kwargs)``; history is a list of ``(query, response)`` pairs.
@@ -26,6 +27,7 @@ from torch import nn
 
 from visualglm.compat.generate import global_seed
 from visualglm.compat.tokenizer import refuse_extra, unwrap
+from visualglm.families import family_spec
 from visualglm.generation.chat import ChatSession
 from visualglm.generation.sampling import SamplingParams
 
@@ -76,7 +78,7 @@ def chatglm_stream(model: nn.Module, tokenizer: Any, query: str, history: list |
                    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
     """ChatGLM-6B: yields ``(response so far, history with it)``."""
     extra = _options(kwargs, num_beams, logits_processor, "chat()")
-    sampling = SamplingParams.chatglm6b(top_p=top_p, temperature=temperature, do_sample=do_sample)
+    sampling = SamplingParams.for_family(model, top_p=top_p, temperature=temperature, do_sample=do_sample)
     session = _session(model, tokenizer, _pairs(history), max_length, sampling, extra)
     yield from _streamed(session, query, _pair_history(session, query))
 
@@ -89,8 +91,8 @@ def visualglm_stream(model: nn.Module, tokenizer: Any, image_path: Any, query: s
     """VisualGLM-6B: the image path (or any image source; None or "" for none) comes first, as in its
     ``chat``. Yields ``(response so far, history with it)``."""
     extra = _options(kwargs, num_beams, logits_processor, "chat()")
-    sampling = SamplingParams.visualglm(top_p=top_p, top_k=top_k, temperature=temperature,
-                                        repetition_penalty=repetition_penalty, do_sample=do_sample)
+    sampling = SamplingParams.for_family(model, top_p=top_p, top_k=top_k, temperature=temperature,
+                                         repetition_penalty=repetition_penalty, do_sample=do_sample)
     session = _session(model, tokenizer, _pairs(history), max_length, sampling, extra, image=image_path or None,
                        english=False)  # the HF code has the Chinese template only
     yield from _streamed(session, query, _pair_history(session, query))
@@ -119,7 +121,7 @@ def glm4v_stream(model: nn.Module, tokenizer: Any, query: str, history: list | N
         elif message.get("role") == "assistant" and pending is not None:
             pairs.append((pending, message.get("content", "")))
             pending = None
-    sampling = SamplingParams.glm4v(top_p=top_p, temperature=temperature, do_sample=do_sample)
+    sampling = SamplingParams.for_family(model, top_p=top_p, temperature=temperature, do_sample=do_sample)
     session = _session(model, tokenizer, pairs, None, sampling, extra, image=image)
     # The reference's max_length counts the prompt as generate() sees it, with the image's three placeholder
     # ids (the model widens them to the image's vectors inside its forward): a token budget, here.
@@ -138,11 +140,26 @@ def glm4v_stream(model: nn.Module, tokenizer: Any, query: str, history: list | N
                          lambda response: history + [user, {"role": "assistant", "metadata": "", "content": response}])
 
 
-STREAMS = {"chatglm": chatglm_stream, "visualglm": visualglm_stream, "glm4v": glm4v_stream}
+# The reference chat() signatures by ``FamilySpec.hf_chat``.
+SIGNATURES: dict[str, Callable[..., Iterator[tuple[str, list]]]] = {
+    "text": chatglm_stream, "image_first": visualglm_stream, "messages": glm4v_stream}
+
+
+def stream_function(model: nn.Module) -> Callable[..., Iterator[tuple[str, list]]]:
+    """The ``stream_chat`` of the model's family: the reference signature its spec names."""
+    spec = family_spec(model)
+    if spec.hf_chat is None:
+        raise ValueError(f"{spec.display_name} has no reference chat()/stream_chat()")
+    return SIGNATURES[spec.hf_chat]
+
+
+def stream_chat(model: nn.Module, tokenizer: Any, *args: Any, **kwargs: Any) -> Iterator[tuple[str, list]]:
+    """``(response so far, history)`` per text delta, for the model's family (see the module docstring)."""
+    return stream_function(model)(model, tokenizer, *args, **kwargs)
 
 
 def chat(model: nn.Module, tokenizer: Any, *args: Any, **kwargs: Any) -> tuple[str, list]:
     """The whole answer and the new history, for the model's family (see the module docstring)."""
-    for last in STREAMS[model.config.family](model, tokenizer, *args, **kwargs):  # noqa: B007 (the last one)
+    for last in stream_chat(model, tokenizer, *args, **kwargs):  # noqa: B007 (the last one)
         pass
     return last

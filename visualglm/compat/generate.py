@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from visualglm.compat.tokenizer import refuse_extra
+from visualglm.compat.tokenizer import no_images_message, refuse_extra
+from visualglm.families import family_spec
 from visualglm.generation.engine import GenerationParams, generate_steps, left_pad
 from visualglm.generation.sampling import HF_DEFAULT_TOP_K, SamplingParams, make_generator
 
@@ -132,7 +133,7 @@ def _check_positions(model: nn.Module, position_ids: Any, ids: torch.Tensor, num
         return
     given = position_ids if isinstance(position_ids, torch.Tensor) else torch.tensor(position_ids)
     given = given.cpu().long()
-    if model.config.family == "glm4v":
+    if family_spec(model).hf_tokenizer_template:  # the reference tokenizer's own: 0 on padding, then 0, 1, ...
         expected = torch.tensor([[0] * n + list(range(ids.shape[1] - n)) for n in num_pad])
     else:
         expected = model.prompt_inputs(ids.cpu(), num_pad)[0].long()
@@ -144,11 +145,12 @@ def _image_rows(model: nn.Module, rows: list[list[int]], images: Any, pre_image_
                 ) -> tuple[list[list[int]], list[int | None]]:
     """Prompt rows as the model reads them (GLM-4V's placeholders widened) and where each row's image
     starts (None: no image)."""
-    family = model.config.family
-    if family == "glm4v":
+    spec = family_spec(model)
+    if spec.image_placeholders is not None:
         if pre_image_length is not None:
-            raise ValueError("pre_image_length is a VisualGLM-6B input; GLM-4V-9B finds <|begin_of_image|>")
-        expanded = [model.expand_image_placeholders(row) for row in rows]
+            raise ValueError(f"pre_image_length does not apply to {spec.display_name}: the image placeholder in "
+                             "the ids marks where its image goes")
+        expanded = [spec.image_placeholders(model, row) for row in rows]
         rows, starts = [r for r, _ in expanded], [s for _, s in expanded]
         wanted = sum(s is not None for s in starts)
         if images is None and wanted:
@@ -158,10 +160,11 @@ def _image_rows(model: nn.Module, rows: list[list[int]], images: Any, pre_image_
         if pre_image_length is not None:
             raise ValueError("pre_image_length was given without images")
         return rows, [None] * len(rows)
-    if family != "visualglm":
-        raise ValueError("ChatGLM-6B takes no images (use a VisualGLM-6B or GLM-4V-9B checkpoint)")
+    if spec.hf_image_prompt is None:
+        raise ValueError(no_images_message(spec))
     if pre_image_length is None:
-        raise ValueError("VisualGLM-6B images need pre_image_length (model.build_inputs_with_image returns it)")
+        raise ValueError(f"{spec.display_name} images need pre_image_length (model.build_inputs_with_image "
+                         "returns it)")
     starts = [pre_image_length] * len(rows) if isinstance(pre_image_length, int) else list(pre_image_length)
     if len(starts) != len(rows) or not all(isinstance(s, int) for s in starts):
         raise ValueError(f"pre_image_length must be an int or one int per row ({len(rows)} rows)")

@@ -15,10 +15,11 @@ from visualglm.compat import chat as family_chat
 from visualglm.compat.encoding import BatchEncoding
 from visualglm.compat.generate import generate
 from visualglm.compat.tokenizer import refuse_extra, unwrap
+from visualglm.config import image_size
+from visualglm.families import FAMILIES, family_spec
 from visualglm.generation.chat import model_undecodable_ranges
 from visualglm.image import preprocess
 from visualglm.quant.linear import Int4Linear, Int8Linear
-from visualglm.tokenizers.templates import visualglm_ids
 
 
 class CompatModel:
@@ -111,18 +112,20 @@ class CompatModel:
     def stream_chat(self, tokenizer: Any, *args: Any, **kwargs: Any) -> Iterator[tuple[str, list]]:
         """The reference ``stream_chat``: yields ``(response so far, history)``; VisualGLM-6B takes the
         image path first, as its ``chat``."""
-        return family_chat.STREAMS[self.config.family](self.model, tokenizer, *args, **kwargs)
+        return family_chat.stream_chat(self.model, tokenizer, *args, **kwargs)
 
     def build_inputs_with_image(self, tokenizer: Any, image_path: Any, query: str, history: list | None = None
                                 ) -> BatchEncoding:
         """VisualGLM-6B's HF helper: ``input_ids`` ``[1, T]`` of its chat prompt with ``image_length``
         placeholders, ``pre_image_length`` (tokens before them) and ``images`` ``[1, 3, 224, 224]``; pass
         them to :meth:`generate`."""
-        if self.config.family != "visualglm":
-            raise ValueError("build_inputs_with_image is a VisualGLM-6B method")
+        spec = family_spec(self.config)
+        if spec.hf_image_prompt is None:
+            owners = " / ".join(other.display_name for other in FAMILIES.values() if other.hf_image_prompt)
+            raise ValueError(f"build_inputs_with_image is a {owners} method")
         history = [tuple(turn) for turn in (history or [])]
-        ids, start = visualglm_ids(unwrap(tokenizer), query, history, image_length=self.config.image_length)
-        size = self.config.eva_config.image_size
+        ids, start = spec.hf_image_prompt(unwrap(tokenizer), query, history, self.config.image_length)
+        size = image_size(self.config)
         return BatchEncoding({"input_ids": torch.tensor([ids], device=self.device), "pre_image_length": start,
                               "images": preprocess(image_path, size).to(self.device)})
 
