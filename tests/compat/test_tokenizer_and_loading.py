@@ -142,3 +142,34 @@ def test_glm4v_chat_max_length_counts_the_image_as_its_placeholders(glm4v_checkp
                                       do_sample=False))
     answer, _ = model.chat(tokenizer, "hi", history=[], image=image, max_new_tokens=2, do_sample=False)
     assert streamed[-1][0] == answer
+
+
+def test_tokenizer_without_config_takes_the_text_family_of_its_class(tiny_chat_checkpoint: Path,
+                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    from visualglm.compat.auto import tokenizer_family
+
+    directory = tmp_path / "tokenizer-only"
+    directory.mkdir()
+    for path in tiny_chat_checkpoint.iterdir():
+        if path.name != "config.json" and not path.name.endswith(".safetensors"):
+            shutil.copy(path, directory / path.name)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    spec = tokenizer_family(tokenizer.tokenizer)
+    # ChatGLM-6B and VisualGLM-6B share the tokenizer class: the text-only family is taken.
+    assert not spec.multimodal and isinstance(tokenizer.tokenizer, spec.tokenizer_class)
+    assert tokenizer.spec is spec and tokenizer.family == spec.name
+    with pytest.raises(ValueError, match="no model family uses a object tokenizer"):
+        tokenizer_family(object())
+
+
+def test_every_family_describes_its_reference_api() -> None:
+    from visualglm.compat.chat import SIGNATURES
+    from visualglm.families import FAMILIES
+
+    for spec in FAMILIES.values():
+        assert spec.hf_chat in SIGNATURES
+        assert spec.hf_tokenizer_template or spec.hf_prompt_text is not None
+        # A multimodal family either is told where its image goes or finds its placeholder itself.
+        assert (spec.hf_image_prompt is not None) + (spec.image_placeholders is not None) == spec.multimodal
