@@ -7,7 +7,7 @@ from pathlib import Path
 from visualglm.checkpoint.hub import resolve_checkpoint_dir
 from visualglm.checkpoint.io import build_model, is_sat_directory, read_checkpoint_config, weight_files
 from visualglm.checkpoint.sat import config_from_sat, open_sat
-from visualglm.config import FAMILY_NAMES
+from visualglm.families import family_spec
 
 
 def describe_checkpoint(path_or_name: str | Path) -> str:
@@ -26,7 +26,7 @@ def describe_checkpoint(path_or_name: str | Path) -> str:
     size = sum(f.stat().st_size for f in files)
     lines = [
         f"directory:  {directory}",
-        f"family:     {FAMILY_NAMES[config.family]}",
+        f"family:     {family_spec(config).display_name}",
         f"parameters: {_count(sum(unique.values()))}",
         f"stored as:  {layout}, {len(files)} file(s), {size / 1024**3:.2f} GiB",
         f"layers:     {config.num_layers}, hidden {config.hidden_size}, heads {config.num_attention_heads}, "

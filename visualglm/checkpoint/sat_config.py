@@ -7,10 +7,12 @@ import warnings
 from typing import Any
 
 from visualglm.checkpoint.io import CheckpointError
-from visualglm.config import AnyConfig, ChatGLMConfig, ConfigError, config_from_dict, config_to_dict
+from visualglm.config import AnyConfig, ConfigError, config_from_dict, config_to_dict
+from visualglm.families import FAMILIES, FamilySpec, family_spec
 
-SAT_MODEL_CLASSES = {"ChatGLMModel": "chatglm", "VisualGLMModel": "visualglm"}
-_CLASS_FOR_FAMILY = {family: name for name, family in SAT_MODEL_CLASSES.items()}
+# sat's model classes (model_config.json "model_class") -> the family each holds (``FamilySpec.sat_model_class``).
+SAT_FAMILIES: dict[str, FamilySpec] = {spec.sat_model_class: spec for spec in FAMILIES.values()
+                                       if spec.sat_model_class is not None}
 
 _LM_REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "bos_token_id",
                 "mask_token_id", "gmask_token_id")
@@ -36,7 +38,6 @@ _QFORMER_FIXED = {"layernorm_order": "post", "use_final_layernorm": True, "use_b
                   "num_multi_query_heads": 0, "is_gated_mlp": False, "num_experts": 1}
 _SAT_LAYERNORM_EPS = 1e-5  # sat's default; model_config.json records layernorm_epsilon only when it differs
 _SAT_VIT_DEFAULTS = {"image_size": [224, 224], "patch_size": 16, "pre_len": 1, "post_len": 0, "in_channels": 3}
-_CHATGLM_EOS = ChatGLMConfig.eos_token_id  # <eop>; sat never records the eos id
 _SAT_PAD = 3  # sat < 0.4.1 hard-codes pad_token_id = 3
 
 
@@ -69,49 +70,43 @@ def config_from_sat(data: dict[str, Any], *, where: str = "model_config.json",
     VisualGLM ``eva_args``/``qformer_args`` or ``eva_config``/``qformer_config`` with their layer counts and
     sizes). Missing optional fields take sat's defaults: inner_hidden_size 4 * hidden_size,
     layernorm_epsilon 1e-5, pad_token_id 3 (hard-coded by sat < 0.4.1); eos_token_id, which sat never
-    records, defaults to ChatGLM-6B's ``<eop>`` (130005). Unknown fields are ignored with a warning;
-    architecture options that our model cannot represent raise CheckpointError.
+    records, defaults to the family config's ``<eop>`` (130005, ChatGLM-6B's). Unknown fields are ignored
+    with a warning; architecture options that our model cannot represent raise CheckpointError.
     """
-    model_class = data.get("model_class")
     has_image = any(name in data for name in (*_SUBCONFIGS, *_SUBCONFIGS.values()))
-    if model_class is None:
-        family = "visualglm" if has_image else "chatglm"
-    elif model_class in SAT_MODEL_CLASSES:
-        family = SAT_MODEL_CLASSES[model_class]
-    else:
-        raise CheckpointError(f"{where}: model_class {model_class!r} is not supported (supported: "
-                              f"{', '.join(SAT_MODEL_CLASSES)})")
-    hf: dict[str, Any] = {"model_type": "chatglm"}
+    spec = _sat_family(data.get("model_class"), has_image, where)
+    hf: dict[str, Any] = {"model_type": spec.config_class.model_type}
     for name in _LM_REQUIRED:
         hf[name] = _require(data, name, where)
     _check_fixed(data, _LM_FIXED, where)
     _check_head_size(data, where)
     hf["inner_hidden_size"] = data.get("inner_hidden_size") or 4 * hf["hidden_size"]
     hf["layernorm_epsilon"] = data.get("layernorm_epsilon") or _SAT_LAYERNORM_EPS
-    hf["max_sequence_length"] = data.get("max_sequence_length") or ChatGLMConfig.max_sequence_length
+    hf["max_sequence_length"] = data.get("max_sequence_length") or spec.config_class.max_sequence_length
     hf["pad_token_id"] = _SAT_PAD if data.get("pad_token_id") is None else data["pad_token_id"]
     hf["eos_token_id"] = data.get("eos_token_id")
     if hf["eos_token_id"] is None:
-        if _CHATGLM_EOS >= hf["vocab_size"]:
-            raise CheckpointError(f"{where} has no 'eos_token_id' (sat does not record it) and ChatGLM-6B's "
-                                  f"<eop> id {_CHATGLM_EOS} is outside vocab_size {hf['vocab_size']}: add "
-                                  "\"eos_token_id\" to model_config.json")
-        hf["eos_token_id"] = _CHATGLM_EOS
+        eop = spec.config_class.eos_token_id  # <eop>; sat never records the eos id
+        if eop >= hf["vocab_size"]:
+            raise CheckpointError(f"{where} has no 'eos_token_id' (sat does not record it) and "
+                                  f"{spec.display_name}'s <eop> id {eop} is outside vocab_size "
+                                  f"{hf['vocab_size']}: add \"eos_token_id\" to model_config.json")
+        hf["eos_token_id"] = eop
     # sat keeps a separate lm_head; load_sat ties it to the embedding when the two are equal.
     hf["tie_word_embeddings"] = bool(data.get("tie_word_embeddings", False))
     hf["torch_dtype"] = data.get("torch_dtype") or torch_dtype or "float16"
     for name in ("position_encoding_2d", "use_cache"):
         if name in data:
             hf[name] = data[name]
-    if family == "visualglm":
+    if spec.multimodal:
         hf["image_length"] = data.get("image_length") or 32  # sat's --image_length default
         eva = _subconfig(data, "eva_args", where)
         qformer = _subconfig(data, "qformer_args", where)
         hf["eva_config"] = _eva_from_sat(eva, f"{where} eva_args")
         hf["qformer_config"] = _qformer_from_sat(qformer, hf["image_length"], f"{where} qformer_args")
     elif has_image:
-        raise CheckpointError(f"{where}: model_class {model_class!r} has no image encoder, but eva/qformer "
-                              "arguments are present")
+        raise CheckpointError(f"{where}: model_class {data.get('model_class')!r} has no image encoder, but "
+                              "eva/qformer arguments are present")
     known = {*_LM_REQUIRED, *_LM_OPTIONAL, *_SUBCONFIGS, *_SUBCONFIGS.values(), *_BOOKKEEPING, *_LM_FIXED,
              "hidden_size_per_attention_head", "cross_attn_hidden_size"}
     unknown = sorted(set(data) - known)
@@ -121,6 +116,18 @@ def config_from_sat(data: dict[str, Any], *, where: str = "model_config.json",
         return config_from_dict(hf)
     except ConfigError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _sat_family(model_class: str | None, has_image: bool, where: str) -> FamilySpec:
+    """The family of a sat ``model_class``; without one (older sat configs), the family with an image encoder
+    when eva/qformer arguments are present, else the text-only one."""
+    if model_class is None:
+        return next(spec for spec in SAT_FAMILIES.values() if spec.multimodal == has_image)
+    spec = SAT_FAMILIES.get(model_class)
+    if spec is None:
+        raise CheckpointError(f"{where}: model_class {model_class!r} is not supported (supported: "
+                              f"{', '.join(SAT_FAMILIES)})")
+    return spec
 
 
 def _subconfig(data: dict[str, Any], sat_name: str, where: str) -> dict[str, Any]:
@@ -183,8 +190,11 @@ def sat_model_config(config: AnyConfig, *, mp_size: int = 1, qkv_layout: str = "
 
     ``pad_token_id`` is written only for the contiguous layout, as sat >= 0.4.1 does (sat < 0.4.1, the
     interleaved era, had no such argument)."""
+    spec = family_spec(config)
+    if spec.sat_model_class is None:
+        raise ValueError(f"{spec.display_name} has no SwissArmyTransformer layout")
     data: dict[str, Any] = {
-        "model_class": _CLASS_FOR_FAMILY[config.family],
+        "model_class": spec.sat_model_class,
         "tokenizer_type": "THUDM/chatglm-6b",
         "num_layers": config.num_layers,
         "hidden_size": config.hidden_size,
@@ -204,7 +214,7 @@ def sat_model_config(config: AnyConfig, *, mp_size: int = 1, qkv_layout: str = "
         data["pad_token_id"] = config.pad_token_id
     data["eos_token_id"] = config.eos_token_id
     data["qkv_layout"] = qkv_layout
-    if config.family == "visualglm":
+    if spec.multimodal:
         full = config_to_dict(config)
         eva = {**full["eva_config"], "layernorm_order": "pre", "use_final_layernorm": False, "post_len": 0,
                "model_parallel_size": mp_size}

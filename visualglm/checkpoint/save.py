@@ -76,7 +76,10 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, max_shard_bytes:
         extra = {k: v for k, v in model.config.extra.items() if k not in (QUANT_CONFIG_KEY, "quantization_bit")}
         if quant_entry is not None:
             extra[QUANT_CONFIG_KEY] = quant_entry
-        changes = {"quantization_bit": 0} if hasattr(model.config, "quantization_bit") else {}
+        # THUDM's pre-quantized format is a config field of the families that have it: written as 0 (not quantized
+        # that way), since the quantized modules are recorded in quantization_config.
+        has_thudm_bits = any(f.name == "quantization_bit" for f in dataclasses.fields(model.config))
+        changes = {"quantization_bit": 0} if has_thudm_bits else {}
         config = dataclasses.replace(model.config, torch_dtype=str(stored).removeprefix("torch."), extra=extra,
                                      **changes)
         write_config(config, staging)

@@ -10,7 +10,7 @@ import torch
 
 from visualglm.checkpoint.io import build_model
 from visualglm.checkpoint.save import save_checkpoint
-from visualglm.config import get_config
+from visualglm.config import ChatGLMConfig, get_config
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
 from visualglm.tokenizers.tiny import train_chatglm_sentencepiece
 
@@ -34,7 +34,7 @@ def init_random_weights(model: torch.nn.Module, weight_scale: float = 2.0, seed:
 
 
 def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_scale: float = 2.0,
-                                 family: str = "chatglm", **sizes: int) -> Path:
+                                 family: str = ChatGLMConfig.family, **sizes: int) -> Path:
     """Write config.json + model.safetensors + ice_text.model (official layout) to ``directory``.
 
     ``family`` "chatglm" or "visualglm" (adds a tiny EVA ViT + Q-Former at 224 px). The config's special
