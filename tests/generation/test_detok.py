@@ -438,14 +438,14 @@ def test_stream_postprocessor_holds_only_what_may_change() -> None:
 def test_decode_stream_with_postprocessing(tok) -> None:
     for text in [*TEXTS, "  好的,我来回答:答案是[[训练时间]]!  "]:
         ids = tok.encode(text, add_special_tokens=False)
-        s = DecodeStream(tok, postprocess="chatglm")
+        s = DecodeStream(tok, postprocess="full-width")
         out = "".join(s.push(i) for i in ids) + s.flush()
         assert out == s.text == postprocess_chatglm(tok.decode(ids)), text
 
 
 def test_decode_stream_stops(tok) -> None:
     ids = tok.encode("好的,答案是 42\n\nUser: next question", add_special_tokens=False)
-    s = DecodeStream(tok, stop=["\n\nUser:"], postprocess="chatglm")
+    s = DecodeStream(tok, stop=["\n\nUser:"], postprocess="full-width")
     deltas = [s.push(i) for i in ids]
     assert s.stopped and s.stop_string == "\n\nUser:"
     assert "".join(deltas) + s.flush() == "好的，答案是 42"

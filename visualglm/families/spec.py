@@ -49,7 +49,7 @@ class FamilySpec:
     max_length: int  # the reference chat function's max_length (prompt + answer)
     build_prompt: PromptBuilder  # the reference chat template (ids only: images are encoded separately)
     stop_ids: Callable[[Any], tuple[int, ...]]  # config -> the ids that end an answer
-    postprocess: str  # the detokenizer's answer post-processing (a style visualglm.generation.detok knows)
+    postprocess: str  # the answer post-processing style: "strip" or "full-width" (detok.POSTPROCESS_STYLES)
     # Fine-tuning: True for a prefix LM that only predicts after its prompt (one example per answer, earlier
     # turns as history); False when one causal sequence holds the whole conversation.
     example_per_turn: bool

@@ -18,8 +18,9 @@ the one-shot result on the whole input, whatever the chunking):
   any tokenizer plugs in (GLM-4's tiktoken one decodes bytes with ``errors="replace"``, spec C4).
 - :class:`StopStringMatcher`: text -> text up to (not including) the first stop string; a tail that may
   still become a stop string is held back, so nothing is ever emitted and then taken back.
-- :class:`StreamPostprocessor` (:func:`chatglm_postprocessor`): ChatGLM-6B's response post-processing
-  (spec A7, :func:`postprocess_chatglm`) applied to a stream.
+- :class:`StreamPostprocessor`: an answer's post-processing applied to a stream, in one of the
+  :data:`POSTPROCESS_STYLES` (a family's spec names its style): ``"strip"`` (GLM-4's ``process_response``
+  for plain answers) or ``"full-width"`` (ChatGLM-6B's, spec A7, :func:`postprocess_chatglm`).
 
 :class:`DecodeStream` chains them: ids -> detokenizer -> stop strings -> post-processing.
 """
@@ -435,6 +436,24 @@ def chatglm_postprocessor() -> StreamPostprocessor:
     return StreamPostprocessor([_StripStage(), StreamReplace(*CHATGLM_TRAINING_TIME), _PunctuationStage()])
 
 
+# The answer post-processing styles, named after what they do (``FamilySpec.postprocess`` holds one):
+# "strip" strips the answer and fills in ``[[训练时间]]``; "full-width" also turns ASCII punctuation next to a
+# CJK ideograph full width.
+POSTPROCESS_STYLES: dict[str, Callable[[], StreamPostprocessor]] = {
+    "strip": glm4_postprocessor,
+    "full-width": chatglm_postprocessor,
+}
+
+
+def postprocessor(style: str) -> StreamPostprocessor:
+    """A fresh streaming post-processor of ``style`` (one of :data:`POSTPROCESS_STYLES`); ValueError otherwise."""
+    try:
+        return POSTPROCESS_STYLES[style]()
+    except KeyError:
+        known = ", ".join(map(repr, POSTPROCESS_STYLES))
+        raise ValueError(f"unknown postprocess {style!r} (known: {known})") from None
+
+
 # ----------------------------------------------------------------------------- all together
 class DecodeStream:
     """ids -> :class:`IncrementalDetokenizer` -> :class:`StopStringMatcher` -> post-processing.
@@ -442,7 +461,8 @@ class DecodeStream:
     ``push(token_id)`` returns the new text to show; ``flush()`` the rest at the end. The outputs
     concatenate to ``postprocess(text_before_first_stop(tokenizer.decode(ids)))``. After a stop string
     (``stopped``), ``push`` returns ``""``: the caller should stop generating.
-    ``postprocess``: None, ``"chatglm"`` or a :class:`TextStage` (e.g. :class:`StreamPostprocessor`).
+    ``postprocess``: None, a style of :data:`POSTPROCESS_STYLES` or a :class:`TextStage` (e.g.
+    :class:`StreamPostprocessor`).
     """
 
     def __init__(
@@ -455,12 +475,8 @@ class DecodeStream:
     ) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer, **detokenizer_options)
         self.matcher = StopStringMatcher(stop)
-        if postprocess == "chatglm":
-            postprocess = chatglm_postprocessor()
-        elif postprocess == "glm4":
-            postprocess = glm4_postprocessor()
-        elif isinstance(postprocess, str):
-            raise ValueError(f"unknown postprocess {postprocess!r} (known: 'chatglm')")
+        if isinstance(postprocess, str):
+            postprocess = postprocessor(postprocess)
         self.postprocessor: TextStage | None = postprocess
         self._parts: list[str] = []
         self._closed = False
