@@ -124,7 +124,7 @@ def test_image_size_is_read_from_each_family_vision_config() -> None:
     from visualglm.config import ConfigError, get_config, image_size
 
     visual, glm4v = get_config("visualglm-tiny"), get_config("glm-4v-tiny")
-    assert image_size(visual) == visual.eva_config.image_size
-    assert image_size(glm4v) == glm4v.vision_config.image_size
+    assert image_size(visual) == tuple(visual.eva_config.image_size)
+    assert image_size(glm4v) == (glm4v.vision_config.image_size,) * 2
     with pytest.raises(ConfigError, match="no vision tower"):
         image_size(get_config("chatglm-tiny"))

@@ -26,9 +26,10 @@ from visualglm.checkpoint.load import (
     quantize_bits,
 )
 from visualglm.checkpoint.tiny import init_random_weights
-from visualglm.config import get_config
+from visualglm.config import get_config, image_size
 from visualglm.families import family_spec
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
+from visualglm.models.interface import is_multimodal
 from visualglm.quant.cuda_kernels import use_cuda_kernels
 from visualglm.quant.output import TiedInt8Output, quantize_tied_output
 from visualglm.quant.swap import plan_quantization, swap_empty
@@ -187,21 +188,12 @@ def _peak_rss_gib() -> float:
     return float("nan")
 
 
-def _image_side(config) -> tuple[int, int] | None:
-    """(height, width) of the model's input images, or None for a text-only model."""
-    eva = getattr(config, "eva_config", None)
-    if eva is not None:
-        return tuple(eva.image_size)
-    vision = getattr(config, "vision_config", None)
-    return None if vision is None else (vision.image_size, vision.image_size)
-
-
 @torch.inference_mode()
 def time_image_encode(model: nn.Module, repeats: int = 5) -> float | None:
     """Best time of one image encode (batch 1, random pixels) in ms, after a warm-up; None without a tower."""
-    side = _image_side(model.config)
-    if side is None or not hasattr(model, "encode_images"):
+    if not is_multimodal(model):
         return None
+    side = image_size(model.config)
     device = next(model.parameters()).device
     pixels = torch.randn(1, 3, *side, device=device)
     model.encode_images(pixels)

@@ -240,14 +240,20 @@ AnyConfig = ChatGLMConfig | VisualGLMConfig | GLM4VConfig
 FAMILY_NAMES = {"chatglm": "ChatGLM-6B", "visualglm": "VisualGLM-6B", "glm4": "GLM-4", "glm4v": "GLM-4V"}
 
 
-def image_size(config: AnyConfig) -> int | list[int]:
-    """The side (or [height, width]) images are resized to for ``config``'s vision tower (VisualGLM-6B's
+def image_size(config: AnyConfig) -> tuple[int, int]:
+    """The ``(height, width)`` images are resized to for ``config``'s vision tower (VisualGLM-6B's
     ``eva_config``, GLM-4V-9B's ``vision_config``). ConfigError for a text-only model."""
     if isinstance(config, GLM4VConfig):
-        return config.vision_config.image_size
-    if isinstance(config, VisualGLMConfig):
-        return config.eva_config.image_size
-    raise ConfigError(f"{FAMILY_NAMES.get(config.family, config.family)} has no vision tower")
+        size = config.vision_config.image_size
+    elif isinstance(config, VisualGLMConfig):
+        size = config.eva_config.image_size
+    else:
+        raise ConfigError(f"{FAMILY_NAMES.get(config.family, config.family)} has no vision tower")
+    # config.json writes one side (GLM-4V-9B) or [height, width] (VisualGLM-6B's sat arguments).
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
 
 
 def detect_family(data: dict[str, Any]) -> str:

@@ -17,17 +17,10 @@ from pathlib import Path
 
 import torch
 
-from visualglm.config import image_size as vision_image_size
 from visualglm.image import ImageError, image_bytes, load_image, preprocess
 from visualglm.image.remote import host_of
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-
-
-def image_size(model) -> tuple[int, int]:
-    """(height, width) the model's vision tower takes."""
-    size = vision_image_size(model.config)
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def read_image(source: str, *, base_dir: Path, allow_remote: bool, size: tuple[int, int]) -> tuple[torch.Tensor, str]:

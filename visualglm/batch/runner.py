@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from visualglm.batch.images import ImagePool, image_size
+from visualglm.batch.images import ImagePool
 from visualglm.batch.inputs import BatchRow
+from visualglm.config import image_size
 from visualglm.generation.chat import (
     answer_postprocess,
     answer_stop_ids,
@@ -126,7 +127,7 @@ class BatchRunner:
         self.engine = ContinuousEngine(model, max_rows=self.rows, context=self.context,
                                        prefill_chunk=settings.prefill_chunk, compiled=compiled_decode_for(model))
         self.images = ImagePool(base_dir=base_dir, allow_remote=settings.allow_remote_images,
-                                size=image_size(model), workers=settings.image_workers) if self.multimodal else None
+                                size=image_size(config), workers=settings.image_workers) if self.multimodal else None
         self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._next_key = 0
         self.images_encoded = 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from visualglm.config import image_size
 from visualglm.demo.data import Record, build_records
 from visualglm.demo.dialogue import Conversation
 from visualglm.demo.scope import SCOPE_REPLY
@@ -128,8 +129,7 @@ def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 
     """Greedy answers to ``records`` (one image each, after ``histories[i]`` when given) in one batched
     generation."""
     config = model.config
-    size = config.eva_config.image_size
-    size = (size, size) if isinstance(size, int) else (size[0], size[1])
+    size = image_size(config)
     device = next(model.parameters()).device
     cache: dict[str, torch.Tensor] = {}
     for record in records:

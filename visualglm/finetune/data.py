@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from visualglm.config import image_size as vision_image_size
 from visualglm.generation.chat import has_cjk
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.tokenizers.templates import chatglm_prompt, visualglm_ids
@@ -237,12 +236,6 @@ class Tokenized:
             labels = labels[: boi + 1] + [IGNORE_INDEX] * width + labels[boi + 2:]
             start = boi
         return Example(ids, labels, conv.image, start, conv.where)
-
-
-def image_size(config) -> tuple[int, int]:
-    """(height, width) the model's vision tower takes."""
-    size = vision_image_size(config)
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 @dataclass

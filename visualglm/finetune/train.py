@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from visualglm.finetune.data import IGNORE_INDEX, Batch, Example, collate, count_label_tokens, image_size
+from visualglm.config import image_size
+from visualglm.finetune.data import IGNORE_INDEX, Batch, Example, collate, count_label_tokens
 from visualglm.finetune.plot import plot_metrics_file
 from visualglm.finetune.state import (
     find_latest_checkpoint,
@@ -39,6 +40,7 @@ from visualglm.finetune.state import (
     save_training_state,
     write_final_adapter,
 )
+from visualglm.models.interface import is_multimodal
 from visualglm.peft import LoraConfig, count_parameters, inject_lora, inject_ptuning
 
 METHODS = ("lora", "qlora", "ptuning")
@@ -300,7 +302,7 @@ def train(model: nn.Module, tokenizer, train_examples: list[Example], out_dir: s
     warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(max(warmup, 1) if warmup else 0, total_steps))
     pad_id = model.config.pad_token_id
-    size = image_size(model.config) if hasattr(model, "encode_images") else None
+    size = image_size(model.config) if is_multimodal(model) else None
     metrics_path = out_dir / "metrics.jsonl"
     metadata = {"method": config.method, "quant_bits": config.quant_bits if config.method == "qlora" else None,
                 "train_config": asdict(config)}

@@ -87,7 +87,6 @@ class ChatSession:
             raise ValueError("this model has no image encoder: images need a VisualGLM-6B checkpoint")
         config = self.model.config
         size = image_size(config)
-        size = (size, size) if isinstance(size, int) else (size[0], size[1])
         device = next(self.model.parameters()).device
         pixels = preprocess(load_image(image, allow_remote=allow_remote), size).to(device)
         self._image_embeds = self.model.encode_images(pixels)

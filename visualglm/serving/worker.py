@@ -416,10 +416,7 @@ class Worker:
     def prepare_image(self, image: Any) -> torch.Tensor:
         """A decoded image -> the model's pixel values ``[1, 3, H, W]`` (float32, CPU). Callers do this in
         their own thread, so that a queued request holds a few MB instead of a full-size decoded image."""
-        config = self.model.config
-        size = image_size(config)
-        size = (size, size) if isinstance(size, int) else (size[0], size[1])
-        return preprocess(image, size)
+        return preprocess(image, image_size(self.model.config))
 
     @torch.inference_mode()
     def _encode_image(self, request: GenerationRequest) -> torch.Tensor:
