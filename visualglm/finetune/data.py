@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from visualglm.families import family_spec
 from visualglm.generation.chat import has_cjk
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.tokenizers.templates import chatglm_prompt, visualglm_ids
@@ -168,7 +169,7 @@ class Tokenized:
     def __init__(self, tokenizer, config, *, max_source_length: int = 512, max_target_length: int = 512,
                  english: bool | None = None) -> None:
         self.tokenizer, self.config = tokenizer, config
-        self.family = config.family
+        self.spec = family_spec(config)
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.english = english
         self.truncated = 0
@@ -176,18 +177,17 @@ class Tokenized:
     def examples(self, conversations: Sequence[Conversation]) -> list[Example]:
         out = []
         for conv in conversations:
-            if conv.image is not None and self.family == "chatglm":
-                raise DataError(f"{conv.where}: has an image, but ChatGLM-6B is a text-only model")
-            if self.family == "glm4v":
-                out.append(self._glm4v(conv))
-            else:
+            if conv.image is not None and not self.spec.multimodal:
+                raise DataError(f"{conv.where}: has an image, but {self.spec.display_name} is a text-only model")
+            if self.spec.example_per_turn:
                 # ChatGLM's prefix LM only predicts after <sop>: one example per answer, earlier turns as history.
-                out += [self._chatglm(conv, i) for i in range(len(conv.turns))]
+                out += [self._turn_example(conv, i) for i in range(len(conv.turns))]
+            else:
+                out.append(self._conversation_example(conv))
         return out
 
     def _answer_ids(self, answer: str, stop: int, where: str) -> list[int]:
-        ids = self.tokenizer.encode(answer, add_special_tokens=False) if self.family != "glm4v" \
-            else self.tokenizer.encode(answer)
+        ids = self.tokenizer.encode(answer, **self.spec.answer_encoding)
         if len(ids) + 1 > self.max_target_length:
             ids = ids[: self.max_target_length - 1]
             self.truncated += 1
@@ -198,11 +198,12 @@ class Tokenized:
             raise DataError(f"{where}: the prompt is {len(ids)} tokens, more than max_source_length="
                             f"{self.max_source_length} (shorten it or raise the limit)")
 
-    def _chatglm(self, conv: Conversation, turn: int) -> Example:
+    def _turn_example(self, conv: Conversation, turn: int) -> Example:
+        """Turn ``turn``'s answer as the labels after its prompt (earlier turns as history): a prefix LM's example."""
         history, (query, answer) = conv.turns[:turn], conv.turns[turn]
         where = conv.where if len(conv.turns) == 1 else f"{conv.where} (turn {turn + 1})"
         image = conv.image
-        if self.family == "visualglm":
+        if self.spec.template_language:  # VisualGLM-6B's template (Q:/A: or 问：/答：, image placeholders)
             english = self.english if self.english is not None else not has_cjk(query)
             length = self.config.image_length if image is not None else None
             prompt, start = visualglm_ids(self.tokenizer, query, history, image_length=length, english=english)
@@ -212,7 +213,8 @@ class Tokenized:
         answer_ids = self._answer_ids(answer, self.config.eos_token_id, where)
         return Example(prompt + answer_ids, [IGNORE_INDEX] * len(prompt) + answer_ids, image, start, where)
 
-    def _glm4v(self, conv: Conversation) -> Example:
+    def _conversation_example(self, conv: Conversation) -> Example:
+        """The whole conversation as one causal sequence, every answer (and its stop token) a label."""
         tok = self.tokenizer
         ids, labels = tok.get_prefix_tokens(), [IGNORE_INDEX, IGNORE_INDEX]
         prompt_length = 0
