@@ -75,14 +75,10 @@ def _choose_image(session) -> None:
             print(f"error: {exc}", file=sys.stderr)
 
 
-# Who answers, as the reference demos print it (VisualGLM-6B's cli_demo: "VisualGLM-6B："; ASCII colon here,
-# like the "用户: " prompt).
-SPEAKERS = {"visualglm": "VisualGLM-6B"}
-
-
 def speaker(session) -> str:
-    """The answer label for ``session``'s model family ("ChatGLM" unless the family has its own)."""
-    return SPEAKERS.get(session.family, "ChatGLM")
+    """The answer label of ``session``'s model family (``FamilySpec.chat_label``), as the reference demos print
+    it (VisualGLM-6B's cli_demo: "VisualGLM-6B："; ASCII colon here, like the "用户: " prompt)."""
+    return session.spec.chat_label
 
 
 def _answer(session, query: str) -> None:

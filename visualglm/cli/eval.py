@@ -84,8 +84,9 @@ def _items(args: argparse.Namespace) -> tuple[list, str]:
 
 def run(args: argparse.Namespace) -> int:
     import visualglm
-    from visualglm.demo import resolve_model
+    from visualglm.demo import DEMO_FAMILY, resolve_model
     from visualglm.demo.evaluate import evaluate, evaluate_conversations
+    from visualglm.families import family_spec
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
@@ -95,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_model(args.model)
     model = visualglm.load(model_path, dtype=args.dtype, device=args.device, quantize=args.quant,
                            quantize_also=quant_also(args), progress=False)
-    if not hasattr(model, "encode_images") or model.config.family != "visualglm":
-        raise ValueError(f"{model_path} is not a VisualGLM-6B-architecture model: eval needs one")
+    demo = family_spec(DEMO_FAMILY)
+    if family_spec(model) is not demo:  # the tasks are the demo model's evaluations
+        raise ValueError(f"{model_path} is not a {demo.display_name}-architecture model: eval needs one")
     if args.adapter:
         from visualglm.peft import apply_adapter
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visualglm.config import VisualGLMConfig
+
+DEMO_FAMILY = VisualGLMConfig.family  # the demo model's architecture (visualglm.demo.recipe.demo_config)
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
 DEMO_MODEL_NAME = "visualglm-demo"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # images drawn in easy-VQA's style

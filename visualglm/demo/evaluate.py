@@ -24,7 +24,13 @@ from visualglm.demo.data import Record, build_records
 from visualglm.demo.dialogue import Conversation
 from visualglm.demo.scope import SCOPE_REPLY
 from visualglm.demo.scoring import is_correct
-from visualglm.generation.chat import answer_postprocess, build_prompt_ids, has_cjk, model_undecodable_ranges
+from visualglm.generation.chat import (
+    answer_postprocess,
+    answer_stop_ids,
+    build_prompt_ids,
+    has_cjk,
+    model_undecodable_ranges,
+)
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, generate_steps, left_pad
 from visualglm.generation.sampling import SamplingParams
@@ -148,7 +154,7 @@ def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 
     embeds = model.embed_with_images(padded.to(device), image_embeds[[row_of[r.image] for r in records]],
                                      [s + p for s, p in zip(starts, pads, strict=True)])
     banned = tuple(model_undecodable_ranges(model, tokenizer))
-    params = GenerationParams(max_new_tokens=max_new_tokens, stop_ids=(config.eos_token_id,),
+    params = GenerationParams(max_new_tokens=max_new_tokens, stop_ids=answer_stop_ids(config),
                               sampling=SamplingParams(do_sample=False, banned_ranges=banned))
     streams = [DecodeStream(tokenizer, postprocess=answer_postprocess(model)) for _ in records]
     done = [False] * len(records)
