@@ -207,8 +207,7 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
 
     async def load_request_image(source: str, param: str, *, remote_ok: bool) -> tuple[Any, str]:
         if not worker.multimodal:
-            raise APIError(400, "this model reads no images (it is a text-only ChatGLM-6B checkpoint)",
-                           param=param, code="image_not_supported")
+            raise worker.image_not_supported(param)
         remote = source[:8].lower().startswith(("http://", "https://"))
         if remote and not remote_ok:
             raise APIError(400, "remote image URLs are disabled (start the server with --allow-remote-images); "
@@ -281,7 +280,7 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
         image, key = (None, None)
         if body.image:  # the reference requires it; an empty string or null means a text-only turn here
             image, key = await load_request_image(body.image, "image", remote_ok=False)
-        max_length = body.max_length or default_max_length(worker.family)  # the reference default
+        max_length = body.max_length or default_max_length(worker.spec)  # the reference default
         generation = GenerationRequest(
             query=query, history=history, image=image, image_key=key,
             sampling=_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty),

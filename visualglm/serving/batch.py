@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from visualglm.generation.chat import answer_postprocess
 from visualglm.generation.continuous import TokenEvent
 from visualglm.generation.detok import DecodeStream
 from visualglm.serving.protocol import APIError
@@ -28,10 +27,11 @@ class RowOutput:
     ends this row with a 500 ``error`` event and never reaches the other rows of the batch.
     """
 
-    def __init__(self, prompt_tokens: int, tokenizer: Any, family: str, stop: Sequence[str],
+    def __init__(self, prompt_tokens: int, tokenizer: Any, postprocess: str, stop: Sequence[str],
                  emit: Callable[..., None], cancelled: Callable[[], bool]) -> None:
         self.prompt_tokens = prompt_tokens
-        self.decoded = DecodeStream(tokenizer, stop=tuple(stop), postprocess=answer_postprocess(family))
+        # postprocess: the family's answer post-processing style (FamilySpec.postprocess)
+        self.decoded = DecodeStream(tokenizer, stop=tuple(stop), postprocess=postprocess)
         self.emit = emit
         self.cancelled = cancelled
         self.count = 0  # answer tokens (a stop id is not one)

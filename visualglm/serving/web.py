@@ -37,8 +37,8 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
 
 def _defaults(worker: Worker) -> dict[str, float]:
     """The model's reference sampling defaults, shown on the sliders."""
-    sampling = default_sampling(worker.family)
-    return {"max_length": default_max_length(worker.family), "top_p": sampling.top_p,
+    sampling = default_sampling(worker.spec)
+    return {"max_length": default_max_length(worker.spec), "top_p": sampling.top_p,
             "temperature": sampling.temperature}
 
 

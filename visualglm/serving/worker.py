@@ -41,11 +41,13 @@ from torch import nn
 
 from visualglm.checkpoint.load import release_freed_memory
 from visualglm.config import image_size
+from visualglm.families import FamilySpec, family_spec
 from visualglm.generation.chat import answer_stop_ids, build_prompt_ids, model_undecodable_ranges
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest, kv_bytes_per_token, rows_for_budget
 from visualglm.generation.engine import GenerationParams, compiled_decode_for
 from visualglm.generation.sampling import SamplingParams
 from visualglm.image import ImageError, load_image, preprocess
+from visualglm.models.interface import is_multimodal
 from visualglm.serving.batch import RowOutput, rows_to_end
 from visualglm.serving.protocol import APIError, ServeLimits
 
@@ -133,8 +135,8 @@ class Worker:
         self.tokenizer = tokenizer
         self.name = name
         self.limits = limits or ServeLimits()
-        self.family: str = model.config.family
-        self.multimodal = hasattr(model, "encode_images")
+        self.spec: FamilySpec = family_spec(model)
+        self.multimodal = is_multimodal(model)
         self.context: int = model.config.max_sequence_length
         if self.limits.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.limits.max_batch}")
@@ -222,15 +224,19 @@ class Worker:
         with self._queue.mutex:
             return sum(1 for job in self._queue.queue if job is not None and job.cancel.is_set())
 
+    def image_not_supported(self, param: str) -> APIError:
+        """The 400 for an image sent to a text-only model (``param``: the request field that held it)."""
+        return APIError(400, f"this model reads no images (it is a text-only {self.spec.display_name} checkpoint)",
+                        param=param, code="image_not_supported")
+
     def admit(self, request: GenerationRequest) -> Admitted:
         """Build ``request``'s prompt ids and check every limit; raises :class:`APIError` (400) for a
         request that cannot run. Needs no encoded image and does not touch the model's weights or cache,
         so it runs in the caller's thread while the worker generates."""
         if request.image is not None and not self.multimodal:
-            raise APIError(400, "this model reads no images (it is a text-only ChatGLM-6B checkpoint)",
-                           param="image", code="image_not_supported")
+            raise self.image_not_supported("image")
         try:
-            sampling = SamplingParams.for_family(self.family, **request.sampling)
+            sampling = SamplingParams.for_family(self.spec, **request.sampling)
             banned = tuple(sampling.banned_ranges) + self._undecodable
             sampling = sampling.replace(banned_ranges=banned).validate()
         except (TypeError, ValueError) as exc:
@@ -386,8 +392,8 @@ class Worker:
         request = EngineRequest(key, admitted.ids, admitted.params,
                                 seed if seed is not None else random.SystemRandom().randrange(2**63),
                                 admitted.image_start, image, job.request.image_key if image is not None else None)
-        output = RowOutput(admitted.prompt_tokens, self.tokenizer, self.family, job.request.stop, _emitter(job),
-                           job.cancel.is_set)
+        output = RowOutput(admitted.prompt_tokens, self.tokenizer, self.spec.postprocess, job.request.stop,
+                           _emitter(job), job.cancel.is_set)
         self.engine.submit(request)
         outputs[key] = output
         newcomers.append((request, image))
