@@ -226,3 +226,16 @@ def test_quantize_on_load_follows_the_plan(tiny_checkpoint: Path, bits: int) -> 
 def test_quantize_value_is_checked(tiny_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="quantize must be 8, 4"):
         visualglm.load(tiny_checkpoint, quantize=3)
+
+
+def test_public_load_has_the_loaders_keyword_arguments() -> None:
+    """``visualglm.load`` spells out ``checkpoint.load.load``'s arguments (names, kinds, defaults), so the
+    public signature cannot fall behind the loader."""
+    import inspect
+
+    from visualglm.checkpoint.load import load as checkpoint_load
+
+    def params(function) -> list[tuple[str, object, object]]:
+        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+    assert params(visualglm.load) == params(checkpoint_load)

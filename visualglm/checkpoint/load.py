@@ -1,13 +1,15 @@
-"""Load a checkpoint directory into our model classes.
+"""Load a checkpoint directory into our model classes, with the load-time transforms in one fixed order.
 
 The readers live beside this module: the Hugging Face layout is streamed here (``load_weights``, on the
 pieces of ``visualglm.checkpoint.io``), SwissArmyTransformer's in ``visualglm.checkpoint.sat``, quantized
-checkpoints and quantize-while-loading in ``visualglm.checkpoint.quantized``.
+checkpoints and quantize-while-loading in ``visualglm.checkpoint.quantized``. :func:`load` reads with one of
+them and then applies the transforms in the order its docstring lists.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -53,6 +55,13 @@ __all__ = [
 ]
 
 
+class _Remaining(NamedTuple):
+    """The transforms of steps 2 and 3 that the reader left for :func:`load` to apply to the read model."""
+
+    split: bool  # tensor parallelism: slice the read model to this rank's shard
+    quantize: int | str | None  # weight-only quantization of the read model
+
+
 def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = True, fast_cpu_kernels: bool = True,
          qkv_layout: str = "auto", quantize: int | str | None = None,
@@ -64,63 +73,96 @@ def load(path_or_name: str | Path, *, dtype: str | torch.dtype | None = None,
     SwissArmyTransformer's (``model_config.json`` + ``latest`` + ``<iter>/mp_rank_XX_model_states.pt``,
     see ``visualglm.checkpoint.sat``; ``qkv_layout`` applies to it only).
 
-    ``dtype`` defaults to the checkpoint's (float16 becomes bfloat16 on CPU); ``"stored"`` keeps every
-    tensor's stored dtype (VisualGLM's HF checkpoint stores its image encoder in float32). The model has
-    ``.config`` and ``.checkpoint_dir`` attributes; its parameters do not require grad. ``fast_cpu_kernels``
-    swaps a CPU model's linears for the fastest kernels this CPU offers, chosen by rule at load time
-    (``visualglm.checkpoint.cpu_kernels``: bf16 weights reordered once for oneDNN on AVX-512 BF16 CPUs, fp32
-    GEMM for prefill on CPUs without bf16 math, oneDNN's int8 matmul on AMX); the results stay those of the
-    plain kernels to rounding. ``quantize`` 8/"int8" or 4/"int4" replaces the language model's
-    linears with weight-only INT8 / INT4 (groups of ``quant_group_size``) ones while loading: each weight
-    is quantized as it is read, so the full-precision model is never in memory (``visualglm.models.plans``
-    says what stays in floating point; ``quantize_also`` adds optional parts: ``"vision"`` for the image
-    encoder, ``"output"`` for the output layer: quantized by the plan in GLM-4V-9B, an INT8 copy for the
-    logits where it is tied to the embeddings). Quantized checkpoints (``visualglm.checkpoint.quantized``:
-    ours, or THUDM's ``quantization_bit`` 4/8 layout) load as stored, with no ``quantize`` needed.
-    ``tensor_parallel`` (under an initialized process group, e.g. torchrun) keeps only this rank's shard,
-    read slice by slice from the checkpoint (``visualglm.distributed.tp``); quantization then applies to
-    the shard.
+    Arguments:
+
+    - ``dtype``: defaults to the checkpoint's, except that float16 becomes bfloat16 on CPU and CUDA loads
+      bfloat16 (``visualglm.checkpoint.io.default_dtype``); ``"stored"`` keeps every tensor's stored dtype
+      (VisualGLM's HF checkpoint stores its image encoder in float32).
+    - ``device``: where the weights go ("cpu", "cuda", ...).
+    - ``progress``: a progress bar while the tensors are read.
+    - ``fast_cpu_kernels``: swap a CPU model's linears for the fastest kernels this CPU offers, chosen by
+      rule (``visualglm.checkpoint.cpu_kernels``: bf16 weights reordered once for oneDNN on AVX-512 BF16
+      CPUs, fp32 GEMM for prefill on CPUs without bf16 math, oneDNN's int8 matmul on AMX); the results stay
+      those of the plain kernels to rounding.
+    - ``qkv_layout``: the QKV row order of a sat checkpoint ("auto", "contiguous", "interleaved"; see
+      ``visualglm.checkpoint.sat.resolve_qkv_layout``).
+    - ``quantize``: 8/"int8" or 4/"int4" replaces the language model's linears with weight-only INT8 / INT4
+      ones (the family's ``FamilySpec.quant_skip`` says what stays in floating point).
+    - ``tensor_parallel``: under an initialized process group (e.g. torchrun) keep only this rank's shard
+      (``visualglm.distributed.tp``).
+    - ``quant_group_size``: input columns per INT4 scale.
+    - ``quantize_also``: optional parts quantized too (``FamilySpec.quant_optional``): ``"vision"`` for the
+      image encoder, ``"output"`` for the output layer (quantized by the plan in GLM-4V-9B, an INT8 copy for
+      the logits where it is tied to the embeddings).
+
+    Quantized checkpoints (``visualglm.checkpoint.quantized``: ours, or THUDM's ``quantization_bit`` 4/8
+    layout) load as stored, with no ``quantize`` needed. The model has ``.config`` and ``.checkpoint_dir``
+    attributes; its parameters do not require grad.
+
+    The order, the same for every layout:
+
+    1. read: build the model on the meta device and assign the checkpoint's tensors (HF: streamed from
+       memory-mapped files; sat: model-parallel ranks merged, QKV rows reordered, a head equal to the
+       embedding tied to it);
+    2. tensor parallelism: keep this rank's shard;
+    3. quantization (``quantize``, ``quantize_also``), of the shard;
+    4. the tied output layer's INT8 copy (``"output"`` in ``quantize_also``);
+    5. CPU kernels (``fast_cpu_kernels``);
+    6. CUDA kernels for the quantized linears on a GPU (``visualglm.quant.cuda_kernels``);
+    7. eval mode.
+
+    Where a step happens differs by layout, never its place in the order: for an HF float checkpoint
+    steps 2 and 3 happen *during* step 1 (the meta model is resized to the shard, its planned linears are
+    swapped for empty quantized ones, and each tensor is sliced and quantized as it is read, so the
+    full-precision model is never in memory); a sat checkpoint is read whole, then sliced and quantized.
+    One exception is load-bearing: a pre-quantized checkpoint is quantized as stored, so its quantization
+    (3) comes with the read (1) and tensor parallelism (2) follows it, slicing the quantized modules (their
+    packed tensors cannot be sliced as they stream).
     """
     device = check_device(device)
     directory = resolve_checkpoint_dir(path_or_name)
     if is_sat_directory(directory):
         model = load_sat(directory, dtype=dtype, device=device, qkv_layout=qkv_layout, progress=progress,
                          fast_cpu_kernels=False)
-        if tensor_parallel:  # sat weights are already loaded: slice them in place
-            apply_tensor_parallel(model)
-        if quantize is not None:
-            apply_quantization(model, quantize, quant_group_size, quantize_also)
-        copy_tied_output(model, quantize_also)
-        if fast_cpu_kernels:
-            apply_cpu_kernels(model)
-        apply_cuda_kernels(model)
-        return model
-    if qkv_layout != "auto":
-        raise ValueError(f"qkv_layout={qkv_layout!r} applies to sat checkpoints only; {directory} is in the "
-                         "Hugging Face layout, whose QKV rows are always per-head interleaved")
-    config = read_checkpoint_config(directory)
-    target_dtype = target_dtype_for(dtype, config, device)
-    model = build_model(config)
-    # A pre-quantized checkpoint is split after loading (its packed tensors cannot be sliced as they stream).
-    split_after = tensor_parallel and prequantized_format(config) is not None
-    tensor_hook = None
-    if tensor_parallel and not split_after:  # resize the meta model to this rank's shard; the hook slices
-        tensor_hook = apply_tensor_parallel(model)  # each tensor read
-    keymap = family_spec(config).keymap("hf")
-    # Quantized linears are swapped in on the meta model and filled (quantized) tensor by tensor.
-    quant = prepare_quantized_load(model, config, quantize, keymap, target_dtype, device, directory,
-                                   tensor_hook=tensor_hook, group_size=quant_group_size, also=quantize_also)
-    load_weights(model, weight_files(directory), keymap, target_dtype, device, progress, tensor_hook=tensor_hook,
-                 quant=quant)
-    model.config = config
-    model.checkpoint_dir = directory
-    if split_after:
+        remaining = _Remaining(split=tensor_parallel, quantize=quantize)
+    else:
+        if qkv_layout != "auto":
+            raise ValueError(f"qkv_layout={qkv_layout!r} applies to sat checkpoints only; {directory} is in the "
+                             "Hugging Face layout, whose QKV rows are always per-head interleaved")
+        model, remaining = _read_hf(directory, dtype, device, progress, tensor_parallel, quantize,
+                                    quant_group_size, quantize_also)
+    if remaining.split:
         apply_tensor_parallel(model)
+    if remaining.quantize is not None:
+        apply_quantization(model, remaining.quantize, quant_group_size, quantize_also)
     copy_tied_output(model, quantize_also)
     if fast_cpu_kernels:
         apply_cpu_kernels(model)
     apply_cuda_kernels(model)
     return model.eval()
+
+
+def _read_hf(directory: Path, dtype: str | torch.dtype | None, device: torch.device, progress: bool,
+             tensor_parallel: bool, quantize: int | str | None, group_size: int, also: tuple[str, ...]
+             ) -> tuple[nn.Module, _Remaining]:
+    """Step 1 of :func:`load` for the HF layout, with steps 2 and 3 applied while streaming where they
+    can be; returns the model and what is left (only a pre-quantized checkpoint's split)."""
+    config = read_checkpoint_config(directory)
+    target_dtype = target_dtype_for(dtype, config, device)
+    model = build_model(config)
+    # A pre-quantized checkpoint is split after loading (its packed tensors cannot be sliced as they stream).
+    split_after = tensor_parallel and prequantized_format(config) is not None
+    # Resize the meta model to this rank's shard; the hook slices each tensor read.
+    tensor_hook = apply_tensor_parallel(model) if tensor_parallel and not split_after else None
+    keymap = family_spec(config).keymap("hf")
+    # Quantized linears are swapped in on the meta model and filled (quantized) tensor by tensor.
+    quant = prepare_quantized_load(model, config, quantize, keymap, target_dtype, device, directory,
+                                   tensor_hook=tensor_hook, group_size=group_size, also=also)
+    load_weights(model, weight_files(directory), keymap, target_dtype, device, progress, tensor_hook=tensor_hook,
+                 quant=quant)
+    model.config = config
+    model.checkpoint_dir = directory
+    return model, _Remaining(split=split_after, quantize=None)
 
 
 def load_weights(model: nn.Module, files: list[Path], keymap: KeyMap, dtype: torch.dtype | None,
