@@ -75,6 +75,9 @@ class FamilySpec:
     # (model, prompt ids) -> (the ids with the image placeholder widened to the image's vectors, where it starts
     # or None): for a family whose prompts mark the image with tokens the model finds (GLM-4V's <|begin_of_image|>).
     image_placeholders: Callable[[nn.Module, list[int]], tuple[list[int], int | None]] | None = None
+    # [start, end) id ranges never sampled when the template's English form is forced (``english=True``, for a
+    # family with ``template_language``): VisualGLM-6B's cli_demo --english bans the Chinese pieces.
+    english_banned_ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def multimodal(self) -> bool:

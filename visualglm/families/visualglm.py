@@ -59,6 +59,9 @@ VISUALGLM_SAMPLING = {"temperature": 0.8, "top_p": 0.4, "top_k": 100, "repetitio
                       "do_sample": True, "invalid_score_forced_id": CHATGLM_FORCED_ID,
                       "invalid_score_nan_only": True}
 
+# ``--english`` in VisualGLM's cli_demo: ``invalid_slices=[slice(63823, 130000)]`` (mostly CJK pieces).
+VISUALGLM_ENGLISH_BANNED_RANGES: tuple[tuple[int, int], ...] = ((63823, 130000),)
+
 
 def visualglm_prompt_ids(model: nn.Module, tokenizer, query: str, history: Sequence[tuple[str, str]],
                          image: bool, english: bool | None) -> tuple[list[int], int | None]:
@@ -103,4 +106,5 @@ VISUALGLM = FamilySpec(
     hf_chat="image_first",
     hf_prompt_text=visualglm_prompt,  # the Chinese template: the HF code has no other
     hf_image_prompt=visualglm_image_prompt,
+    english_banned_ranges=VISUALGLM_ENGLISH_BANNED_RANGES,
 )
