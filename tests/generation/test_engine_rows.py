@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visualglm.generation.engine import GenerationParams, generate_steps
+from visualglm.generation.engine import GenerationParams, generate_rows, generate_steps
 from visualglm.generation.sampling import SamplingParams, make_generator
 
 from ..conftest import random_chatglm
@@ -51,14 +51,14 @@ def _rows(steps) -> tuple[list[list[int]], list[str]]:
 
 def test_each_row_equals_its_prompt_alone(model) -> None:
     params = [GenerationParams(max_new_tokens=n, sampling=GREEDY) for n in (3, 7, 5)]
-    answers, reasons = _rows(generate_steps(model, PROMPTS, params=params))
+    answers, reasons = _rows(generate_rows(model, PROMPTS, params))
     assert answers == [_alone(model, p, q) for p, q in zip(PROMPTS, params, strict=True)]
     assert [len(a) for a in answers] == [3, 7, 5] and reasons == ["length"] * 3
 
 
 def test_max_length_counts_each_rows_own_prompt(model) -> None:
     params = [GenerationParams(max_length=len(p) + 4, sampling=GREEDY) for p in PROMPTS]
-    answers, _ = _rows(generate_steps(model, PROMPTS, params=params))
+    answers, _ = _rows(generate_rows(model, PROMPTS, params))
     assert [len(a) for a in answers] == [4, 4, 4]
 
 
@@ -67,7 +67,7 @@ def test_stop_ids_are_per_row(model) -> None:
     stop = free[2]
     params = [GenerationParams(max_new_tokens=6, stop_ids=(stop,), sampling=GREEDY),
               GenerationParams(max_new_tokens=6, sampling=GREEDY)]
-    answers, reasons = _rows(generate_steps(model, PROMPTS[:2], params=params))
+    answers, reasons = _rows(generate_rows(model, PROMPTS[:2], params))
     assert answers[0] == free[: free.index(stop)] and reasons[0] == "stop"
     assert answers[1] == _alone(model, PROMPTS[1], params[1]) and reasons[1] == "length"
 
@@ -82,8 +82,7 @@ def test_ended_rows_stop_and_the_others_go_on(model, drop: bool) -> None:
         return [1] if seen["steps"] == 2 else []
 
     steps = []
-    for step in generate_steps(model, PROMPTS, params=params, end_rows=end_rows, drop_finished=drop,
-                               keep_cache=True):
+    for step in generate_rows(model, PROMPTS, params, end_rows=end_rows, drop_finished=drop, keep_cache=True):
         steps.append(step)
         if drop and len(steps) == 4:  # after the end: row 1 is gone from the batch and its cache
             assert model.kv_cache_size()[0] == 2
@@ -99,26 +98,25 @@ def test_ended_rows_stop_and_the_others_go_on(model, drop: bool) -> None:
 def test_seeded_rows_sample_as_they_would_alone(model) -> None:
     sampling = [SamplingParams(temperature=1.5, top_k=0, top_p=1.0, seed=s) for s in (11, 12, 13)]
     params = [GenerationParams(max_new_tokens=6, sampling=s) for s in sampling]
-    answers, _ = _rows(generate_steps(model, PROMPTS, params=params))
+    answers, _ = _rows(generate_rows(model, PROMPTS, params))
     alone = [_alone(model, p, q, seed=s.seed) for p, q, s in zip(PROMPTS, params, sampling, strict=True)]
     assert answers == alone
-    again, _ = _rows(generate_steps(model, PROMPTS, params=params,
-                                    generator=[make_generator(s.seed) for s in sampling]))
+    again, _ = _rows(generate_rows(model, PROMPTS, params, generators=[make_generator(s.seed) for s in sampling]))
     assert again == answers
     # Different seeds do pick different tokens here (the check above is not vacuous).
-    assert len({tuple(a) for a in _rows(generate_steps(model, [PROMPTS[0]] * 3, params=params))[0]}) > 1
+    assert len({tuple(a) for a in _rows(generate_rows(model, [PROMPTS[0]] * 3, params))[0]}) > 1
 
 
 def test_per_row_argument_errors(model) -> None:
     params = [GenerationParams(max_new_tokens=2)] * 2
     with pytest.raises(ValueError, match="per-row params"):
-        list(generate_steps(model, PROMPTS[:2], params=params[0], end_rows=lambda: []))
+        list(generate_rows(model, PROMPTS[:2], params[0], end_rows=lambda: []))
     with pytest.raises(ValueError, match="2 GenerationParams for 3 prompts"):
-        list(generate_steps(model, PROMPTS, params=params))
+        list(generate_rows(model, PROMPTS, params))
     with pytest.raises(ValueError, match="one generator per row"):
-        list(generate_steps(model, PROMPTS[:2], params=params, generator=torch.Generator()))
+        list(generate_rows(model, PROMPTS[:2], params, generators=torch.Generator()))
     with pytest.raises(ValueError, match="leaves no room"):
-        list(generate_steps(model, PROMPTS[:2], params=[params[0], GenerationParams(max_length=4)]))
+        list(generate_rows(model, PROMPTS[:2], [params[0], GenerationParams(max_length=4)]))
 
 
 @pytest.mark.parametrize("drop", [False, True])
@@ -129,7 +127,7 @@ def test_a_row_whose_token_cannot_be_chosen_ends_alone(model, drop: bool) -> Non
     params = [GenerationParams(max_new_tokens=5, sampling=GREEDY),
               GenerationParams(max_new_tokens=5, sampling=GREEDY.replace(banned_ranges=((0, vocab),))),
               GenerationParams(max_new_tokens=5, sampling=GREEDY)]
-    steps = list(generate_steps(model, PROMPTS, params=params, drop_finished=drop))
+    steps = list(generate_rows(model, PROMPTS, params, drop_finished=drop))
     answers, reasons = _rows(steps)
     assert reasons[1] == "error" and answers[1] == []
     assert "no token left" in str(steps[0].errors[1]) and steps[0].errors[0] is None
