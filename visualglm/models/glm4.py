@@ -5,17 +5,21 @@ cached before expansion), qkv bias only, and a partial interleaved rotary encodi
 each head's dimensions rotate, in (2i, 2i+1) pairs, with the cos/sin table rounded to the model dtype as the
 reference does. Positions are 1-D; the mask is causal over the whole sequence. Module names follow the
 official checkpoint (``transformer.embedding...``, ``transformer.encoder.layers.N...``).
+
+The decoder is typed with :class:`GLM4TextConfig`, the fields it reads: GLM-4V-9B's ``GLM4VConfig`` is one
+(its ``vision_config`` is read by the vision tower in ``glm4v.py`` only), and so is any text-only config
+with these fields.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visualglm.config import GLM4VConfig
 from visualglm.models.kv_cache import CachedAttentionModel, KVCache
 from visualglm.models.layers import (
     attention_gqa,
@@ -24,6 +28,63 @@ from visualglm.models.layers import (
     last_positions,
     run_stages,
 )
+
+
+@runtime_checkable
+class GLM4TextConfig(Protocol):
+    """What the GLM-4 text decoder reads from its config (read-only; dataclass fields or properties).
+
+    Shapes, layers and positions are read by the modules below; ``max_sequence_length`` and
+    ``pad_token_id`` by the generation engine through ``model.config``."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table and of the output layer."""
+
+    @property
+    def hidden_size(self) -> int:
+        """The decoder width."""
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """Width of one SwiGLU half."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_attention_heads(self) -> int:
+        """Query heads."""
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value groups (grouped-query attention); divides ``num_attention_heads``."""
+
+    @property
+    def kv_channels(self) -> int:
+        """Head dimension; the first half rotates."""
+
+    @property
+    def layernorm_epsilon(self) -> float: ...
+
+    @property
+    def rope_ratio(self) -> float:
+        """Scales the rotary base 10000."""
+
+    @property
+    def boi_token_id(self) -> int:
+        """``<|begin_of_image|>``: image vectors after it share one position (``glm4_prompt_inputs``)."""
+
+    @property
+    def eoi_token_id(self) -> int:
+        """``<|end_of_image|>``."""
+
+    @property
+    def pad_token_id(self) -> int: ...
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The context in tokens."""
 
 
 class RMSNorm(nn.Module):
@@ -59,7 +120,7 @@ def apply_glm4_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 class GLM4Attention(nn.Module):
-    def __init__(self, config: GLM4VConfig) -> None:
+    def __init__(self, config: GLM4TextConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, config.kv_channels
         qkv_size = (self.heads + 2 * self.kv_heads) * self.head_dim
@@ -85,7 +146,7 @@ class GLM4Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, config: GLM4VConfig) -> None:
+    def __init__(self, config: GLM4TextConfig) -> None:
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
@@ -96,7 +157,7 @@ class SwiGLU(nn.Module):
 
 
 class GLM4Block(nn.Module):
-    def __init__(self, config: GLM4VConfig) -> None:
+    def __init__(self, config: GLM4TextConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.self_attention = GLM4Attention(config)
@@ -110,20 +171,20 @@ class GLM4Block(nn.Module):
 
 
 class _Embedding(nn.Module):
-    def __init__(self, config: GLM4VConfig) -> None:
+    def __init__(self, config: GLM4TextConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
 
 
 class _Encoder(nn.Module):
-    def __init__(self, config: GLM4VConfig) -> None:
+    def __init__(self, config: GLM4TextConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(GLM4Block(config) for _ in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
 
 
 class GLM4Transformer(nn.Module):
-    def __init__(self, config: GLM4VConfig) -> None:
+    def __init__(self, config: GLM4TextConfig) -> None:
         super().__init__()
         self.embedding = _Embedding(config)
         self.encoder = _Encoder(config)
@@ -133,7 +194,7 @@ class GLM4Transformer(nn.Module):
 class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
     """The GLM-4 language model with the same interface as the ChatGLM-6B class."""
 
-    def __init__(self, config: GLM4VConfig) -> None:
+    def __init__(self, config: GLM4TextConfig) -> None:
         super().__init__()
         self.config = config
         self.transformer = GLM4Transformer(config)
@@ -214,7 +275,7 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
         return self.transformer.encoder.final_layernorm(x)
 
 
-def glm4_prompt_inputs(input_ids: torch.Tensor, config: GLM4VConfig, num_pad: Sequence[int] | None = None
+def glm4_prompt_inputs(input_ids: torch.Tensor, config: GLM4TextConfig, num_pad: Sequence[int] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions ``[B, 1, T]`` and a causal mask ``[B, 1, T, T]`` (True = may attend) of left-padded prompts.
 
