@@ -91,5 +91,5 @@ def test_cli_needs_quant_for_the_optional_parts() -> None:
     run = subprocess.run([sys.executable, "-m", "visualglm", "ask", "--quant-vision", "hello"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
-    assert "--quant-vision / --quant-output need --quant 8 or --quant 4" in run.stderr
+    assert "--quantize-vision / --quantize-output need --quantize 8 or --quantize 4" in run.stderr
     assert "Traceback" not in run.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from visualglm.cli.options import add_quant_flags, quant_also
+from visualglm.cli.options import add_quant_flags, quantize_also
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -37,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_bench(args.model, None if args.model else args.config, args.dtype, args.batch,
                        args.prompt_tokens, args.new_tokens, compile=args.compile, quant=args.quant,
-                       quant_also=quant_also(args), device=args.device, image=args.image)
+                       quant_also=quantize_also(args), device=args.device, image=args.image)
     print(format_result(result, args.json))
     return 0

@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+from visualglm.cli.options import add_hidden_alias
+
 QUESTIONS = ("What color is the shape?", "What shape is in the image?", "Is there a red shape?",
              "Describe this image.", "这个图形是什么颜色？", "图中是什么形状？", "描述这张图片。")
 
@@ -34,7 +36,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", default="runs/visualglm-demo", help="output directory (default: %(default)s)")
     train.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     train.add_argument("--seed", type=int, default=None, help="random seed (default: the recipe's)")
-    train.add_argument("--force", action="store_true", help="replace --out if it exists")
+    overwrite = train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_hidden_alias(train, "--force", overwrite)  # the earlier spelling
     train.add_argument("--no-progress", action="store_true", help="log every 100 steps instead of a bar")
     train.set_defaults(run=run_train)
 
@@ -73,8 +76,8 @@ def run_train(args: argparse.Namespace) -> int:
     from visualglm.demo.train import train
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise FileExistsError(f"{out} exists and is not empty (pass --force to replace it)")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     recipe = TrainRecipe()
     changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     if changes.get("steps", 1) < 1:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from visualglm.cli.options import add_hidden_alias
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("finetune", help="fine-tune with LoRA, QLoRA or P-tuning v2", description=__doc__,
@@ -44,8 +46,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
                         help="module names (or suffixes / fnmatch patterns) to adapt (default: attention "
                         "query_key_value and dense; GLM-4V query_key_value)")
-    parser.add_argument("--quant-bits", type=int, choices=(4, 8), default=4,
-                        help="QLoRA: precision of the frozen base (default: 4)")
+    bits = parser.add_argument("--quantize", type=int, choices=(4, 8), default=4, dest="quant_bits",
+                               help="QLoRA: precision of the frozen base (default: 4)")
+    add_hidden_alias(parser, "--quant-bits", bits)  # the earlier spelling
     parser.add_argument("--pre-seq-len", type=int, default=128, help="P-tuning: prefix length (default: 128)")
     parser.add_argument("--prefix-projection", action="store_true", help="P-tuning: two-layer MLP prefix encoder")
     parser.add_argument("--max-source-length", type=int, default=512, help="prompt tokens at most (default: 512)")

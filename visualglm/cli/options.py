@@ -21,24 +21,43 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quant_flags(parser: argparse.ArgumentParser) -> None:
-    """``--quant 8|4`` and the optional parts it may also cover (read back with ``quant_also``)."""
-    parser.add_argument("--quant", type=int, choices=(8, 4), default=None,
-                        help="weight-only INT8 or INT4 (group 128) for the language model's linears")
-    parser.add_argument("--quant-vision", action="store_true",
-                        help="with --quant: quantize the image encoder too (smaller, less exact; the references "
-                        "keep it in floating point)")
-    parser.add_argument("--quant-output", action="store_true",
-                        help="with --quant: quantize the output layer too (GLM-4V-9B; where it is tied to the "
-                        "embeddings, ChatGLM-6B and VisualGLM-6B, an INT8 copy for the logits, +0.53 GB)")
+    """``--quantize 8|4`` and the optional parts it may also cover (read back with ``quantize_also``).
+
+    The Python API's names (``quantize=``, ``quantize_also=("vision", "output")``); the earlier spellings
+    ``--quant``, ``--quant-vision`` and ``--quant-output`` still parse, hidden from the help."""
+    bits = parser.add_argument("--quantize", type=int, choices=(8, 4), default=None, dest="quant",
+                               help="weight-only INT8 or INT4 (group 128) for the language model's linears")
+    vision = parser.add_argument("--quantize-vision", action="store_true", dest="quant_vision",
+                                 help="with --quantize: quantize the image encoder too (smaller, less exact; the "
+                                 "references keep it in floating point)")
+    output = parser.add_argument("--quantize-output", action="store_true", dest="quant_output",
+                                 help="with --quantize: quantize the output layer too (GLM-4V-9B; where it is tied "
+                                 "to the embeddings, ChatGLM-6B and VisualGLM-6B, an INT8 copy for the logits, "
+                                 "+0.53 GB)")
+    for old, action in (("--quant", bits), ("--quant-vision", vision), ("--quant-output", output)):
+        add_hidden_alias(parser, old, action)
 
 
-def quant_also(args: argparse.Namespace) -> tuple[str, ...]:
-    """The optional parts named by ``--quant-vision`` / ``--quant-output`` (they need ``--quant``)."""
+def add_hidden_alias(parser: argparse.ArgumentParser, old: str, action: argparse.Action) -> None:
+    """Keep ``old``, an earlier spelling of ``action``'s flag, working for existing scripts: same dest, type,
+    choices and default, hidden from the help and from docs/cli.md."""
+    if isinstance(action, argparse._StoreTrueAction):
+        parser.add_argument(old, action="store_true", dest=action.dest, help=argparse.SUPPRESS)
+        return
+    parser.add_argument(old, type=action.type, choices=action.choices, default=action.default, dest=action.dest,
+                        metavar=action.metavar, help=argparse.SUPPRESS)
+
+
+def quantize_also(args: argparse.Namespace) -> tuple[str, ...]:
+    """The optional parts named by ``--quantize-vision`` / ``--quantize-output`` (they need ``--quantize``)."""
     parts = tuple(part for part, flag in (("vision", "quant_vision"), ("output", "quant_output"))
                   if getattr(args, flag, False))
     if parts and getattr(args, "quant", None) is None:
-        raise ValueError("--quant-vision / --quant-output need --quant 8 or --quant 4")
+        raise ValueError("--quantize-vision / --quantize-output need --quantize 8 or --quantize 4")
     return parts
+
+
+quant_also = quantize_also  # the earlier name, still imported by some commands
 
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
@@ -105,9 +124,19 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
                         help="decode with torch.compile (slow start; see README for whether it pays off)")
 
 
+def load_from_flags(args: argparse.Namespace, parallel=None):
+    """The model, tokenizer and name that ``--model/--dtype/--device/--quantize*/--adapter`` name (see
+    :func:`visualglm.demo.loading.load_model`). ``parallel``: this rank's tensor-parallel context
+    (``init_from_env``), whose device wins over ``--device``; None to load the whole model."""
+    from visualglm.demo.loading import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=parallel.device if parallel else args.device,
+                      quantize=args.quant, quantize_also=quantize_also(args),
+                      adapter=getattr(args, "adapter", None), tensor_parallel=parallel is not None)
+
+
 def build_session(args: argparse.Namespace):
     """Load the model and tokenizer named by the flags and return a ChatSession."""
-    import visualglm
     from visualglm.demo import resolve_model
     from visualglm.distributed.launch import init_from_env, shared_seed
     from visualglm.generation.chat import ChatSession
@@ -128,16 +157,7 @@ def build_session(args: argparse.Namespace):
     if parallel is not None:  # every rank must sample the same tokens: one seed, chosen by rank 0
         overrides["seed"] = shared_seed(overrides.get("seed"))
     SamplingParams(**overrides).validate()  # bad flags fail before the (slow) model load
-    tokenizer = visualglm.load_tokenizer(args.model)
-    model = visualglm.load(args.model, dtype=args.dtype, device=parallel.device if parallel else args.device,
-                           quantize=args.quant, quantize_also=quant_also(args),
-                           tensor_parallel=parallel is not None)
-    if getattr(args, "adapter", None):
-        if parallel is not None:
-            raise ValueError("--adapter does not combine with --tp (merge it first: visualglm merge-lora)")
-        from visualglm.peft import apply_adapter
-
-        apply_adapter(model, args.adapter)
+    model, tokenizer, _ = load_from_flags(args, parallel)
     english = True if getattr(args, "english", False) else None
     max_length = -1 if args.max_length is None else args.max_length  # -1: the model's reference default
     session = ChatSession(model, tokenizer, max_length=max_length, max_new_tokens=args.max_new_tokens,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from visualglm.cli.options import add_hidden_alias
 from visualglm.config import FAMILY_NAMES
 
 
@@ -26,12 +27,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                         help="dtype of the tensors that stay unquantized (default: the checkpoint's; float16 "
                         "becomes bfloat16)")
-    parser.add_argument("--vision", action="store_true",
-                        help="quantize the image encoder too (smaller, less exact; the references keep it in "
-                        "floating point)")
-    parser.add_argument("--output", action="store_true",
-                        help="quantize the output layer too (GLM-4V-9B; ChatGLM-6B's is tied to its embeddings)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty DST")
+    vision = parser.add_argument("--quantize-vision", action="store_true", dest="vision",
+                                 help="quantize the image encoder too (smaller, less exact; the references keep "
+                                 "it in floating point)")
+    output = parser.add_argument("--quantize-output", action="store_true", dest="output",
+                                 help="quantize the output layer too (GLM-4V-9B; ChatGLM-6B's is tied to its "
+                                 "embeddings)")
+    overwrite = parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    # Earlier spellings, still accepted.
+    for old, action in (("--vision", vision), ("--output", output), ("--force", overwrite)):
+        add_hidden_alias(parser, old, action)
     parser.set_defaults(run=run)
 
 
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from visualglm.checkpoint.quantize_checkpoint import quantize_checkpoint
 
     result = quantize_checkpoint(args.src, args.dst, args.bits, group_size=args.group_size, dtype=args.dtype,
-                                 overwrite=args.force, progress=sys.stderr.isatty(),
+                                 overwrite=args.overwrite, progress=sys.stderr.isatty(),
                                  also=tuple(part for part in ("vision", "output") if getattr(args, part)))
     kind = f"INT{result.bits}" + (f" (group {result.group_size})" if result.group_size else "")
     tokenizer = ", ".join(result.copied) if result.copied else "none found in SRC"

@@ -8,7 +8,7 @@ import os
 import sys
 
 from visualglm.cli.limits import add_limit_flags, limits_from_args
-from visualglm.cli.options import add_model_flags, add_parallel_flags, quant_also, relaunch_for_tp
+from visualglm.cli.options import add_model_flags, add_parallel_flags, quantize_also, relaunch_for_tp
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -60,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
         if not is_loopback(args.host) and not args.api_key:
             print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the "
                   "model", file=sys.stderr)
-    model, tokenizer, name = load_model(args.model, quant=args.quant, quant_also=quant_also(args), dtype=args.dtype,
+    model, tokenizer, name = load_model(args.model, dtype=args.dtype,
                                         device=parallel.device if parallel else args.device,
+                                        quantize=args.quant, quantize_also=quantize_also(args),
                                         adapter=getattr(args, "adapter", None), tensor_parallel=parallel is not None)
     if args.compile:
         from visualglm.generation.engine import compile_decode

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from visualglm.cli.limits import add_limit_flags, limits_from_args
-from visualglm.cli.options import add_model_flags, quant_also
+from visualglm.cli.options import add_model_flags, quantize_also
 from visualglm.cli.serve import is_loopback
 
 
@@ -34,10 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not is_loopback(args.host) or args.share:
         print("warning: the web UI has no password: anyone who can reach it can use the model", file=sys.stderr)
-    worker = load_worker(args.model, quant=args.quant, quant_also=quant_also(args), dtype=args.dtype,
-                         device=args.device,
-                         adapter=getattr(args, "adapter", None),
-                         limits=limits)
+    worker = load_worker(args.model, dtype=args.dtype, device=args.device, quantize=args.quant,
+                         quantize_also=quantize_also(args), adapter=getattr(args, "adapter", None), limits=limits)
     try:
         launch(worker, host=args.host, port=args.port, share=args.share, seed=args.seed)
     finally:

@@ -470,36 +470,24 @@ def _emitter(job: Job) -> Callable[..., None]:
     return lambda kind, **fields: job.emit(Event(kind, **fields))
 
 
-def load_model(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
-               device: str | torch.device = "cpu", adapter: str | Path | None = None,
-               tensor_parallel: bool = False, quant_also: tuple[str, ...] = ()) -> tuple[nn.Module, Any, str]:
-    """Load ``model`` (default: the shipped demo model), with a LoRA / P-tuning ``adapter`` folder if given;
-    with ``tensor_parallel`` (under torchrun) this rank's shard only. Returns (model, tokenizer, name)."""
-    from visualglm.checkpoint.load import load
-    from visualglm.checkpoint.tokenizer import load_tokenizer
-    from visualglm.demo import DEMO_MODEL_NAME, resolve_model
+def load_model(model: str | Path | None, *, dtype: str | None = None, device: str | torch.device = "cpu",
+               quantize: int | None = None, quantize_also: tuple[str, ...] = (), adapter: str | Path | None = None,
+               tensor_parallel: bool = False) -> tuple[nn.Module, Any, str]:
+    """Load ``model`` for serving with :func:`visualglm.demo.loading.load_model` (same arguments; None: the
+    shipped demo model) and log how long it took. Returns (model, tokenizer, name)."""
+    from visualglm.demo.loading import load_model as load
 
-    if adapter and tensor_parallel:
-        raise ValueError("--adapter does not combine with tensor parallelism (merge it first: "
-                         "visualglm merge-lora)")
-    path = resolve_model(model)
-    name = DEMO_MODEL_NAME if not model else (Path(str(model)).name or str(model))
     started = time.perf_counter()
-    tokenizer = load_tokenizer(path)
-    loaded = load(path, dtype=dtype, device=device, quantize=quant, quantize_also=quant_also,
-                  tensor_parallel=tensor_parallel)
-    if adapter:
-        from visualglm.peft import apply_adapter
-
-        apply_adapter(loaded, adapter)
-    log.info("loaded %s in %.1f s", name, time.perf_counter() - started)
-    return loaded, tokenizer, name
+    loaded = load(model, dtype=dtype, device=device, quantize=quantize, quantize_also=quantize_also,
+                  adapter=adapter, tensor_parallel=tensor_parallel)
+    log.info("loaded %s in %.1f s", loaded.name, time.perf_counter() - started)
+    return loaded
 
 
-def load_worker(model: str | Path | None, *, quant: int | None = None, dtype: str | None = None,
-                device: str = "cpu", adapter: str | Path | None = None, limits: ServeLimits | None = None,
-                quant_also: tuple[str, ...] = ()) -> Worker:
+def load_worker(model: str | Path | None, *, dtype: str | None = None, device: str = "cpu",
+                quantize: int | None = None, quantize_also: tuple[str, ...] = (), adapter: str | Path | None = None,
+                limits: ServeLimits | None = None) -> Worker:
     """Load ``model`` (see :func:`load_model`) and return a started :class:`Worker`."""
-    loaded, tokenizer, name = load_model(model, quant=quant, dtype=dtype, device=device, adapter=adapter,
-                                         quant_also=quant_also)
+    loaded, tokenizer, name = load_model(model, dtype=dtype, device=device, quantize=quantize,
+                                         quantize_also=quantize_also, adapter=adapter)
     return Worker(loaded, tokenizer, name=name, limits=limits).start()
