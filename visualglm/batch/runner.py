@@ -28,18 +28,22 @@ from torch import nn
 from visualglm.batch.images import ImagePool
 from visualglm.batch.inputs import BatchRow
 from visualglm.config import image_size
+from visualglm.families import family_spec
 from visualglm.generation.chat import (
-    answer_postprocess,
+    FAMILY_DEFAULT,
+    MaxLength,
     answer_stop_ids,
     build_prompt_ids,
-    default_max_length,
+    is_family_default,
     model_undecodable_ranges,
+    resolve_max_length,
 )
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest, rows_for_budget
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, compiled_decode_for
 from visualglm.generation.sampling import SamplingParams
 from visualglm.image import ImageError
+from visualglm.models.interface import is_multimodal
 
 _IMAGE_CACHE_SIZE = 16  # encoded images kept (VQA sets ask many questions about one image)
 
@@ -48,13 +52,14 @@ _IMAGE_CACHE_SIZE = 16  # encoded images kept (VQA sets ask many questions about
 class BatchSettings:
     """How a job generates (plain data: it travels to Ray replicas). ``sampling`` holds SamplingParams
     overrides of the family's defaults (``do_sample`` False for greedy); ``seed`` makes every row's
-    sampling reproducible; ``max_length`` -1 is the chat default (2048, GLM-4V-9B 8192); ``batch_size`` is
+    sampling reproducible; ``max_length`` :data:`~visualglm.generation.chat.FAMILY_DEFAULT` is the chat default
+    (the family's: 2048, GLM-4V-9B 8192) and None no limit besides the context; ``batch_size`` is
     the number of rows generating at once (fewer when ``kv_cache_gib`` of KV cache hold fewer rows)."""
 
     batch_size: int = 8
     sampling: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
-    max_length: int | None = -1
+    max_length: MaxLength = FAMILY_DEFAULT
     max_new_tokens: int | None = None
     image_workers: int = 2
     allow_remote_images: bool = False
@@ -66,7 +71,7 @@ class BatchSettings:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.image_workers < 1:
             raise ValueError(f"--image-workers must be at least 1, got {self.image_workers}")
-        if self.max_length is not None and self.max_length != -1 and self.max_length < 2:
+        if self.max_length is not None and not is_family_default(self.max_length) and self.max_length < 2:
             raise ValueError("--max-length must be at least 2")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
@@ -112,15 +117,14 @@ class BatchRunner:
         self.tokenizer = tokenizer
         self.settings = settings.validate()
         config = model.config
-        self.family = config.family
-        self.multimodal = hasattr(model, "encode_images")
+        self.spec = family_spec(model)
+        self.multimodal = is_multimodal(model)
         self.device = next(model.parameters()).device
-        base = SamplingParams.for_family(self.family, **settings.sampling)
+        base = SamplingParams.for_family(self.spec, **settings.sampling)
         self._banned = tuple(base.banned_ranges) + tuple(model_undecodable_ranges(model, tokenizer))
         self.base_sampling = base.replace(banned_ranges=self._banned).validate()
         self.stop_ids = answer_stop_ids(config)
-        max_length = settings.max_length
-        self.max_length = default_max_length(self.family) if max_length == -1 else max_length
+        self.max_length = resolve_max_length(settings.max_length, self.spec)
         self.context = config.max_sequence_length
         budget = None if settings.kv_cache_gib is None else int(settings.kv_cache_gib * 2**30)
         self.rows = rows_for_budget(model, self.context, settings.batch_size, budget)
@@ -240,7 +244,7 @@ class BatchRunner:
         except ValueError as exc:
             return error_record(row, str(exc))
         active[key] = _Active(prepared, DecodeStream(self.tokenizer, stop=row.stop,
-                                                     postprocess=answer_postprocess(self.family)))
+                                                     postprocess=self.spec.postprocess))
         return None
 
     @torch.inference_mode()

@@ -57,14 +57,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     from visualglm.batch import BatchSettings
+    from visualglm.generation.chat import FAMILY_DEFAULT
 
     sampling = {name: value for name, value in (
         ("top_p", args.top_p), ("top_k", args.top_k), ("temperature", args.temperature),
         ("repetition_penalty", args.repetition_penalty)) if value is not None}
     if args.greedy:
         sampling["do_sample"] = False
-    return BatchSettings(batch_size=args.batch_size, sampling=sampling, seed=args.seed,
-                         max_length=-1 if args.max_length is None else args.max_length,
+    # No --max-length: the family's reference default (the flag has no way to ask for no limit).
+    max_length = FAMILY_DEFAULT if args.max_length is None else args.max_length
+    return BatchSettings(batch_size=args.batch_size, sampling=sampling, seed=args.seed, max_length=max_length,
                          max_new_tokens=args.max_new_tokens, image_workers=args.image_workers,
                          allow_remote_images=args.allow_remote_images, kv_cache_gib=args.kv_cache_gib).validate()
 

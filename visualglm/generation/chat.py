@@ -10,39 +10,68 @@ change the answers (tests/generation/test_chat.py shows the difference).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import enum
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from visualglm.config import image_size
-from visualglm.families import family_spec
+from visualglm.families import FAMILIES, FamilySpec, family_spec
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.detok import DecodeStream
 from visualglm.generation.engine import GenerationParams, compile_decode
-from visualglm.generation.sampling import VISUALGLM_ENGLISH_BANNED_RANGES, SamplingParams, make_generator
+from visualglm.generation.sampling import SamplingParams, make_generator
 from visualglm.image import load_image, preprocess
 from visualglm.models.interface import is_multimodal
 from visualglm.tokenizers.templates import glm4_messages, has_cjk  # noqa: F401 (has_cjk: re-exported)
+
+
+class FamilyDefault(enum.Enum):
+    """The type of :data:`FAMILY_DEFAULT`. An enum of one member: it pickles to the same object (batch
+    settings travel to Ray replicas) and a type checker tells it from an int."""
+
+    FAMILY_DEFAULT = "the family's reference max_length"
+
+    def __repr__(self) -> str:
+        return "FAMILY_DEFAULT"
+
+
+# ``max_length=FAMILY_DEFAULT``: the family's reference chat max_length (FamilySpec.max_length: 2048, GLM-4V-9B
+# 8192); ``max_length=None``: no limit besides the context.
+FAMILY_DEFAULT = FamilyDefault.FAMILY_DEFAULT
+MaxLength = int | FamilyDefault | None
+_LEGACY_FAMILY_DEFAULT = -1  # the old spelling of FAMILY_DEFAULT, still accepted
+
+
+def is_family_default(max_length: MaxLength) -> bool:
+    """True for :data:`FAMILY_DEFAULT` (and its old spelling -1)."""
+    return max_length is FAMILY_DEFAULT or (type(max_length) is int and max_length == _LEGACY_FAMILY_DEFAULT)
+
+
+def resolve_max_length(max_length: MaxLength, model_or_config) -> int | None:
+    """``max_length`` with :data:`FAMILY_DEFAULT` replaced by the family's reference max_length (prompt +
+    answer); an int or None (no limit) is returned as is."""
+    return default_max_length(model_or_config) if is_family_default(max_length) else max_length
 
 
 class ChatSession:
     """A conversation with ChatGLM-6B, VisualGLM-6B or GLM-4V-9B.
 
     ``history`` is a list of ``(query, response)`` pairs (GLM-4V's message dicts are built from it, see
-    ``messages``). Defaults follow the reference chat functions: ``max_length`` (prompt + answer; -1 means
-    the model's default) 2048, or 8192 for GLM-4V-9B; ChatGLM-6B samples with top_p 0.7 and temperature
-    0.95, VisualGLM-6B with its demo's top_p 0.4, top_k 100, temperature 0.8 and repetition penalty 1.2,
-    GLM-4V-9B with top_p 0.8 and temperature 0.8, stopping on its three stop ids. GLM-4 attention is
-    causal, so there each turn reuses the cache of the earlier turns. A VisualGLM-6B or GLM-4V-9B session
-    may hold one image (``set_image``), encoded once and reused by every turn. VisualGLM's template
-    language: ``english=None`` picks ``Q:/A:`` for a query without CJK characters and ``问：/答：``
-    otherwise (as its web demo); ``english=True`` forces ``Q:/A:`` and bans the Chinese pieces (its
-    ``--english``); ``english=False`` forces Chinese.
+    ``messages``). Defaults follow the reference chat functions: ``max_length`` (prompt + answer;
+    :data:`FAMILY_DEFAULT` is the family's, None no limit) 2048, or 8192 for GLM-4V-9B; ChatGLM-6B samples with
+    top_p 0.7 and temperature 0.95, VisualGLM-6B with its demo's top_p 0.4, top_k 100, temperature 0.8 and
+    repetition penalty 1.2, GLM-4V-9B with top_p 0.8 and temperature 0.8, stopping on its three stop ids. GLM-4
+    attention is causal, so there each turn reuses the cache of the earlier turns. A VisualGLM-6B or GLM-4V-9B
+    session may hold one image (``set_image``), encoded once and reused by every turn. VisualGLM's template
+    language: ``english=None`` picks ``Q:/A:`` for a query without CJK characters and ``问：/答：`` otherwise (as
+    its web demo); ``english=True`` forces ``Q:/A:`` and bans the Chinese pieces (its ``--english``);
+    ``english=False`` forces Chinese.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, sampling: SamplingParams | None = None,
-                 max_length: int | None = -1, max_new_tokens: int | None = None,
+                 max_length: MaxLength = FAMILY_DEFAULT, max_new_tokens: int | None = None,
                  history: list[tuple[str, str]] | None = None, compile: bool = False,
                  image=None, english: bool | None = None) -> None:
         self.model = model
@@ -51,21 +80,19 @@ class ChatSession:
         self.family = self.spec.name
         self.multimodal = is_multimodal(model)
         if english is not None and not self.spec.template_language:
-            raise ValueError("english mode is a VisualGLM-6B option")
+            raise ValueError(f"english mode is a {_owners(lambda spec: spec.template_language)} option")
         self.english = english
         if sampling is None:
             sampling = SamplingParams.for_family(self.spec)
             if english:
-                sampling = sampling.replace(banned_ranges=VISUALGLM_ENGLISH_BANNED_RANGES)
+                sampling = sampling.replace(banned_ranges=self.spec.english_banned_ranges)
         # The output layer has more rows than the tokenizer has ids (padding): never sample an id that cannot
         # be decoded. The reference would give them ~0 probability anyway; here it is a guarantee.
         unknown = model_undecodable_ranges(model, tokenizer)
         if unknown:
             sampling = sampling.replace(banned_ranges=tuple(sampling.banned_ranges) + tuple(unknown))
         self.sampling = sampling.validate()
-        if max_length == -1:  # the reference chat()'s default
-            max_length = self.spec.max_length
-        self.max_length = max_length
+        self.max_length: int | None = resolve_max_length(max_length, self.spec)
         self.max_new_tokens = max_new_tokens
         self.history: list[tuple[str, str]] = [tuple(turn) for turn in (history or [])]
         self._generator = make_generator(self.sampling.seed, next(model.parameters()).device)
@@ -84,7 +111,8 @@ class ChatSession:
         """Attach an image (anything ``visualglm.image.load_image`` accepts; http(s) URLs only with
         ``allow_remote``) to the conversation."""
         if not self.multimodal:
-            raise ValueError("this model has no image encoder: images need a VisualGLM-6B checkpoint")
+            raise ValueError(f"this model has no image encoder: images need a "
+                             f"{_owners(lambda spec: spec.multimodal)} checkpoint")
         config = self.model.config
         size = image_size(config)
         device = next(self.model.parameters()).device
@@ -159,6 +187,11 @@ class ChatSession:
     def chat(self, query: str) -> str:
         """The whole answer to ``query`` (and the turn appended to ``history``)."""
         return "".join(self.stream(query))
+
+
+def _owners(has: Callable[[FamilySpec], bool]) -> str:
+    """The display names of the families for which ``has`` holds ("VisualGLM-6B or GLM-4V-9B")."""
+    return " or ".join(spec.display_name for spec in FAMILIES.values() if has(spec))
 
 
 def build_prompt_ids(model: nn.Module, tokenizer, query: str, history: Sequence[tuple[str, str]], *,

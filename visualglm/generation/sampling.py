@@ -45,7 +45,7 @@ GLM4_FORCED_ID = GLM4V_FORCED_ID
 """GLM-4V-9B ``InvalidScoreLogitsProcessor`` forced id."""
 HF_DEFAULT_TOP_K = 50
 """``top_k`` that HF ``generate()`` uses when neither the call nor the config sets it."""
-VISUALGLM_ENGLISH_BANNED_RANGES: tuple[tuple[int, int], ...] = ((63823, 130000),)
+VISUALGLM_ENGLISH_BANNED_RANGES: tuple[tuple[int, int], ...] = family_spec(VisualGLMConfig.family).english_banned_ranges
 """``--english`` in VisualGLM's cli_demo: ``invalid_slices=[slice(63823, 130000)]`` (mostly CJK pieces)."""
 
 
