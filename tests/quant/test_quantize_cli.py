@@ -40,7 +40,7 @@ def test_quantize_refuses_to_overwrite(tiny_chat_checkpoint: Path, tmp_path: Pat
     (target / "keep.txt").write_text("x")
     assert main(["quantize", str(tiny_chat_checkpoint), str(target), "--bits", "8"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "exists and is not empty (pass --force" in err
+    assert err.count("\n") == 1 and "exists and is not empty (pass --overwrite" in err
     assert (target / "keep.txt").is_file()
     assert main(["quantize", str(tiny_chat_checkpoint), str(target), "--bits", "8", "--force"]) == 0
     assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()

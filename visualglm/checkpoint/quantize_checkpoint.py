@@ -57,7 +57,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, bits: int | str,
         raise ValueError(f"group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got {group_size}")
     torch_dtype = parse_dtype(dtype)
     target = Path(target)
-    check_target(target, overwrite, flag="--force")
+    check_target(target, overwrite, flag="--overwrite")
     source_dir = resolve_checkpoint_dir(source)
     if paths_overlap(source_dir, target):
         raise ValueError(f"target {target} overlaps the source {source_dir}: choose another directory")
@@ -74,7 +74,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, bits: int | str,
                 shutil.copyfile(source_dir / name, written / name)
                 copied.append(name)
         size = sum(p.stat().st_size for p in written.glob("*.safetensors"))
-        check_target(target, overwrite, flag="--force")  # nothing appeared meanwhile
+        check_target(target, overwrite, flag="--overwrite")  # nothing appeared meanwhile
     group = model.quantization.get("group_size") if bits == 4 else None
     return QuantizeResult(target, model.config.family, bits, group, count, size, copied)
 
