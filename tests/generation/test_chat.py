@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import visualglm
 from visualglm.compat import AutoModel, AutoTokenizer
-from visualglm.generation.chat import ChatSession, regenerate
+from visualglm.generation.chat import FAMILY_DEFAULT, ChatSession, regenerate, resolve_max_length
 from visualglm.generation.engine import GenerationParams, generate_steps
 from visualglm.generation.sampling import SamplingParams
 
@@ -106,3 +107,14 @@ def test_reference_snippet_works_after_changing_the_import(tiny_chat_checkpoint:
     assert isinstance(response, str) and history == [("你好", response)]
     streamed = list(model.stream_chat(tokenizer, "hi", history=history, max_length=400, do_sample=False))
     assert streamed[-1][1][:1] == history and streamed[-1][1][1][0] == "hi"
+
+
+def test_max_length_family_default_marker(model_and_tokenizer) -> None:
+    """FAMILY_DEFAULT is the family's reference max_length, None no limit; the marker survives pickling."""
+    model, tokenizer = model_and_tokenizer
+    assert repr(FAMILY_DEFAULT) == "FAMILY_DEFAULT"
+    assert pickle.loads(pickle.dumps(FAMILY_DEFAULT)) is FAMILY_DEFAULT
+    assert resolve_max_length(FAMILY_DEFAULT, "glm4v") == 8192 and resolve_max_length(None, "glm4v") is None
+    assert resolve_max_length(100, model) == 100
+    assert ChatSession(model, tokenizer).max_length == 2048
+    assert ChatSession(model, tokenizer, max_length=None).max_length is None

@@ -64,7 +64,7 @@ def settings_from_args(args: argparse.Namespace):
         ("repetition_penalty", args.repetition_penalty)) if value is not None}
     if args.greedy:
         sampling["do_sample"] = False
-    # No --max-length: the family's reference default (the flag has no way to ask for no limit).
+    # No --max-length: the family's reference max_length (FAMILY_DEFAULT).
     max_length = FAMILY_DEFAULT if args.max_length is None else args.max_length
     return BatchSettings(batch_size=args.batch_size, sampling=sampling, seed=args.seed, max_length=max_length,
                          max_new_tokens=args.max_new_tokens, image_workers=args.image_workers,
