@@ -116,8 +116,7 @@ def random_model(config_name: str, dtype: torch.dtype, quant: int | None = None,
                              bias_dtype=dtype)
         model.quantization = {"bits": bits, **quantization_plan_info(bits, skip, group_size)}
     model = model.to_empty(device=device).to(dtype)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # to_empty gives every module its own new tensor: share the embedding again
+    model.tie_weights()  # to_empty gives every module its own new tensor: share the embedding again
     # Small weights (std ~0.02 at width 4096) keep a 28-layer random network's activations finite.
     if device.type == "cpu":
         init_random_weights(model, weight_scale=1.28, layernorm_std=0.0, bias_std=0.0)

@@ -229,8 +229,7 @@ def apply_tensor_parallel(model: nn.Module, rank: int | None = None, world_size:
     cache_heads = local[plan.kv_cache_unit]
     model.kv_cache_layout = lambda: (cache_heads, head_dim)  # the instance's cache holds this rank's heads
     model.tensor_parallel = sharding
-    if hasattr(model, "tie_weights"):  # the resized embedding and output layer share one shard again
-        model.tie_weights()
+    model.tie_weights()  # the resized embedding and output layer share one shard again
     return sharding
 
 

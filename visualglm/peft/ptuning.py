@@ -77,7 +77,7 @@ class PrefixEncoder(nn.Module):
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    modules = model.attention_modules() if hasattr(model, "attention_modules") else []
+    modules = model.attention_modules()
     if not modules or not all(hasattr(m, "extra_kv") for m in modules):
         raise ValueError("P-tuning v2 needs attention modules with an extra_kv hook (ChatGLM-6B and VisualGLM-6B); "
                          "use LoRA for this model")

@@ -73,9 +73,7 @@ class TiedInt8Output(nn.Module):
 def output_is_tied(model: nn.Module) -> bool:
     """True when ``model``'s output layer shares its weight with the input embeddings."""
     out = getattr(model, "lm_head", None)
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return (out is not None and embedding is not None
-            and getattr(out, "weight", None) is getattr(embedding, "weight", False))
+    return out is not None and getattr(out, "weight", None) is model.get_input_embeddings().weight
 
 
 def quantize_tied_output(model: nn.Module) -> bool:
