@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import visualglm
+from visualglm.config import image_size
 from visualglm.generation.chat import build_prompt_ids
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest, kv_bytes_per_token, rows_for_budget
 from visualglm.generation.engine import GenerationParams, generate_steps
@@ -136,8 +137,7 @@ def test_images_and_text_of_both_image_families_mix(visual, glm4v) -> None:
     from PIL import Image
 
     for model, tokenizer in (visual, glm4v):
-        size = model.config.vision_config.image_size if model.config.family == "glm4v" else \
-            model.config.eva_config.image_size
+        size = image_size(model.config)
         rng = random.Random(9)
         requests = []
         for i in range(7):
@@ -321,8 +321,7 @@ def test_text_and_image_requests_prefilled_as_one_group_answer_as_alone(visual, 
     from PIL import Image
 
     for model, tokenizer in (visual, glm4v):
-        size = model.config.vision_config.image_size if model.config.family == "glm4v" else \
-            model.config.eva_config.image_size
+        size = image_size(model.config)
         requests = []
         for i, question in enumerate(["hello", "a longer question about the shapes", "why", "the colour?"]):
             with_image = i in (1, 2)

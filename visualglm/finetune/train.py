@@ -109,7 +109,7 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         from visualglm.checkpoint.load import apply_quantization
 
         apply_quantization(model, config.quant_bits)
-    lora = LoraConfig.for_family(model.config.family, rank=config.lora_rank, alpha=config.lora_alpha,
+    lora = LoraConfig.for_family(model, rank=config.lora_rank, alpha=config.lora_alpha,
                                  dropout=config.lora_dropout, layer_range=config.layer_range,
                                  target_modules=tuple(config.target_modules) if config.target_modules else None)
     return inject_lora(model, lora)
