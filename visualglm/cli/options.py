@@ -139,7 +139,7 @@ def build_session(args: argparse.Namespace):
     """Load the model and tokenizer named by the flags and return a ChatSession."""
     from visualglm.demo import resolve_model
     from visualglm.distributed.launch import init_from_env, shared_seed
-    from visualglm.generation.chat import ChatSession
+    from visualglm.generation.chat import FAMILY_DEFAULT, ChatSession
     from visualglm.generation.sampling import SamplingParams
 
     args.model = resolve_model(args.model)
@@ -159,7 +159,7 @@ def build_session(args: argparse.Namespace):
     SamplingParams(**overrides).validate()  # bad flags fail before the (slow) model load
     model, tokenizer, _ = load_from_flags(args, parallel)
     english = True if getattr(args, "english", False) else None
-    max_length = -1 if args.max_length is None else args.max_length  # -1: the model's reference default
+    max_length = FAMILY_DEFAULT if args.max_length is None else args.max_length
     session = ChatSession(model, tokenizer, max_length=max_length, max_new_tokens=args.max_new_tokens,
                           compile=args.compile, english=english)
     session.sampling = session.sampling.replace(**overrides).validate()

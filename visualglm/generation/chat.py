@@ -41,12 +41,11 @@ class FamilyDefault(enum.Enum):
 # 8192); ``max_length=None``: no limit besides the context.
 FAMILY_DEFAULT = FamilyDefault.FAMILY_DEFAULT
 MaxLength = int | FamilyDefault | None
-_LEGACY_FAMILY_DEFAULT = -1  # the old spelling of FAMILY_DEFAULT, still accepted
 
 
 def is_family_default(max_length: MaxLength) -> bool:
-    """True for :data:`FAMILY_DEFAULT` (and its old spelling -1)."""
-    return max_length is FAMILY_DEFAULT or (type(max_length) is int and max_length == _LEGACY_FAMILY_DEFAULT)
+    """True for :data:`FAMILY_DEFAULT`."""
+    return max_length is FAMILY_DEFAULT
 
 
 def resolve_max_length(max_length: MaxLength, model_or_config) -> int | None:
