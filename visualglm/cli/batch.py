@@ -12,7 +12,7 @@ import argparse
 import signal
 import sys
 
-from visualglm.cli.options import add_generation_flags, add_model_flags, quant_also
+from visualglm.cli.options import add_generation_flags, add_model_flags, quantize_also
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from visualglm.batch import ModelSpec
 
     settings = settings_from_args(args)  # bad flags fail before the input is read
-    spec = ModelSpec(args.model, args.dtype, args.device, args.quant, quant_also(args), args.adapter, args.compile)
+    spec = ModelSpec(args.model, args.dtype, args.device, args.quant, quantize_also(args), args.adapter, args.compile)
     if args.flush_rows is not None and args.flush_rows < 1:
         raise ValueError("--flush-rows must be at least 1")
     flush = {name: value for name, value in (("flush_rows", args.flush_rows), ("flush_seconds", args.flush_seconds))

@@ -24,7 +24,7 @@ import json
 import sys
 import time
 
-from visualglm.cli.options import add_quant_flags, quant_also
+from visualglm.cli.options import add_quant_flags, quantize_also
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     items, label = _items(args)
     model_path = resolve_model(args.model)
     model = visualglm.load(model_path, dtype=args.dtype, device=args.device, quantize=args.quant,
-                           quantize_also=quant_also(args), progress=False)
+                           quantize_also=quantize_also(args), progress=False)
     demo = family_spec(DEMO_FAMILY)
     if family_spec(model) is not demo:  # the tasks are the demo model's evaluations
         raise ValueError(f"{model_path} is not a {demo.display_name}-architecture model: eval needs one")
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
-    also = quant_also(args)
+    also = quantize_also(args)
     print(f"{label}: {result.n} questions, model {model_path}" + (f", int{args.quant}" if args.quant else "")
           + (f" (also {', '.join(also)})" if also else "") + (f", adapter {args.adapter}" if args.adapter else ""))
     _table(parts, result.accuracy, sum(p.n for _, p in parts), sum(sum(p.correct.values()) for _, p in parts))

@@ -57,7 +57,6 @@ def quantize_also(args: argparse.Namespace) -> tuple[str, ...]:
     return parts
 
 
-quant_also = quantize_also  # the earlier name, still imported by some commands
 
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
