@@ -128,9 +128,12 @@ def test_a_long_prompt_prefilled_in_stages_is_exact_and_lets_the_others_decode(t
             short_tokens_during_prefill += 1
     assert got["long"] == _alone(text_model, long)
     assert [t for t in got["short"]] == _alone(text_model, short)[1:]  # its first token came in step one
-    # The short row kept getting a token at every step of the long one's staged prefill.
-    layers = len(text_model.attention_modules())
-    assert short_tokens_during_prefill == min(layers, -(-len(long.ids) // 20)) - 1 >= 1
+    # The short row kept getting a token at every step of the long one's staged prefill, which carried about
+    # 20 tokens' worth of work per step (pieces of layers: the model has fewer layers than that would take
+    # in whole layers), overshooting by a quarter of that at most.
+    steps = short_tokens_during_prefill + 1
+    assert len(text_model.attention_modules()) < -(-len(long.ids) // 20)
+    assert -(-len(long.ids) // 25) <= steps <= -(-len(long.ids) // 20)
 
 
 def test_images_and_text_of_both_image_families_mix(visual, glm4v) -> None:

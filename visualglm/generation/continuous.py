@@ -14,10 +14,12 @@ One call to :meth:`ContinuousEngine.step` does, in order:
    identical context), or else the slot of a running row it shares a prefix with, copied, or else a cold
    one; its prompt then only prefills what is new;
 3. **prefills** the newcomers admitted together as one group (left-padded to one length, up to a budget of
-   new tokens): a long group is spread over several steps, a few layers at a time (exact: the same
-   computation, paused between layers; ChatGLM-6B's prompts attend both ways, so they cannot be cut by
-   tokens), so that running rows keep getting tokens; when its last layer is done each newcomer's first
-   token is chosen and it joins the decode batch;
+   new tokens): a long group is spread over several steps, a few layers at a time, or pieces of a layer
+   when one layer of it costs more than a step may carry (exact: the same computation, paused between
+   pieces; a piece writes the keys/values of some tokens or lets some tokens attend to all of them, so
+   ChatGLM-6B's prompts, which attend both ways, can be cut too), so that running rows keep getting
+   tokens at about the pace of a decode step; when its last layer is done each newcomer's first token is
+   chosen and it joins the decode batch;
 4. **decodes** one token for every running row in one forward over cache rows ``[0, highest used + 1)``
    (free slots in that range compute a token nobody reads, cheaper than moving a row's cache).
 
@@ -104,10 +106,12 @@ class _Prefill:
     model's arguments for them, and once started in stages, their generator. ``dropped``: rows ended while
     their prefill ran (their slots are free already; their results are discarded)."""
 
-    def __init__(self, rows: list[_Row], inputs: dict, layers_per_stage: int) -> None:
+    def __init__(self, rows: list[_Row], inputs: dict, per_step: float, token_chunk: int | None) -> None:
         self.rows = rows
         self.inputs = inputs
-        self.layers_per_stage = layers_per_stage
+        self.per_step = per_step  # layers of work per step beside decoding rows (a fraction: pieces of layers)
+        self.token_chunk = token_chunk  # tokens per piece of a layer (None: whole layers)
+        self.target = 0.0  # layers done by the end of this step
         self.stages = None
         self.dropped: set[int] = set()
 
@@ -115,12 +119,12 @@ class _Prefill:
 class ContinuousEngine:
     """See the module docstring. ``model`` is any decoder of the package; ``max_rows`` slots of ``context``
     positions (default: the model's) are allocated at once. ``prefill_chunk`` tokens: while other rows
-    decode, a prompt longer than that is prefilled in ceil(length / prefill_chunk) stages of whole layers
-    (at most one stage per layer), one stage per step, so that no step costs much more than a decode step;
-    a prompt of up to ``prefill_chunk`` tokens is prefilled in one step. With nothing else running a prompt
-    is prefilled at once. ``compiled``: a compiled forward (``torch.compile`` of the model) for the decode steps, which
-    then keep fixed shapes: the cache rows in use rounded up to a bucket (``decode_bucket``), a mask over the
-    whole context."""
+    decode, a step carries about that many prompt tokens' worth of prefill through the whole model
+    (``prefill_chunk * num_layers`` token-layers: whole layers, or pieces of one), so that no step costs
+    much more than a decode step; a prompt of up to ``prefill_chunk`` tokens is prefilled in one step.
+    With nothing else running a prompt is prefilled at once. ``compiled``: a compiled forward
+    (``torch.compile`` of the model) for the decode steps, which then keep fixed shapes: the cache rows in
+    use rounded up to a bucket (``decode_bucket``), a mask over the whole context."""
 
     def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 64,
                  pad_id: int | None = None, compiled: Callable | None = None) -> None:
@@ -314,11 +318,15 @@ class ContinuousEngine:
             self.stats.prefills += 1
             self.stats.prefill_tokens += length - start
             self.stats.reused_tokens += start
-        new = sum(ids.shape[1] - start for _, start, ids, *_ in parts)
-        # About prefill_chunk tokens of work per step, a layer at least: a step that carries a stage costs
-        # about as much as a decode step when prefill_chunk is the machine's FLOPs per byte of bandwidth.
-        stages = min(self.num_layers, max(1, math.ceil(new / self.prefill_chunk)))
-        layers = math.ceil(self.num_layers / stages)
+        # About prefill_chunk tokens through the whole model per step (prefill_chunk * num_layers token-layers):
+        # a step that carries a piece then costs about a decode step more when prefill_chunk is the machine's
+        # FLOPs per byte of bandwidth. Less than a layer per step: the layers are cut into token pieces of
+        # half a step's work, so that a step overshoots its share by a quarter at most.
+        width = max(ids.shape[1] - start for _, start, ids, *_ in parts)
+        work = width * len(parts)  # padded tokens: what the matmuls compute
+        budget = self.prefill_chunk * self.num_layers
+        per_step = budget / work
+        token_chunk = None if per_step >= 1 else max(16, math.ceil(budget / 2))
         if len(parts) == 1:
             row, start, ids, positions, mask, embeds = parts[0]
             length = ids.shape[1]
@@ -328,7 +336,6 @@ class ContinuousEngine:
                           inputs_embeds=None if embeds is None else embeds[:, start:],
                           cache_rows=slice(row.slot, row.slot + 1))
         else:
-            width = max(ids.shape[1] - start for _, start, ids, *_ in parts)
             kv_length = max(ids.shape[1] for _, _, ids, *_ in parts)
             count, axes = len(parts), parts[0][3].shape[1]
             input_ids = torch.full((count, width), self.pad_id, dtype=torch.long, device=self.device)
@@ -358,11 +365,12 @@ class ContinuousEngine:
             inputs = dict(input_ids=None if pictured else input_ids, position_ids=position_ids,
                           attention_mask=attention, cache_positions=cache_positions, inputs_embeds=inputs_embeds,
                           cache_rows=slots)
-        self.prefill = _Prefill([row for row, *_ in parts], inputs, layers)
+        self.prefill = _Prefill([row for row, *_ in parts], inputs, per_step, token_chunk)
 
     def _advance_prefill(self, full: bool) -> list[TokenEvent]:
-        """Run the waiting prefill: whole (one forward) when ``full`` and not started yet, else its next
-        stage of layers; the newcomer's first token once its last layer is done."""
+        """Run the waiting prefill: whole (one forward) when ``full`` and not started yet, else its pieces up
+        to this step's share of layers (all that is left when ``full``); the newcomers' first tokens once
+        the last layer is done."""
         prefill = self.prefill
         if full and prefill.stages is None:
             inputs = dict(prefill.inputs)
@@ -370,14 +378,15 @@ class ContinuousEngine:
                                 **inputs, logits_to_keep=1)[:, -1].float()
         else:
             if prefill.stages is None:
-                prefill.stages = self.model.hidden_state_stages(**prefill.inputs)
-            hidden = None
-            for _ in range(self.num_layers if full else prefill.layers_per_stage):
-                if next(prefill.stages) == self.num_layers:  # the last layer: take the final norm now
+                prefill.stages = self.model.hidden_state_stages(**prefill.inputs, token_chunk=prefill.token_chunk)
+            prefill.target = math.inf if full else prefill.target + prefill.per_step
+            while True:
+                done = next(prefill.stages)
+                if done >= self.num_layers:  # the last layer: take the final norm now
                     hidden = run_stages(prefill.stages)
                     break
-            if hidden is None:
-                return []
+                if done >= prefill.target:
+                    return []
             logits = self.model.output_logits(last_positions(hidden, 1))[:, -1].float()
         self.prefill = None
         events = []

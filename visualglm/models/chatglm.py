@@ -29,6 +29,7 @@ from visualglm.models.layers import (
     apply_rotary_halves,
     attention,
     attention_span,
+    chunked_layer,
     common_prefix_length,
     last_positions,
     rotary_cos_sin,
@@ -61,16 +62,27 @@ class ChatGLMAttention(nn.Module):
         ``[0, kv_length)``; without one they attend to the T tokens themselves. ``extra_kv`` keys and
         values, when set, are placed before those and visible to every query.
         """
+        q, k, v = self.project(x, cos, sin)
+        if cache_positions is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
+            k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
+        return self.attend(q, k, v, bias)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys and the values of x ``[B, T, hidden]``: each ``[B, heads, T, head_dim]``."""
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q = apply_rotary_halves(q, cos, sin, chunks=2).transpose(1, 2)
         k = apply_rotary_halves(k, cos, sin, chunks=2).transpose(1, 2)
-        v = v.transpose(1, 2)
-        if cache_positions is not None:
-            if self.kv_cache is None:
-                raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
-            k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
+        return q, k, v.transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The output ``[B, T, hidden]`` of queries ``[B, heads, T, head_dim]`` over keys/values
+        ``[B, heads, S, head_dim]`` (``extra_kv`` placed before them), bias ``[B, 1, T, S]`` or None."""
+        batch, _, length, _ = q.shape
         if self.extra_kv is not None:
             extra_k, extra_v = self.extra_kv(batch)
             k = torch.cat((extra_k.to(k.dtype), k), dim=2)
@@ -115,6 +127,24 @@ class GLMBlock(nn.Module):
                 cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         attn_in = self.input_layernorm(x)
         x = attn_in * self.alpha + self.attention(attn_in, cos, sin, bias, cache_positions, kv_length, cache_rows)
+        mlp_in = self.post_attention_layernorm(x)
+        return mlp_in * self.alpha + self.mlp(mlp_in)
+
+    def write_keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_positions: torch.Tensor,
+                   cache_rows: slice | torch.Tensor | None) -> torch.Tensor:
+        """The first half of ``forward`` for some of a prompt's tokens (x ``[B, t, hidden]``): write their
+        keys/values to the cache, return their queries ``[B, heads, t, head_dim]`` (see ``chunked_layer``)."""
+        q, k, v = self.attention.project(self.input_layernorm(x), cos, sin)
+        self.attention.kv_cache.write(cache_positions, k, v, cache_rows)
+        return q
+
+    def finish(self, x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, kv_length: int,
+               cache_rows: slice | torch.Tensor | None) -> torch.Tensor:
+        """The rest of ``forward`` for the tokens ``write_keys`` took (their queries ``q``), attending to
+        cache slots ``[0, kv_length)``: the block's output ``[B, t, hidden]``."""
+        attn_in = self.input_layernorm(x)
+        k, v = self.attention.kv_cache.read(kv_length, cache_rows)
+        x = attn_in * self.alpha + self.attention.attend(q, k, v, bias)
         mlp_in = self.post_attention_layernorm(x)
         return mlp_in * self.alpha + self.mlp(mlp_in)
 
@@ -234,10 +264,13 @@ class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
     def hidden_state_stages(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                             attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
                             inputs_embeds: torch.Tensor | None = None,
-                            cache_rows: slice | torch.Tensor | None = None) -> Iterator[int]:
+                            cache_rows: slice | torch.Tensor | None = None,
+                            token_chunk: int | None = None) -> Iterator[float]:
         """``hidden_states`` one layer at a time: a generator that yields the number of layers done after
         each one and returns the final hidden states. A long prompt's prefill can so be spread over several
-        engine steps, with other rows' decode steps in between, exactly (see ``run_stages``)."""
+        engine steps, with other rows' decode steps in between, exactly (see ``run_stages``). With
+        ``token_chunk`` (and a KV cache) a prompt longer than that is cut inside each layer too, into pieces
+        of that many tokens (see ``chunked_layer``; the yields are then fractions of layers)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -257,9 +290,24 @@ class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
         cos, sin = rotary_cos_sin(position_ids, inv_freq, x.dtype)  # [B, 2, T, head_dim / 2]
         cos = torch.cat((cos[:, 0], cos[:, 1]), dim=-1).unsqueeze(2)  # [B, T, 1, head_dim]
         sin = torch.cat((sin[:, 0], sin[:, 1]), dim=-1).unsqueeze(2)
-        for done, block in enumerate(self.transformer.layers, start=1):
-            x = block(x, cos, sin, bias, cache_positions, kv_length, cache_rows)
-            yield done
+        chunked = token_chunk is not None and token_chunk < length
+        if chunked and cache_positions is None:
+            raise ValueError("token_chunk needs a KV cache (cache_positions)")
+        for done, block in enumerate(self.transformer.layers):
+            if not chunked:
+                x = block(x, cos, sin, bias, cache_positions, kv_length, cache_rows)
+                yield done + 1
+                continue
+
+            def write_keys(start: int, end: int, x=x, block=block) -> torch.Tensor:
+                return block.write_keys(x[:, start:end], cos[:, start:end], sin[:, start:end],
+                                        cache_positions[..., start:end], cache_rows)
+
+            def finish(start: int, end: int, queries: torch.Tensor, x=x, block=block) -> torch.Tensor:
+                return block.finish(x[:, start:end], queries, None if bias is None else bias[:, :, start:end],
+                                    kv_length, cache_rows)
+
+            x = yield from chunked_layer(length, token_chunk, write_keys, finish, done)
         return self.transformer.final_layernorm(x)
 
 

@@ -24,6 +24,7 @@ from visualglm.models.kv_cache import CachedAttentionModel, KVCache
 from visualglm.models.layers import (
     attention_gqa,
     attention_span,
+    chunked_layer,
     common_prefix_length,
     last_positions,
     run_stages,
@@ -131,16 +132,26 @@ class GLM4Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor | None,
                 cache_positions: torch.Tensor | None, kv_length: int, causal: bool,
                 cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.project(x, rope)
+        if cache_positions is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
+            k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
+        return self.attend(q, k, v, bias, causal)
+
+    def project(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries ``[B, heads, T, D]``, rotated keys and values ``[B, kv_heads, T, D]`` of x."""
         batch, length, _ = x.shape
         q, k, v = self.query_key_value(x).split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         q = apply_glm4_rope(q.view(batch, length, self.heads, self.head_dim), rope).transpose(1, 2)
         k = apply_glm4_rope(k.view(batch, length, self.kv_heads, self.head_dim), rope).transpose(1, 2)
-        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        if cache_positions is not None:
-            if self.kv_cache is None:
-                raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
-            k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
+        return q, k, v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+               causal: bool = False) -> torch.Tensor:
+        """The output ``[B, T, hidden]`` of queries ``[B, heads, T, D]`` over keys/values ``[B, kv_heads, S, D]``."""
+        batch, _, length, _ = q.shape
         out = attention_gqa(q, k, v, bias, causal=causal)
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -167,6 +178,21 @@ class GLM4Block(nn.Module):
     def forward(self, x, rope, bias, cache_positions, kv_length, causal, cache_rows=None):
         x = x + self.self_attention(self.input_layernorm(x), rope, bias, cache_positions, kv_length, causal,
                                     cache_rows)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def write_keys(self, x: torch.Tensor, rope: torch.Tensor, cache_positions: torch.Tensor,
+                   cache_rows: slice | torch.Tensor | None) -> torch.Tensor:
+        """Write the keys/values of some of a prompt's tokens, return their queries (see
+        ``GLMBlock.write_keys``)."""
+        q, k, v = self.self_attention.project(self.input_layernorm(x), rope)
+        self.self_attention.kv_cache.write(cache_positions, k, v, cache_rows)
+        return q
+
+    def finish(self, x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, kv_length: int,
+               cache_rows: slice | torch.Tensor | None) -> torch.Tensor:
+        """The rest of ``forward`` for the tokens ``write_keys`` took (see ``GLMBlock.finish``)."""
+        k, v = self.self_attention.kv_cache.read(kv_length, cache_rows)
+        x = x + self.self_attention.attend(q, k, v, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -252,8 +278,9 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
                                                    inputs_embeds, cache_rows))
 
     def hidden_state_stages(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,
-                            inputs_embeds=None, cache_rows=None) -> Iterator[int]:
-        """``hidden_states`` one layer at a time (see ChatGLMForCausalLM.hidden_state_stages)."""
+                            inputs_embeds=None, cache_rows=None, token_chunk: int | None = None) -> Iterator[float]:
+        """``hidden_states`` one layer at a time, or pieces of layers with ``token_chunk`` (see
+        ChatGLMForCausalLM.hidden_state_stages)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -269,9 +296,23 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
         kv_length, bias = attention_span(attention_mask, cache_positions, length, x.dtype)
         rope = glm4_rope_table(position_ids[:, 0], self.config.kv_channels // 2, 10000.0 * self.config.rope_ratio,
                                x.dtype)
-        for done, block in enumerate(self.transformer.encoder.layers, start=1):
-            x = block(x, rope, bias, cache_positions, kv_length, causal, cache_rows)
-            yield done
+        chunked = token_chunk is not None and token_chunk < length
+        if chunked and (cache_positions is None or attention_mask is None):
+            raise ValueError("token_chunk needs a KV cache (cache_positions) and an attention_mask")
+        for done, block in enumerate(self.transformer.encoder.layers):
+            if not chunked:
+                x = block(x, rope, bias, cache_positions, kv_length, causal, cache_rows)
+                yield done + 1
+                continue
+
+            def write_keys(start: int, end: int, x=x, block=block) -> torch.Tensor:
+                return block.write_keys(x[:, start:end], rope[:, start:end], cache_positions[..., start:end],
+                                        cache_rows)
+
+            def finish(start: int, end: int, queries: torch.Tensor, x=x, block=block) -> torch.Tensor:
+                return block.finish(x[:, start:end], queries, bias[:, :, start:end], kv_length, cache_rows)
+
+            x = yield from chunked_layer(length, token_chunk, write_keys, finish, done)
         return self.transformer.encoder.final_layernorm(x)
 
 

@@ -59,8 +59,10 @@ class Decoder(Protocol):
 
     def hidden_state_stages(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                             attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
-                            inputs_embeds: torch.Tensor | None = None, cache_rows: Any = None) -> Iterator[Any]:
-        """The same computation cut between layers (one item per stage, the hidden states last)."""
+                            inputs_embeds: torch.Tensor | None = None, cache_rows: Any = None,
+                            token_chunk: int | None = None) -> Iterator[float]:
+        """The same computation cut between layers, and with ``token_chunk`` inside them: yields the layers
+        done (a float) after each piece and returns the final hidden states."""
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` of hidden states ``[B, T, hidden]``."""

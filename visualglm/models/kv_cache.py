@@ -34,13 +34,18 @@ class KVCache(nn.Module):
         the slots written: ``[T]``, the same for every row, or ``[B, T]``, each row its own (rows of a
         continuous batch have different lengths). ``kv_length`` None: every slot.
         """
+        self.write(positions, k, v, rows)
+        return self.read(kv_length, rows)
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rows: slice | torch.Tensor | None = None) -> None:
+        """Write ``k``/``v`` ``[B, H, T, D]`` to slots ``positions`` of cache ``rows`` (as in ``update``)."""
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
-        length = self.max_length if kv_length is None else kv_length
         if isinstance(rows, torch.Tensor):
             slots = positions if positions.dim() == 2 else positions.expand(k.shape[0], -1)
             index = (rows[:, None], slice(None), slots)
             self.k[index], self.v[index] = k.transpose(1, 2), v.transpose(1, 2)
-            return self.k[rows, :, :length], self.v[rows, :, :length]
+            return
         cache_k, cache_v = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])
         if positions.dim() == 1:
             cache_k.index_copy_(2, positions, k)
@@ -48,6 +53,15 @@ class KVCache(nn.Module):
         else:
             index = (torch.arange(k.shape[0], device=k.device)[:, None], slice(None), positions)
             cache_k[index], cache_v[index] = k.transpose(1, 2), v.transpose(1, 2)
+
+    def read(self, kv_length: int | None = None, rows: slice | torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, kv_length, D]`` of cache ``rows`` (None: all rows; a LongTensor: gathered;
+        ``kv_length`` None: every slot)."""
+        length = self.max_length if kv_length is None else kv_length
+        if isinstance(rows, torch.Tensor):
+            return self.k[rows, :, :length], self.v[rows, :, :length]
+        cache_k, cache_v = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])
         return cache_k[:, :, :length], cache_v[:, :, :length]
 
     def select_rows(self, rows: torch.Tensor) -> None:

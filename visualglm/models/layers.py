@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,33 @@ def attention_span(attention_mask: torch.Tensor | None, cache_positions: torch.T
     if cache_positions is not None:
         return int(cache_positions[-1]) + 1, None
     return length, None
+
+
+# The share of a layer's work that writing its keys/values takes: the QKV projection is 3 of the 12
+# hidden^2 multiply-adds per token of a ChatGLM-6B block (less with GLM-4's grouped keys). A guide for a
+# scheduler spreading a prefill over steps, nothing more.
+KEYS_SHARE = 0.25
+
+
+def chunked_layer(length: int, chunk: int, write_keys: Callable[[int, int], torch.Tensor],
+                  finish: Callable[[int, int, torch.Tensor], torch.Tensor], done: int = 0
+                  ) -> Generator[float, None, torch.Tensor]:
+    """One layer over a prompt of ``length`` new tokens, ``chunk`` tokens at a time, exactly: first every
+    chunk's keys/values are written (``write_keys(start, end)`` returns that chunk's queries), then each
+    chunk's queries attend to the whole prompt (``finish(start, end, queries)`` returns the chunk's layer
+    output ``[B, end - start, hidden]``). A prompt whose tokens attend both ways (ChatGLM-6B's context) can
+    so be cut inside a layer too. Yields the layers done after each piece (``done`` plus the share of this
+    one, ``done + 1`` last) and returns the layer's output ``[B, length, hidden]``."""
+    bounds = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+    queries = []
+    for start, end in bounds:
+        queries.append(write_keys(start, end))
+        yield done + KEYS_SHARE * end / length
+    outputs = []
+    for (start, end), query in zip(bounds, queries, strict=True):
+        outputs.append(finish(start, end, query))
+        yield done + 1 if end == length else done + KEYS_SHARE + (1 - KEYS_SHARE) * end / length
+    return torch.cat(outputs, dim=1)
 
 
 def run_stages(stages: Iterator[int]) -> torch.Tensor:
