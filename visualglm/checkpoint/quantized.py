@@ -30,7 +30,7 @@ from visualglm.checkpoint.io import CheckpointError, TensorHook, release_freed_m
 from visualglm.checkpoint.keymaps import KeyMap, UnknownKeyError, map_key
 from visualglm.config import AnyConfig
 from visualglm.families import family_spec
-from visualglm.quant.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear
+from visualglm.quant.linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear, quantized_bits
 from visualglm.quant.swap import plan_quantization, swap_empty
 
 QUANT_CONFIG_KEY = "quantization_config"
@@ -68,8 +68,9 @@ def map_module_key(key: str, keymap: KeyMap) -> str | None:
     return None if mapped is None else mapped.rpartition(".")[0] + "." + suffix
 
 
-def quantized_modules(model: nn.Module) -> dict[str, Int8Linear | Int4Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The weight-only quantized linears of ``model`` by name, whichever kernel form they run in."""
+    return {name: m for name, m in model.named_modules() if quantized_bits(m) is not None}
 
 
 def quantization_config(model: nn.Module) -> dict | None:
@@ -78,10 +79,10 @@ def quantization_config(model: nn.Module) -> dict | None:
     modules = quantized_modules(model)
     if not modules:
         return None
-    kinds = {type(m) for m in modules.values()}
+    kinds = {quantized_bits(m) for m in modules.values()}
     if len(kinds) > 1:
         raise ValueError("the model mixes INT8 and INT4 modules; a quantized checkpoint holds one kind")
-    bits = 8 if kinds == {Int8Linear} else 4
+    bits = kinds.pop()
     info = dict(getattr(model, "quantization", None) or {})
     entry: dict = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bits": bits}
     if bits == 4:
@@ -124,7 +125,7 @@ class QuantizedLoader:
                  tensor_hook: TensorHook | None = None) -> None:
         self.modules, self.mode, self.keymap, self.tensor_hook = modules, mode, keymap, tensor_hook
         self.dtype, self.device, self.symmetric = dtype, device, symmetric
-        bits = 8 if modules and isinstance(next(iter(modules.values())), Int8Linear) else 4
+        bits = 8 if modules and quantized_bits(next(iter(modules.values()))) == 8 else 4
         tensors = {"quantize": ("weight",), "thudm": ("weight", "weight_scale"),
                    "stored": ("weight", "scale") if bits == 8 else ("qweight", "scales_and_zeros")}[mode]
         self.expected = {f"{name}.{t}" for name, m in modules.items()

@@ -19,7 +19,7 @@ from visualglm.config import image_size
 from visualglm.families import FAMILIES, family_spec
 from visualglm.generation.chat import model_undecodable_ranges
 from visualglm.image import preprocess
-from visualglm.quant.linear import Int4Linear, Int8Linear
+from visualglm.quant.linear import quantized_bits
 
 
 class CompatModel:
@@ -34,7 +34,7 @@ class CompatModel:
     def _apply(self, method: str, *args: Any, **kwargs: Any) -> CompatModel:
         """Run ``nn.Module.<method>``, keeping quantized layers' scales in their own dtype: a cast to fp16
         would round the INT8 scales and the INT4 kernels' bf16 scales/zeros."""
-        quantized = [m for m in self.model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+        quantized = [m for m in self.model.modules() if quantized_bits(m) is not None]
         kept = [(module, name, buffer) for module in quantized
                 for name, buffer in module.named_buffers(recurse=False) if name != "bias"]
         getattr(self.model, method)(*args, **kwargs)

@@ -106,6 +106,13 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(weight.dtype), weight)
 
 
+def quantized_bits(module: nn.Module) -> int | None:
+    """8 or 4 when ``module`` is a weight-only quantized linear: ``Int8Linear``, ``Int4Linear`` or a CPU-kernel
+    form of one (``visualglm.quant.onednn_int8``), which keeps their ``state_dict``. None otherwise."""
+    bits = getattr(type(module), "quant_bits", None)
+    return bits if bits in (4, 8) else None
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (weight * scale[:, None]).T + bias`` with an int8 weight and per-row scales.
 
@@ -113,6 +120,7 @@ class Int8Linear(nn.Module):
     """
 
     backend: Backend = "auto"
+    quant_bits = 8
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -196,6 +204,7 @@ class Int4Linear(nn.Module):
     """
 
     backend: Backend = "auto"
+    quant_bits = 4
 
     def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int,
                  bias: torch.Tensor | None = None, block_n: int | None = None) -> None:
