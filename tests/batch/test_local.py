@@ -129,7 +129,9 @@ def test_a_text_only_model_records_image_rows_as_errors(tmp_path: Path, tiny_cha
                         settings=BatchSettings(max_new_tokens=4), progress=False)
     assert (summary.written, summary.errors) == (2, 1)
     out = read_results(tmp_path / "out.jsonl")
-    assert "text-only" in out["2"]["error"] and out["1"]["completion_tokens"] >= 1
+    # Row 1 was answered (a random model may end its answer at once: any finish reason will do).
+    assert "text-only" in out["2"]["error"] and "error" not in out["1"]
+    assert out["1"]["finish_reason"] in ("stop", "length") and isinstance(out["1"]["answer"], str)
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_output(data_dir: Path, demo) -> None:

@@ -72,6 +72,14 @@ def _answer(client: httpx.Client, path: str, body: dict) -> tuple[int, str, str 
     return response.status_code, data["choices"][0]["message"]["content"], data["choices"][0]["finish_reason"]
 
 
+def _one_by_one(url: str) -> list[tuple[int, str, str | None]]:
+    """Send every request after the previous one's answer: each runs alone, so its batch is the same under
+    any server (a concurrent batch's composition depends on arrival times, and a different batch can move
+    fp32 results by rounding noise, enough to flip a near-tie of a random model's greedy choice)."""
+    with httpx.Client(base_url=url, timeout=120) as client:
+        return [_answer(client, *request) for request in _requests()]
+
+
 def _all_at_once(url: str) -> list[tuple[int, str, str | None]]:
     """Send every request concurrently (so that the server batches them); answers in request order."""
     requests = _requests()
@@ -138,7 +146,8 @@ def _kill_leftovers(launcher: subprocess.Popen, processes: list[psutil.Process])
 def test_serve_under_two_ranks_answers_like_one_process(tiny_visual_checkpoint) -> None:
     launcher, url, processes = _start(tiny_visual_checkpoint)
     try:
-        parallel = _all_at_once(url)
+        parallel = _one_by_one(url)  # first, on fresh caches, as the single process below
+        batched = _all_at_once(url)  # the ranks replay one concurrent schedule
         # A bad request is refused by rank 0 alone, and the ranks stay in step afterwards.
         refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 600}]},
                              timeout=60)
@@ -152,9 +161,13 @@ def test_serve_under_two_ranks_answers_like_one_process(tiny_visual_checkpoint) 
     finally:
         _kill_leftovers(launcher, processes)
     with running(_load(tiny_visual_checkpoint)) as (single_url, _):
-        single = _all_at_once(single_url)
+        single = _one_by_one(single_url)
     assert all(status == 200 for status, _, _ in single)
-    assert parallel == single and again == single
+    assert parallel == single
+    # Concurrent batches: their composition depends on arrival times, and the engine reuses cached prompts
+    # (prefilled in other groups), so their text may differ from the above by a flipped near-tie.
+    for answers in (batched, again):
+        assert [status for status, _, _ in answers] == [200] * len(single) and all(t for _, t, _ in answers)
     assert {finish for _, _, finish in single} >= {"length"}
 
 
