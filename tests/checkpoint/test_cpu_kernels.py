@@ -31,13 +31,13 @@ def all_kernels_available(monkeypatch):
 
 def test_rule_per_machine(all_kernels_available, monkeypatch) -> None:
     assert plan_cpu_kernels(ZEN) == KernelPlan("onednn", "plain", 3)  # VNNI alone: oneDNN int8 is a ref path
-    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3)
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa")
     assert plan_cpu_kernels(XEON_AMX, int8_activations=True).planes == 1
     monkeypatch.setattr(cpu_kernels, "cpu_lacks_bf16_matmul", lambda: True)
     assert plan_cpu_kernels(AVX2) == KernelPlan("upcast", "plain", 3)
-    assert plan_cpu_kernels(XEON_AMX, mode="plain") == KernelPlan("plain", "plain", 3)
+    assert plan_cpu_kernels(XEON_AMX, mode="plain") == KernelPlan("plain", "plain", 3, "matmul")
     monkeypatch.setenv(cpu_kernels.ENV, "plain")
-    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("plain", "plain", 3)
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("plain", "plain", 3, "matmul")
     monkeypatch.setenv(cpu_kernels.ENV, "fastest")
     with pytest.raises(ValueError, match="VISUALGLM_CPU_KERNELS='fastest'"):
         plan_cpu_kernels(XEON_AMX)
@@ -108,3 +108,27 @@ def test_int8_activations_need_onednn() -> None:
     model = _tiny(torch.bfloat16, quantize=8)
     with pytest.raises(ValueError, match="int8 activations"):
         apply_cpu_kernels(model, int8_activations=True, plan=KernelPlan("plain", "plain", 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_kernel_is_set_for_16_bit_models_only(dtype: torch.dtype) -> None:
+    model = _tiny(dtype)
+    ids = torch.randint(5, 100, (1, 9))
+    cfg = model.config
+    prompt = torch.cat([ids, torch.tensor([[cfg.gmask_token_id, cfg.bos_token_id]])], dim=1)
+
+    def decode_logits() -> torch.Tensor:
+        """Logits of three decode steps after the prompt (one query per head: the kernel in question)."""
+        from visualglm.generation.engine import GenerationParams, generate_steps
+        from visualglm.generation.sampling import SamplingParams
+
+        params = GenerationParams(max_new_tokens=3, sampling=SamplingParams(do_sample=False))
+        return torch.stack([step.logits.float() for step in generate_steps(model, prompt.tolist(), params=params)])
+
+    before = decode_logits()
+    apply_cpu_kernels(model, plan=KernelPlan("plain", "plain", 3, "sdpa"))
+    kernels = {module.single_query for module in model.attention_modules()}
+    assert kernels == ({"sdpa"} if dtype == torch.bfloat16 else {"matmul"})
+    after = decode_logits()
+    tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
+    assert (after - before).abs().max() <= tolerance * before.abs().max()

@@ -32,27 +32,30 @@ def _inputs(heads: int, kv_heads: int, slots: int, masked: bool, dtype=torch.flo
     return q, k, v, bias
 
 
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("slots", [1, 7, 40])
-def test_one_query_per_head_matches_fused_kernel(slots: int, masked: bool) -> None:
+def test_one_query_per_head_matches_fused_kernel(slots: int, masked: bool, kernel: str) -> None:
     q, k, v, bias = _inputs(4, 4, slots, masked)
-    out = attention(q, k, v, bias)
+    out = attention(q, k, v, bias, single_query=kernel)
     assert out.shape == (2, 4, 1, 16)
     torch.testing.assert_close(out.double(), _reference(q, k, v, bias), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_grouped_query_decode_matches_fused_kernel(kv_heads: int, masked: bool) -> None:
+def test_grouped_query_decode_matches_fused_kernel(kv_heads: int, masked: bool, kernel: str) -> None:
     q, k, v, bias = _inputs(8, kv_heads, 9, masked)
-    out = attention_gqa(q, k, v, bias)
+    out = attention_gqa(q, k, v, bias, single_query=kernel)
     assert out.shape == (2, 8, 1, 16)
     torch.testing.assert_close(out.double(), _reference(q, k, v, bias), atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_decode_stays_close_to_float64() -> None:
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
+def test_bf16_decode_stays_close_to_float64(kernel: str) -> None:
     q, k, v, bias = _inputs(8, 8, 64, True, dtype=torch.bfloat16)
-    out = attention(q, k, v, bias)
+    out = attention(q, k, v, bias, single_query=kernel)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), _reference(q, k, v, bias), atol=3e-2, rtol=3e-2)
 
@@ -65,3 +68,17 @@ def test_last_positions_are_a_fresh_contiguous_copy() -> None:
     assert torch.equal(kept, hidden[:, -1:])
     assert kept.stride() == (3, 3, 1)  # not the slice's (15, 3, 1), which slows bf16 CPU linears badly
     assert torch.equal(last_positions(hidden, 2), hidden[:, -2:]) and last_positions(hidden, 2).stride() == (6, 3, 1)
+
+
+def test_strided_cache_rows_give_the_same_answer_with_both_kernels() -> None:
+    """A continuous batch reads its cache as a strided view (rows of a longer preallocated cache)."""
+    gen = torch.Generator().manual_seed(3)
+    cache_k = torch.randn(3, 4, 50, 16, generator=gen)
+    cache_v = torch.randn(3, 4, 50, 16, generator=gen)
+    q = torch.randn(3, 4, 1, 16, generator=gen)
+    k, v = cache_k[:, :, :21], cache_v[:, :, :21]
+    assert not k.is_contiguous()
+    want = _reference(q, k, v, None)
+    for kernel in ("matmul", "sdpa"):
+        torch.testing.assert_close(attention(q, k, v, None, single_query=kernel).double(), want, atol=1e-5,
+                                   rtol=1e-5)

@@ -51,6 +51,7 @@ class ChatGLMAttention(nn.Module):
         # Optional extra keys/values every query attends to, e.g. P-tuning v2 prefixes: a callable
         # ``batch_size -> (k, v)``, each ``[B, heads, P, head_dim]``, neither rotated nor cached.
         self.extra_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.single_query = "matmul"  # the CPU decode-step kernel (layers.SINGLE_QUERY_KERNELS), set at load
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
                 cache_positions: torch.Tensor | None, kv_length: int,
@@ -89,7 +90,7 @@ class ChatGLMAttention(nn.Module):
             v = torch.cat((extra_v.to(v.dtype), v), dim=2)
             if bias is not None:
                 bias = F.pad(bias, (extra_k.shape[2], 0))  # 0 = visible
-        out = attention(q, k, v, bias)  # [B, H, T, D]
+        out = attention(q, k, v, bias, self.single_query)  # [B, H, T, D]
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
 
 

@@ -128,6 +128,7 @@ class GLM4Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=True)
         self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        self.single_query = "matmul"  # the CPU decode-step kernel (layers.SINGLE_QUERY_KERNELS), set at load
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor | None,
                 cache_positions: torch.Tensor | None, kv_length: int, causal: bool,
@@ -152,7 +153,7 @@ class GLM4Attention(nn.Module):
                causal: bool = False) -> torch.Tensor:
         """The output ``[B, T, hidden]`` of queries ``[B, heads, T, D]`` over keys/values ``[B, kv_heads, S, D]``."""
         batch, _, length, _ = q.shape
-        out = attention_gqa(q, k, v, bias, causal=causal)
+        out = attention_gqa(q, k, v, bias, causal=causal, single_query=self.single_query)
         return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
 
 

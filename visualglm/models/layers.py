@@ -51,21 +51,32 @@ def apply_rotary_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
     return x * cos + rotated * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+# How one decode query per head attends on CPU (``single_query`` of ``attention``/``attention_gqa``):
+# "matmul" (two matmuls, the softmax in fp32) or "sdpa" (PyTorch's fused kernel). Which is faster depends on
+# the CPU and dtype, so the model never decides: ``visualglm.checkpoint.cpu_kernels`` sets the attention
+# modules' ``single_query`` attribute at load time.
+SINGLE_QUERY_KERNELS = ("matmul", "sdpa")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              single_query: str = "matmul") -> torch.Tensor:
     """Scaled dot-product attention. q ``[B, H, T, D]``, k/v ``[B, H, S, D]``, bias ``[B, 1, T, S]`` or None.
 
     Returns ``[B, H, T, D]``. The scale is 1/sqrt(D); the reference's extra (layer_id + 1) division and
     multiplication only guards fp16 overflow in its unfused kernel and cancels out mathematically.
+    ``single_query``: the kernel of a decode step on CPU (see ``SINGLE_QUERY_KERNELS``).
     """
-    if _single_query_on_cpu(q):
+    if _single_query_on_cpu(q) and single_query == "matmul":
         return _single_query_attention(q, k, v, bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(q.shape[-1]))
 
 
 def _single_query_on_cpu(q: torch.Tensor) -> bool:
-    # A decode step (one query per head) on CPU. PyTorch's fused CPU kernel tiles for long query blocks and
-    # spends 3-4 ms per layer on a single query row of a 32-head model (2-core AVX-512 EPYC, bf16, 128 to
-    # 1000 cached tokens) against ~0.2-0.9 ms for two matmuls: that was a third of a 4-bit decode step.
+    # A decode step (one query per head) on CPU. On a 2-core AVX-512 EPYC (Zen 4) PyTorch's fused CPU kernel
+    # spent 3-4 ms per layer on a single query row of a 32-head model (bf16, 128 to 1000 cached tokens)
+    # against ~0.2-0.9 ms for two matmuls. On an AMX Xeon the fused kernel is the fast one (1.9 ms against
+    # 34 ms for 8 rows of 540 cached tokens: a continuous batch's cache rows are strided views, which the
+    # bf16 matmul copies first).
     return q.shape[2] == 1 and q.device.type == "cpu"
 
 
@@ -99,11 +110,16 @@ def blocked_to_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attention_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                  causal: bool = False) -> torch.Tensor:
+                  causal: bool = False, single_query: str = "matmul") -> torch.Tensor:
     """Grouped-query attention: q ``[B, H, T, D]``, k/v ``[B, G, S, D]`` with H a multiple of G (group g
-    serves heads ``g*H/G .. (g+1)*H/G - 1``). ``causal`` applies a lower-triangular mask (T == S)."""
+    serves heads ``g*H/G .. (g+1)*H/G - 1``). ``causal`` applies a lower-triangular mask (T == S).
+    ``single_query``: the kernel of a decode step on CPU (see ``SINGLE_QUERY_KERNELS``)."""
     groups = q.shape[1] // k.shape[1]
-    if _single_query_on_cpu(q) and not (causal and bias is None and k.shape[2] > 1):
+    one_query = _single_query_on_cpu(q) and not (causal and bias is None and k.shape[2] > 1)
+    if one_query and single_query == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(q.shape[-1]),
+                                              enable_gqa=groups > 1)
+    if one_query:
         # The heads of a group share one key/value head: fold them into query rows (no copy of the cache).
         batch, heads, _, dim = q.shape
         rows = q.reshape(batch, k.shape[1], groups, dim)
