@@ -54,7 +54,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         add_quant_flags(sub)
         sub.add_argument("--adapter", default=None, metavar="DIR",
                          help="LoRA or P-tuning adapter folder (peft layout, e.g. from `visualglm finetune`)")
-        sub.add_argument("--batch-size", type=int, default=64, help="questions per batch (default: 64)")
+        sub.add_argument("--batch-size", type=int, default=64,
+                         help="questions generating at once (rows of the engine; default: 64)")
         sub.add_argument("--show-errors", type=int, default=0, metavar="N",
                          help="print up to N wrong answers (default: 0)")
         sub.add_argument("--json", action="store_true", help="end with one JSON line of the results")

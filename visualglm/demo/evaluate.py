@@ -1,11 +1,12 @@
 """Visual question answering accuracy: free-text answers from the chat templates, scored by normalised match.
 
-Questions are answered in batches through the generation engine with the prompts ``ChatSession`` builds
-(``build_prompt_ids``: VisualGLM-6B's template, ``Q:/A:`` for a question without CJK characters and
-``问：/答：`` otherwise, one image per question, earlier turns as history) and greedy decoding, so the figure
-is what a user of ``visualglm chat`` sees, reproducibly. No classifier head is involved: the model writes
-its answer and :mod:`visualglm.demo.scoring` judges it. Conversations are answered turn by turn, each turn's
-history holding the model's own earlier answers, exactly as a chat keeps them.
+Questions are answered on the continuous-batching engine that serves chat and HTTP requests, with the
+prompts ``ChatSession`` builds (``build_prompt_ids``: VisualGLM-6B's template, ``Q:/A:`` for a question
+without CJK characters and ``问：/答：`` otherwise, one image per question, earlier turns as history) and
+greedy decoding, so the figure is what a user of ``visualglm chat`` sees, reproducibly. No classifier head
+is involved: the model writes its answer and :mod:`visualglm.demo.scoring` judges it. Conversations are
+answered turn by turn, each turn's history holding the model's own earlier answers, exactly as a chat keeps
+them.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from visualglm.generation.chat import (
     has_cjk,
     model_undecodable_ranges,
 )
+from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.detok import DecodeStream
-from visualglm.generation.engine import GenerationParams, generate_steps, left_pad
+from visualglm.generation.engine import GenerationParams
 from visualglm.generation.sampling import SamplingParams
 from visualglm.image import load_image, preprocess
 
@@ -129,11 +131,19 @@ def read_vqa_jsonl(path: str | Path) -> list[Record]:
     return records
 
 
+# Prompt tokens one prefill group may hold: evaluation is a throughput job, so newcomers are prefilled in big
+# groups (a step that carries a group is slower, which no one is waiting on).
+EVAL_PREFILL_CHUNK = 512
+# Records handed to the engine at once, in units of its rows (progress is reported after each such chunk).
+CHUNK_BATCHES = 4
+
+
 @torch.inference_mode()
 def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 40,
-                 histories: list[list[tuple[str, str]]] | None = None) -> list[str]:
-    """Greedy answers to ``records`` (one image each, after ``histories[i]`` when given) in one batched
-    generation."""
+                 histories: list[list[tuple[str, str]]] | None = None, max_rows: int = 64) -> list[str]:
+    """Greedy answers to ``records`` (one image each, after ``histories[i]`` when given), generated on the
+    continuous engine that serves chat and HTTP requests: up to ``max_rows`` at a time, a new question
+    joining as soon as another ends. Each image is encoded once."""
     config = model.config
     size = image_size(config)
     device = next(model.parameters()).device
@@ -142,29 +152,37 @@ def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 
         if record.image not in cache:
             cache[record.image] = preprocess(load_image(record.image), size)
     paths = list(cache)
-    image_embeds = model.encode_images(torch.cat([cache[p] for p in paths]).to(device))
+    image_embeds = torch.cat([model.encode_images(torch.cat([cache[p] for p in paths[i:i + max_rows]]).to(device))
+                              for i in range(0, len(paths), max_rows)]) if paths else None
     row_of = {p: i for i, p in enumerate(paths)}
-    prompts, starts = [], []
-    for i, record in enumerate(records):
-        ids, start = build_prompt_ids(model, tokenizer, record.question, histories[i] if histories else [],
-                                      image=True)
-        prompts.append(ids)
-        starts.append(start)
-    padded, pads = left_pad(prompts, config.pad_token_id)
-    embeds = model.embed_with_images(padded.to(device), image_embeds[[row_of[r.image] for r in records]],
-                                     [s + p for s, p in zip(starts, pads, strict=True)])
     banned = tuple(model_undecodable_ranges(model, tokenizer))
     params = GenerationParams(max_new_tokens=max_new_tokens, stop_ids=answer_stop_ids(config),
                               sampling=SamplingParams(do_sample=False, banned_ranges=banned))
+    requests = []
+    context = 0
+    for i, record in enumerate(records):
+        ids, start = build_prompt_ids(model, tokenizer, record.question, histories[i] if histories else [],
+                                      image=True)
+        row = row_of[record.image]
+        requests.append(EngineRequest(i, ids, params, image_start=start, image_embeds=image_embeds[row:row + 1],
+                                      image_key=record.image))
+        context = max(context, len(ids) + max_new_tokens)
+    if not requests:
+        return []
+    engine = ContinuousEngine(model, max_rows=min(max_rows, len(requests)), context=context,
+                              prefill_chunk=EVAL_PREFILL_CHUNK)
     streams = [DecodeStream(tokenizer, postprocess=answer_postprocess(model)) for _ in records]
-    done = [False] * len(records)
-    for step in generate_steps(model, prompts, params=params, inputs_embeds=embeds):
-        for row, token in enumerate(step.tokens.tolist()):
-            if not done[row]:
-                if bool(step.finished[row]):
-                    done[row] = True
-                else:
-                    streams[row].push(token)
+    try:
+        for request in requests:
+            engine.submit(request)
+        while engine.has_work():
+            for event in engine.step():
+                if event.error is not None:
+                    raise event.error
+                if event.token is not None:
+                    streams[event.id].push(event.token)
+    finally:
+        engine.close()
     for stream in streams:
         stream.flush()
     return [stream.text.strip() for stream in streams]
@@ -172,14 +190,15 @@ def answer_batch(model, tokenizer, records: list[Record], max_new_tokens: int = 
 
 def evaluate(model, tokenizer, records: Iterable[Record], *, batch_size: int = 64, keep_rows: bool = False,
              on_batch: Callable[[int], None] | None = None) -> EvalResult:
-    """Answer every record and score it. ``on_batch(n)`` is called after each batch of n records."""
+    """Answer every record and score it, ``batch_size`` questions generating at a time (rows of the continuous
+    engine). ``on_batch(n)`` is called after each chunk of n records."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     records = list(records)
     result = EvalResult()
-    for begin in range(0, len(records), batch_size):
-        chunk = records[begin:begin + batch_size]
-        for record, answer in zip(chunk, answer_batch(model, tokenizer, chunk), strict=True):
+    for begin in range(0, len(records), CHUNK_BATCHES * batch_size):
+        chunk = records[begin:begin + CHUNK_BATCHES * batch_size]
+        for record, answer in zip(chunk, answer_batch(model, tokenizer, chunk, max_rows=batch_size), strict=True):
             result.add(record, answer, keep_rows)
         if on_batch is not None:
             on_batch(len(chunk))
@@ -226,10 +245,11 @@ def evaluate_conversations(model, tokenizer, conversations: Iterable[Conversatio
     result = ConversationResult([EvalResult() for _ in range(most)])
     for turn in range(most):
         active = [i for i, c in enumerate(conversations) if len(c.turns) > turn]
-        for begin in range(0, len(active), batch_size):
-            rows = active[begin:begin + batch_size]
+        for begin in range(0, len(active), CHUNK_BATCHES * batch_size):
+            rows = active[begin:begin + CHUNK_BATCHES * batch_size]
             records = [conversations[i].turns[turn] for i in rows]
-            answers = answer_batch(model, tokenizer, records, histories=[histories[i] for i in rows])
+            answers = answer_batch(model, tokenizer, records, histories=[histories[i] for i in rows],
+                                   max_rows=batch_size)
             for i, record, answer in zip(rows, records, answers, strict=True):
                 result.turns[turn].add(record, answer, keep_rows)
                 histories[i].append((record.question, answer))
