@@ -133,7 +133,7 @@ def read_vqa_jsonl(path: str | Path) -> list[Record]:
 
 # Prompt tokens one prefill group may hold: evaluation is a throughput job, so newcomers are prefilled in big
 # groups (a step that carries a group is slower, which no one is waiting on).
-EVAL_PREFILL_CHUNK = 512
+EVAL_PREFILL_CHUNK = 2048
 # Records handed to the engine at once, in units of its rows (progress is reported after each such chunk).
 CHUNK_BATCHES = 4
 
