@@ -53,6 +53,7 @@ class Stream:
     sent: float = 0.0
     chunks: list[float] = field(default_factory=list)
     status: int | None = None
+    tokens: int | None = None  # completion tokens, as the final usage chunk counts them
 
     @property
     def ttft(self) -> float | None:
@@ -78,16 +79,19 @@ class Prompts:
 
 def stream(url: str, prompt: str, max_tokens: int) -> Stream:
     body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": True, "temperature": 0}
+            "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
     result = Stream(sent=time.monotonic())
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
             result.status = response.status_code
             for line in response.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
-                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    data = json.loads(line[6:])
+                    choices = data.get("choices") or [{}]
                     if choices[0].get("delta", {}).get("content"):
                         result.chunks.append(time.monotonic())
+                    if data.get("usage"):
+                        result.tokens = data["usage"]["completion_tokens"]
     except httpx.HTTPError:
         result.status = -1
     return result
@@ -127,6 +131,9 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
     stream(url, _prompt(16), 8)  # warm-up
     single = stream(url, _prompt(16), 64)
     step = statistics.median(single.gaps)
+    if single.tokens != len(single.chunks):
+        print(f"warning: {single.tokens} tokens came in {len(single.chunks)} chunks: a time between chunks is not "
+              "a time between tokens", file=sys.stderr)
     alone_short = stream(url, _prompt(16), 8)
     figures = {"step_s": step, "single_tok_s": 1 / step, "prefill_short_s": alone_short.ttft}
     started = time.monotonic()
@@ -202,12 +209,30 @@ def report(name: str, scheduler: str, f: dict, rss_mib: float) -> None:
               flush=True)
 
 
+def visible_tokens_only(path: Path) -> None:
+    """Zero the output rows of the random model's tokens that show no text on their own (byte pieces,
+    blanks, control pieces, EOS): its greedy answers then stream one token per chunk and run to their
+    max_tokens, so a time between chunks is a time between tokens."""
+    from safetensors.torch import load_file, save_file
+
+    tokenizer = load_tokenizer(str(path))
+    weights = load_file(path / "model.safetensors")
+    head = weights["lm_head.weight"]
+    for token in range(head.shape[0]):
+        text = tokenizer.decode([token])
+        if not text.strip() or "\ufffd" in text or token == tokenizer.eos_token_id:
+            head[token] = 0
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo,mid", help="demo (the shipped model) and/or mid (151M random)")
     parser.add_argument("--schedulers", default="continuous,static")
     parser.add_argument("--requests", type=int, default=40, help="Poisson arrivals per rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="the server's --prefill-chunk (default: the server's default)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="visualglm-serve-load-"))
     models: dict[str, list[str]] = {}
@@ -219,13 +244,15 @@ def main() -> int:
 
             path = write_tiny_random_checkpoint(work / "mid", hidden_size=1024, num_layers=12,
                                                 num_attention_heads=16, inner_hidden_size=4096)
+            visible_tokens_only(path)
             models["random ChatGLM 151M, bf16"] = ["--model", str(path), "--dtype", "bfloat16"]
         else:
             parser.error(f"unknown model {name!r}")
     for name, flags in models.items():
         for scheduler in args.schedulers.split(","):
+            chunk = [] if args.prefill_chunk is None else ["--prefill-chunk", str(args.prefill_chunk)]
             server = Server("serve", [*flags, "--scheduler", scheduler, "--max-batch", "8", "--max-queue", "64",
-                                      "--max-new-tokens", "256", "--log-level", "warning"], work / "serve.log")
+                                      "--max-new-tokens", "256", *chunk, "--log-level", "warning"], work / "serve.log")
             try:
                 tokenizer = load_tokenizer(flags[1])
                 load_before = os.getloadavg()[0]

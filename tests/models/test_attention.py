@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from visualglm.models import layers
 from visualglm.models.layers import MASK_FILL, attention, attention_gqa
 
 
@@ -82,3 +83,29 @@ def test_strided_cache_rows_give_the_same_answer_with_both_kernels() -> None:
     for kernel in ("matmul", "sdpa"):
         torch.testing.assert_close(attention(q, k, v, None, single_query=kernel).double(), want, atol=1e-5,
                                    rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_rows_of_very_different_lengths_attend_row_by_row_to_the_same_answer(kv_heads: int) -> None:
+    """A continuous batch: each row sees its own number of slots (one row left-padded), the batch spans the
+    longest. The fused kernel then runs row by row over each row's own slots (see RAGGED_SHARE)."""
+    gen = torch.Generator().manual_seed(11)
+    slots, ends = 60, [60, 5, 12, 30]
+    q = torch.randn(4, 4, 1, 16, generator=gen)
+    k = torch.randn(4, kv_heads, slots, 16, generator=gen)
+    v = torch.randn(4, kv_heads, slots, 16, generator=gen)
+    allowed = torch.zeros(4, 1, 1, slots, dtype=torch.bool)
+    for row, end in enumerate(ends):
+        allowed[row, ..., :end] = True
+    allowed[2, ..., :4] = False  # left padding inside the row
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, MASK_FILL)
+    assert sum(ends) < layers.RAGGED_SHARE * 4 * slots  # the row-by-row case
+    want = _reference(q, k, v, bias)
+    got = attention_gqa(q, k, v, bias, single_query="sdpa") if kv_heads != 4 else \
+        attention(q, k, v, bias, single_query="sdpa")
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # A row that sees nothing (a free slot of the batch, whose output nobody reads) does not disturb the rest.
+    bias[3] = MASK_FILL
+    got = attention(q, k.repeat_interleave(4 // kv_heads, 1), v.repeat_interleave(4 // kv_heads, 1), bias,
+                    single_query="sdpa")
+    torch.testing.assert_close(got[:3].double(), want[:3], atol=1e-5, rtol=1e-5)
