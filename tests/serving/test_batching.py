@@ -17,7 +17,8 @@ from visualglm.serving.worker import Event, GenerationRequest, Worker
 from .conftest import TEST_LIMITS, _load, probe, running
 
 GREEDY = {"do_sample": False}
-BATCH = dataclasses.replace(TEST_LIMITS, max_batch=8, max_queue=8)
+# A prefill budget that admits every prompt of _requests() in one group: they then decode together.
+BATCH = dataclasses.replace(TEST_LIMITS, max_batch=8, max_queue=8, prefill_chunk=256)
 ALONE = dataclasses.replace(BATCH, max_batch=1)
 
 

@@ -28,8 +28,8 @@ LIMIT_FLAGS: tuple[LimitFlag, ...] = (
               "batch at the next step when a row is free (1 = one at a time)"),
     LimitFlag("kv_cache_gib", "--kv-cache-gib", float, "GiB of KV cache: rows of the whole context that fit it, at "
               "most --max-batch (default: half the memory free at start-up)", 0.001),
-    LimitFlag("prefill_chunk", "--prefill-chunk", int, "prompt tokens prefilled per step while other rows decode; a "
-              "longer prompt is spread over several steps, whole layers at a time (exact)"),
+    LimitFlag("prefill_chunk", "--prefill-chunk", int, "prompt tokens' worth of prefill per step while other rows "
+              "decode; a longer prompt is spread over several steps, in pieces of layers (exact)"),
     LimitFlag("max_new_tokens", "--max-new-tokens", int, "answer tokens one request may ask for"),
     LimitFlag("max_prompt_tokens", "--max-prompt-tokens", int, "prompt tokens one request may send "
               "(default: the model's context)"),

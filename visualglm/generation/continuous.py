@@ -126,7 +126,7 @@ class ContinuousEngine:
     (``torch.compile`` of the model) for the decode steps, which then keep fixed shapes: the cache rows in
     use rounded up to a bucket (``decode_bucket``), a mask over the whole context."""
 
-    def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 64,
+    def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 32,
                  pad_id: int | None = None, compiled: Callable | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
