@@ -25,13 +25,16 @@ AVX2 = dataclasses.replace(ZEN, capability="AVX2", avx512_bf16=False, vnni=False
 
 @pytest.fixture
 def all_kernels_available(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True))
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True))
     monkeypatch.delenv(cpu_kernels.ENV, raising=False)
 
 
 def test_rule_per_machine(all_kernels_available, monkeypatch) -> None:
     assert plan_cpu_kernels(ZEN) == KernelPlan("onednn", "plain", 3)  # VNNI alone: oneDNN int8 is a ref path
-    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa")
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, False))  # the AMX kernel not built
+    assert plan_cpu_kernels(XEON_AMX).int4 == "plain"
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True))
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa", "amx")
     assert plan_cpu_kernels(XEON_AMX, int8_activations=True).planes == 1
     monkeypatch.setattr(cpu_kernels, "cpu_lacks_bf16_matmul", lambda: True)
     assert plan_cpu_kernels(AVX2) == KernelPlan("upcast", "plain", 3)
@@ -82,13 +85,13 @@ def test_bf16_model_swaps_untied_linears_and_computes_the_same() -> None:
 
 def test_fp32_model_is_left_alone() -> None:
     model = _tiny(torch.float32)
-    assert apply_cpu_kernels(model, plan=KernelPlan("onednn", "onednn")) == {"bf16": 0, "int8": 0}
+    assert apply_cpu_kernels(model, plan=KernelPlan("onednn", "onednn")) == {"bf16": 0, "int8": 0, "int4": 0}
     assert all(type(m) is not PackedBF16Linear for m in model.modules())
 
 
 def test_plain_plan_changes_nothing() -> None:
     model = _tiny(torch.bfloat16)
-    assert apply_cpu_kernels(model, plan=KernelPlan("plain", "plain")) == {"bf16": 0, "int8": 0}
+    assert apply_cpu_kernels(model, plan=KernelPlan("plain", "plain")) == {"bf16": 0, "int8": 0, "int4": 0}
     assert model.cpu_kernels == KernelPlan("plain", "plain")
 
 

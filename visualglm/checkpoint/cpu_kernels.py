@@ -12,7 +12,10 @@ What each precision gets (figures: ``benchmarks/quant_linear.py``, ``visualglm b
   AMX; otherwise PyTorch's weight-only kernel as it is. On AVX-512 VNNI without AMX (AMD EPYC Zen 4/5)
   torch 2.13's oneDNN int8 linear runs a reference path (0.1 GB/s for a 16384x4096 weight against 24 GB/s
   for ``_weight_int8pack_mm``), so VNNI alone does not qualify.
-- ``Int4Linear``: unchanged (PyTorch's ``_weight_int4pack_mm_for_cpu`` is the fastest INT4 kernel here).
+- ``Int4Linear``: ``AmxInt4Linear`` (``visualglm.quant.amx_int4``) where the CPU has AMX and the optional
+  kernel is built (``python -m visualglm.kernels.native build``): the same values, computed exactly (int8
+  activation planes, int32 sums), one weight read per call for any number of rows; otherwise PyTorch's
+  ``_weight_int4pack_mm_for_cpu`` as it is.
 - decode-step attention (one query per head): PyTorch's fused ``scaled_dot_product_attention`` for 16-bit
   models on AMX CPUs (on a 2-vCPU Xeon it takes 0.5-1.9 ms per layer where two bf16 matmuls take 3.7-34 ms:
   8 rows of 540 cached tokens, 16 or 32 heads, because the matmul copies the strided cache rows first);
@@ -37,7 +40,9 @@ from visualglm.kernels.cpu_bf16 import UpcastLinear, cpu_lacks_bf16_matmul
 from visualglm.kernels.machine import CpuFacts, cpu_facts
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
 from visualglm.models.interface import Decoder
-from visualglm.quant.linear import Int8Linear
+from visualglm.quant.amx_int4 import AmxInt4Linear, amx_int4_available
+from visualglm.quant.amx_int4 import fits as amx_int4_fits
+from visualglm.quant.linear import Int4Linear, Int8Linear, quantized_bits
 from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
 from visualglm.quant.output import TiedInt8Output
 
@@ -48,12 +53,14 @@ ENV = "VISUALGLM_CPU_KERNELS"
 class KernelPlan:
     """Which kernel each kind of linear gets: ``linear16`` "onednn" | "upcast" | "plain"; ``int8``
     "onednn" | "plain"; ``planes`` 3 (exact) or 1 (dynamic int8 activations); ``attention16``: the decode-step
-    attention of 16-bit models, "sdpa" | "matmul" (``visualglm.models.layers.SINGLE_QUERY_KERNELS``)."""
+    attention of 16-bit models, "sdpa" | "matmul" (``visualglm.models.layers.SINGLE_QUERY_KERNELS``); ``int4``
+    "amx" | "plain"."""
 
     linear16: str
     int8: str
     planes: int = 3
     attention16: str = "matmul"
+    int4: str = "plain"
 
     def describe(self) -> str:
         bf16 = {"onednn": "oneDNN reordered bf16", "upcast": "fp32 GEMM for prefill (no bf16 units)",
@@ -62,13 +69,13 @@ class KernelPlan:
                                           else "dynamic int8 activations")
                 if self.int8 == "onednn" else "_weight_int8pack_mm")
         attention = "fused SDPA" if self.attention16 == "sdpa" else "two matmuls"
-        return (f"16-bit: {bf16}; INT8: {int8}; INT4: _weight_int4pack_mm_for_cpu; 16-bit decode attention: "
-                f"{attention}")
+        int4 = "AMX tiles, exact activation planes" if self.int4 == "amx" else "_weight_int4pack_mm_for_cpu"
+        return f"16-bit: {bf16}; INT8: {int8}; INT4: {int4}; 16-bit decode attention: {attention}"
 
 
 @functools.cache
-def _available() -> tuple[bool, bool]:
-    return onednn_bf16_available(), onednn_int8_available()
+def _available() -> tuple[bool, bool, bool]:
+    return onednn_bf16_available(), onednn_int8_available(), amx_int4_available()
 
 
 def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = False,
@@ -81,7 +88,7 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
     if mode == "plain":
         return KernelPlan("plain", "plain", planes)
     facts = facts or cpu_facts()
-    bf16_ok, int8_ok = _available()
+    bf16_ok, int8_ok, int4_ok = _available()
     if facts.avx512_bf16 and facts.onednn and bf16_ok:
         linear16 = "onednn"
     elif cpu_lacks_bf16_matmul():
@@ -89,7 +96,8 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
     else:
         linear16 = "plain"
     int8 = "onednn" if facts.amx and facts.onednn and int8_ok else "plain"
-    return KernelPlan(linear16, int8, planes, "sdpa" if facts.amx else "matmul")
+    int4 = "amx" if facts.amx and int4_ok else "plain"
+    return KernelPlan(linear16, int8, planes, "sdpa" if facts.amx else "matmul", int4)
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -114,7 +122,7 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
     if int8_activations and plan.int8 != "onednn":
         raise ValueError("int8 activations need oneDNN's int8 matmul, which this CPU or PyTorch build lacks")
     shared = _shared_weights(model)
-    counts = {"bf16": 0, "int8": 0}
+    counts = {"bf16": 0, "int8": 0, "int4": 0}
     # Walk by name: a list of the modules themselves would keep every replaced layer (and its weight) alive
     # until the end, i.e. two copies of the model at the peak.
     for parent_name in [name for name, _ in model.named_modules()]:
@@ -124,7 +132,7 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
             new = _replacement(child, plan, shared)
             if new is not None:
                 setattr(parent, name, new)
-                counts["int8" if isinstance(new, OneDNNInt8Linear) else "bf16"] += 1
+                counts[{8: "int8", 4: "int4"}.get(quantized_bits(new), "bf16")] += 1
             if isinstance(child, TiedInt8Output) and plan.int8 == "onednn" \
                     and not isinstance(child.kernel, OneDNNInt8Linear):
                 child.set_kernel(OneDNNInt8Linear.from_int8(child.kernel, plan.planes))
@@ -149,4 +157,6 @@ def _replacement(child: nn.Module, plan: KernelPlan, shared: set[int]) -> nn.Mod
         return None
     if type(child) is Int8Linear and plan.int8 == "onednn" and child.weight.device.type == "cpu":
         return OneDNNInt8Linear.from_int8(child, plan.planes)
+    if type(child) is Int4Linear and plan.int4 == "amx" and amx_int4_fits(child):
+        return AmxInt4Linear.from_int4(child)
     return None

@@ -12,13 +12,18 @@ out-of-scope inputs: nothing in them was seen in training.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
+import re
 from dataclasses import dataclass
 
 from visualglm.demo.data import LANGS, Record, image_contents, load_split
 from visualglm.demo.phrasings import QTYPES, phrase
 from visualglm.demo.scope import out_of_scope
-from visualglm.demo.translate import question_type, translate_answer, translate_question
+from visualglm.demo.translate import COLORS, SHAPES, question_type, translate_answer, translate_question
+
+COLORS_ZH, SHAPES_ZH = tuple(COLORS.values()), tuple(SHAPES.values())
 
 LANG_MODES = ("en", "zh", "mixed")  # one language per conversation, or each turn's own
 
@@ -53,6 +58,7 @@ class TurnMix:
     split: str = "train"  # "train" or "held-out" phrasings and out-of-scope inputs
     qtype_weights: tuple[float, ...] = (0.25, 0.25, 0.3, 0.2)  # color, shape, yes/no, describe
     capitalise: float = 0.5  # easy-VQA's English questions are lower case: capitalise some, as people type
+    filler: float = 0.0  # share of in-scope questions given 1-2 filler words (see ``add_filler``); training only
 
 
 def image_facts(split: str) -> list[ImageFacts]:
@@ -67,8 +73,60 @@ def image_facts(split: str) -> list[ImageFacts]:
     return [ImageFacts(i, paths[i], *contents[i], tuple(by_image[i])) for i in sorted(contents)]
 
 
+# Words that decide an answer (what is asked, about which colour or shape, and negations) are never filler.
+_EN_DECIDING = frozenset({*COLORS, *SHAPES, "color", "colour", "colors", "colours", "colored", "coloured", "shape",
+                          "shapes", "not", "no", "none", "nothing", "never", "isn't", "doesn't", "yes", "or", "what",
+                          "which", "is", "are", "does", "do", "can", "could", "would", "how", "describe", "tell",
+                          "name", "identify", "there", "any", "kind", "type", "form", "figure", "who", "where",
+                          "why", "when"})
+_ZH_DECIDING = frozenset("颜色形状红绿蓝黄青棕灰黑圆矩三角是否不没无吗什么哪有描述呢谁")
+
+
+@functools.cache
+def filler_words(lang: str) -> tuple[str, ...]:
+    """Words (English) or characters (Chinese) of the training phrasings that decide nothing: the pool
+    ``add_filler`` draws from."""
+    from visualglm.demo.phrasings import all_frames, expand
+
+    texts = [form for frame in all_frames("train") if frame.lang == lang for form in expand(frame)]
+    if lang == "en":
+        words = {w for text in texts for w in re.findall(r"[a-z']+", text)}
+        return tuple(sorted(words - _EN_DECIDING))
+    chars = {c for text in texts for c in text if "\u4e00" <= c <= "\u9fff"}
+    return tuple(sorted(chars - _ZH_DECIDING - set("".join(COLORS_ZH)) - set("".join(SHAPES_ZH))))
+
+
+def add_filler(question: str, lang: str, rng: random.Random) -> str:
+    """``question`` with 1-2 words that change nothing inserted at random word boundaries (a character
+    anywhere before the end punctuation in Chinese): training on such questions teaches the model to read
+    the deciding words (colours, shapes, what is asked, negations) and let unfamiliar words around them be,
+    which is what questions in new words need."""
+    pool = filler_words(lang)
+    for _ in range(rng.choice((1, 1, 2))):
+        word = rng.choice(pool)
+        if lang == "en":
+            parts = question.split(" ")
+            at = rng.randrange(len(parts) + 1)
+            question = " ".join(parts[:at] + [word] + parts[at:])
+        else:
+            body = question.rstrip("？?。！!")
+            # not inside a word that decides (什|么, 颜|色, ...): between two deciding characters
+            spots = [i for i in range(len(body) + 1)
+                     if not (0 < i < len(body) and body[i - 1] in _ZH_DECIDING and body[i] in _ZH_DECIDING)]
+            at = rng.choice(spots)
+            question = body[:at] + word + body[at:] + question[len(body):]
+    return question
+
+
 def sample_turn(facts: ImageFacts, lang: str, rng: random.Random, mix: TurnMix) -> Record:
     """One turn about ``facts``'s image in ``lang``."""
+    record = _sample_turn(facts, lang, rng, mix)
+    if mix.filler and record.qtype != "oos" and rng.random() < mix.filler:
+        record = dataclasses.replace(record, question=add_filler(record.question, lang, rng))
+    return record
+
+
+def _sample_turn(facts: ImageFacts, lang: str, rng: random.Random, mix: TurnMix) -> Record:
     source = rng.choices(("easyvqa", "phrasing", "oos"), (mix.easyvqa, mix.phrasing, mix.oos))[0]
     if source == "easyvqa" and facts.questions:
         question, answer = rng.choice(facts.questions)

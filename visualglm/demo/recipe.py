@@ -51,6 +51,7 @@ class TrainRecipe:
     easyvqa_weight: float = 0.35
     phrasing_weight: float = 0.5
     oos_weight: float = 0.15
+    filler: float = 0.25  # share of in-scope training questions given 1-2 filler words (dialogue.add_filler)
     length_buckets: int = 4  # a step's sequences, sorted by length, run in this many chunks (less padding)
     max_shift: int = 64  # random translation of each image (px), kept so the shape stays whole
     vocab_size: int = 1000  # SentencePiece target (byte fallback pieces included)

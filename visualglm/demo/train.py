@@ -248,7 +248,8 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.learning_rate,
                                   betas=(0.9, 0.98))
-    mix = TurnMix(easyvqa=recipe.easyvqa_weight, phrasing=recipe.phrasing_weight, oos=recipe.oos_weight)
+    mix = TurnMix(easyvqa=recipe.easyvqa_weight, phrasing=recipe.phrasing_weight, oos=recipe.oos_weight,
+                  filler=recipe.filler)
     lengths = range(1, len(recipe.turn_weights) + 1)
     order: list[int] = []
     losses: list[float] = []

@@ -1,0 +1,139 @@
+"""Group-wise INT4 linear on the optional AMX kernel (``visualglm.kernels.native``, built on request).
+
+``AmxInt4Linear`` holds ``Int4Linear``'s values (``W = (code - 8) * scale + zero`` per group of inputs) with
+its codes re-laid for AMX tiles (the same bytes: 4 bits a weight) and the portable bf16
+``scales_and_zeros`` ``[K/g, N, 2]``. Every call, one row or a prefill's hundreds, runs the AMX kernel: the
+activations split into three int8 planes, int32 sums per group, the weight-only result to fp32 rounding.
+Its ``state_dict`` is ``Int4Linear``'s portable form, so checkpoints saved from either are the same.
+Measured figures: ``benchmarks/quant_linear.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visualglm.kernels import native
+from visualglm.quant.linear import Int4Linear
+from visualglm.quant.packing import pack_int4_plain, unpack_int4_plain
+
+PLANES = 3
+TILE_ROWS = 16  # outputs per AMX tile: the kernel takes a multiple of this many
+CHUNK = 64  # inputs per AMX tile
+
+
+def amx_int4_available() -> bool:
+    """True when the kernel is built for this PyTorch and this CPU (and Linux) runs it."""
+    return native.load() is not None
+
+
+def fits(module: Int4Linear) -> bool:
+    """Shapes the kernel takes: outputs a multiple of 16, groups a multiple of 64 inputs, on the CPU."""
+    return (module.out_features % TILE_ROWS == 0 and module.group_size % CHUNK == 0
+            and module.in_features % module.group_size == 0 and module.qweight.device.type == "cpu")
+
+
+def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[N, K]`` -> the kernel's layout ``[N/16, K/64, 16, 32]``: per tile of 16 outputs x 64
+    inputs, row j holds inputs 4j..4j+3 of each output side by side (64 columns), column c in the low nibble
+    of byte c and column c + 32 in its high nibble."""
+    n, k = codes.shape
+    tiles = codes.view(n // TILE_ROWS, TILE_ROWS, k // CHUNK, 16, 4).permute(0, 2, 3, 1, 4)
+    tiles = tiles.reshape(n // TILE_ROWS, k // CHUNK, 16, 64)
+    return (tiles[..., :32] | (tiles[..., 32:] << 4)).contiguous()
+
+
+def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_tiles``: ``[N/16, K/64, 16, 32]`` -> uint8 codes ``[N, K]``."""
+    blocks, chunks = packed.shape[:2]
+    tiles = torch.cat([packed & 15, packed >> 4], dim=-1)  # [N/16, K/64, 16, 64]
+    codes = tiles.view(blocks, chunks, 16, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
+    return codes.reshape(blocks * TILE_ROWS, chunks * CHUNK)
+
+
+class AmxInt4Linear(nn.Module):
+    """INT4 linear on AMX tiles (see the module docstring). Buffers: ``packed`` uint8 ``[N/16, K/64, 16, 32]``,
+    ``scales_and_zeros`` bf16 ``[K/g, N, 2]``, optional ``bias``. CPU only."""
+
+    quant_bits = 4
+
+    def __init__(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size = group_size
+        expected = (self.in_features // group_size, self.out_features, 2)
+        if tuple(scales_and_zeros.shape) != expected:
+            raise ValueError(f"expected scales_and_zeros {expected}, got {tuple(scales_and_zeros.shape)}")
+        self.register_buffer("packed", pack_tiles(codes.to(torch.uint8)))
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_int4(cls, module: Int4Linear) -> AmxInt4Linear:
+        qweight, scales_and_zeros = module.portable_state()
+        return cls(unpack_int4_plain(qweight), scales_and_zeros, module.group_size, module.bias)
+
+    def codes(self) -> torch.Tensor:
+        """uint8 codes 0..15, ``[out, in]``."""
+        return unpack_tiles(self.packed)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.group_size
+        sz = self.scales_and_zeros.float()
+        scale = sz[..., 0].t().repeat_interleave(g, dim=1)
+        zero = sz[..., 1].t().repeat_interleave(g, dim=1)
+        return ((self.codes().float() - 8) * scale + zero).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = native.load()
+        if kernel is None or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            # no kernel (moved away, or an input that needs a gradient): plain autograd on the weight
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        out = kernel.int4_linear(x.reshape(-1, self.in_features), self.packed, self.scales_and_zeros,
+                                 self.group_size, PLANES)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    # --- Int4Linear's portable state_dict, and no silent moves --------------------------------------
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "qweight"] = pack_int4_plain(self.codes())
+        destination[prefix + "scales_and_zeros"] = self.scales_and_zeros
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        names = ["qweight", "scales_and_zeros"] + (["bias"] if self.bias is not None else [])
+        absent = [prefix + name for name in names if prefix + name not in state_dict]
+        missing_keys.extend(absent)
+        if absent:
+            return
+        qweight, sz = state_dict[prefix + "qweight"], state_dict[prefix + "scales_and_zeros"]
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, k // 2) \
+                or tuple(sz.shape) != (k // g, n, 2):
+            error_msgs.append(f"{prefix}: expected uint8 qweight {(n, k // 2)} and scales_and_zeros "
+                              f"{(k // g, n, 2)}, got {tuple(qweight.shape)} and {tuple(sz.shape)}")
+            return
+        self.packed = pack_tiles(unpack_int4_plain(qweight))
+        self.scales_and_zeros = sz.to(torch.bfloat16).contiguous()
+        if self.bias is not None:
+            self.bias = state_dict[prefix + "bias"].detach().clone()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        if fn(torch.zeros(1)).device.type != "cpu":
+            raise RuntimeError("a model with CPU decode kernels cannot move to another device: load it with "
+                               "fast_cpu_kernels=False (or with device=...) instead")
+        kept = self.scales_and_zeros
+        super()._apply(fn, recurse)
+        self.scales_and_zeros = kept  # a dtype cast (model.half()) must not touch the bf16 scales
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
