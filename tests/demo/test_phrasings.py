@@ -124,3 +124,19 @@ def test_out_of_scope_inputs_get_the_reply_in_their_language() -> None:
             text, reply = out_of_scope(lang, rng, split)
             assert reply == SCOPE_REPLY[lang] and "{" not in text
     assert not re.search(r"[\u4e00-\u9fff]", SCOPE_REPLY["en"]) and re.search(r"[\u4e00-\u9fff]", SCOPE_REPLY["zh"])
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_held_out_phrasings_are_new_sentences_of_words_training_shows(lang) -> None:
+    """Held-out frames measure whether the model understands new sentences, not whether it guesses words it
+    never saw: every word (English) or character (Chinese) of a held-out question occurs in the training
+    phrasings or their polite prefixes."""
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z']+", text)) if lang == "en" else set(text)
+
+    prefixes = EN_PREFIXES if lang == "en" else (*ZH_PREFIXES, *ZH_IMPERATIVE_PREFIXES)
+    train = set().union(*(words(form) for frame in all_frames("train") if frame.lang == lang
+                           for form in expand(frame)), *(words(p) for p in prefixes))
+    held = set().union(*(words(form) for frame in all_frames("held-out") if frame.lang == lang
+                         for form in expand(frame)))
+    assert held <= train, sorted(held - train)

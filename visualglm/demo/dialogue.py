@@ -13,17 +13,13 @@ out-of-scope inputs: nothing in them was seen in training.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
-import re
 from dataclasses import dataclass
 
 from visualglm.demo.data import LANGS, Record, image_contents, load_split
 from visualglm.demo.phrasings import QTYPES, phrase
 from visualglm.demo.scope import out_of_scope
-from visualglm.demo.translate import COLORS, SHAPES, question_type, translate_answer, translate_question
-
-COLORS_ZH, SHAPES_ZH = tuple(COLORS.values()), tuple(SHAPES.values())
+from visualglm.demo.translate import question_type, translate_answer, translate_question
 
 LANG_MODES = ("en", "zh", "mixed")  # one language per conversation, or each turn's own
 
@@ -73,35 +69,24 @@ def image_facts(split: str) -> list[ImageFacts]:
     return [ImageFacts(i, paths[i], *contents[i], tuple(by_image[i])) for i in sorted(contents)]
 
 
-# Words that decide an answer (what is asked, about which colour or shape, and negations) are never filler.
-_EN_DECIDING = frozenset({*COLORS, *SHAPES, "color", "colour", "colors", "colours", "colored", "coloured", "shape",
-                          "shapes", "not", "no", "none", "nothing", "never", "isn't", "doesn't", "yes", "or", "what",
-                          "which", "is", "are", "does", "do", "can", "could", "would", "how", "describe", "tell",
-                          "name", "identify", "there", "any", "kind", "type", "form", "figure", "who", "where",
-                          "why", "when"})
+# Filler: words that change neither what is asked nor whether it is about the image (politeness, hedges,
+# articles). Words about the image itself (picture, drawn, shown, see, look ...) are not filler: they tell an
+# in-scope question from an out-of-scope one. Chinese: particles and hedges.
+FILLER = {
+    "en": ("please", "just", "actually", "really", "exactly", "kindly", "maybe", "um", "well", "so", "now", "ok",
+           "quickly", "again", "then", "here", "currently", "honestly", "basically", "the", "a", "this", "that",
+           "you", "me", "i", "and", "also", "still", "right", "thanks", "sorry", "hmm", "oh"),
+    "zh": ("请", "就", "呀", "啊", "吧", "嗯", "哦", "那", "这", "一下", "麻烦", "谢谢", "到底", "究竟", "现在", "其实",
+           "还", "也", "又", "就是", "呃", "好"),
+}
 _ZH_DECIDING = frozenset("颜色形状红绿蓝黄青棕灰黑圆矩三角是否不没无吗什么哪有描述呢谁")
 
 
-@functools.cache
-def filler_words(lang: str) -> tuple[str, ...]:
-    """Words (English) or characters (Chinese) of the training phrasings that decide nothing: the pool
-    ``add_filler`` draws from."""
-    from visualglm.demo.phrasings import all_frames, expand
-
-    texts = [form for frame in all_frames("train") if frame.lang == lang for form in expand(frame)]
-    if lang == "en":
-        words = {w for text in texts for w in re.findall(r"[a-z']+", text)}
-        return tuple(sorted(words - _EN_DECIDING))
-    chars = {c for text in texts for c in text if "\u4e00" <= c <= "\u9fff"}
-    return tuple(sorted(chars - _ZH_DECIDING - set("".join(COLORS_ZH)) - set("".join(SHAPES_ZH))))
-
-
 def add_filler(question: str, lang: str, rng: random.Random) -> str:
-    """``question`` with 1-2 words that change nothing inserted at random word boundaries (a character
-    anywhere before the end punctuation in Chinese): training on such questions teaches the model to read
-    the deciding words (colours, shapes, what is asked, negations) and let unfamiliar words around them be,
-    which is what questions in new words need."""
-    pool = filler_words(lang)
+    """``question`` with 1-2 ``FILLER`` words inserted at random word boundaries (anywhere before the end
+    punctuation in Chinese, but not inside a deciding word such as 什么 or 颜色): training on such questions
+    teaches the model to read the words that decide the answer and let the others be."""
+    pool = FILLER[lang]
     for _ in range(rng.choice((1, 1, 2))):
         word = rng.choice(pool)
         if lang == "en":

@@ -83,6 +83,9 @@ please tell me which {cw} {objn} is
 what about the {cw}
 and what {cw} is it
 what {cw} is the shape in the {pic}
+what {cw} is that {thing}
+which {cw} are we seeing
+what {cw} does {objn} look
 """
 _EN_COLOR_HELD_OUT = """
 which {cw} does {objn} have
@@ -127,6 +130,9 @@ what is the name of the shape
 [and|so] the shape
 what about the shape
 and what shape is it
+what sort of figure is {objs}
+what shape are we looking at
+tell me the shape you see here
 """
 _EN_SHAPE_HELD_OUT = """
 which shape do you see
@@ -159,6 +165,10 @@ does the {pic} have {x}
 is {x} shown
 {x}, yes or no
 would you say it is {pc}
+is {x} visible in the {pic}
+does {objn} look {pc} to you
+is that shape {pc}
+is there {x} right here
 """
 _EN_YES_NO_NEG_TRAIN = """
 is there not {x}
@@ -169,6 +179,7 @@ is the shape not {pc}
 is it not a {ps}
 does the {pic} not show {x}
 is {objn} not {pc}
+is {x} not visible in the {pic}
 """
 _EN_YES_NO_HELD_OUT = """
 do you see {x} in the {pic}
@@ -201,6 +212,9 @@ what does this {pic} contain
 describe the shape and its {cw}
 explain what the {pic} shows
 describe
+what does the {pic} look like
+what are we looking at
+look at the {pic} and describe it
 """
 _EN_DESCRIBE_HELD_OUT = """
 what is drawn here
@@ -238,6 +252,8 @@ _ZH_COLOR_TRAIN = """
 {inpic}的东西是什么颜色
 {inpic}的{s}是什么颜色
 你知道{obj}是什么颜色吗
+{obj}被画成什么颜色
+{obj}呈什么颜色
 """
 _ZH_COLOR_HELD_OUT = """
 {pic}中的形状是什么颜色
@@ -273,6 +289,8 @@ _ZH_SHAPE_TRAIN = """
 你看到的是什么形状
 能告诉我{objs}是什么形状吗
 你知道{inpic}是什么形状吗
+{objs}属于哪种形状
+{objs}是什么样子的
 """
 _ZH_SHAPE_HELD_OUT = """
 你看到了哪种形状
@@ -336,6 +354,8 @@ _ZH_DESCRIBE_TRAIN = """
 描述一下图中的图形和颜色
 可以描述一下这张图吗
 你能说说图里有什么吗
+帮我描述一下这张图
+图里有哪些东西
 """
 _ZH_DESCRIBE_HELD_OUT = """
 这幅图里画的是什么
