@@ -2,8 +2,11 @@
 
 Prints ms per call (median of 7 runs after warm-up) and GB/s of weight bytes streamed. "kernel" is PyTorch's
 weight-only kernel, "prefill" dequantizes into a reused buffer and runs the ordinary GEMM (the path
-``visualglm.quant.linear`` takes from ``PREFILL_MIN_ROWS`` rows on), "auto" is what the module chooses.
-Run: .venv/bin/python -m benchmarks.quant_linear [--rows 1 8 32 128]
+``visualglm.quant.linear`` takes from ``PREFILL_MIN_ROWS`` rows on), "auto" is what the module chooses; the
+CPU-kernel forms (oneDNN-reordered bf16, oneDNN INT8 with exact activation planes, the optional AMX INT4
+kernel) are timed where this CPU and build have them. One weight is timed over and over: on a CPU whose
+last-level cache holds it, GB/s are cache speeds (``--weights N`` rotates N copies to stream from memory).
+Run: .venv/bin/python -m benchmarks.quant_linear [--rows 1 8 32 128] [--weights 8]
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ OUT, IN = 16384, 4096
 RUNS = 7
 
 
-def bench(fn, x) -> float:
+def bench(fns, x) -> float:
+    """Median seconds per call over ``fns`` (copies of one layer, called in turn)."""
     with torch.no_grad():
-        fn(x)
+        for fn in fns:
+            fn(x)
         times = []
         for _ in range(RUNS):
             t = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t)
+            for fn in fns:
+                fn(x)
+            times.append((time.perf_counter() - t) / len(fns))
     return statistics.median(times)
 
 
@@ -49,32 +55,64 @@ def _forced(module: nn.Module, bits: int, prefill: bool):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128])
+    parser.add_argument("--weights", type=int, default=1, help="copies of the layer, called in turn (default 1)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {torch.get_num_threads()}, prefill GEMM dtype {qlinear._PREFILL_DTYPE}, "
           f"PREFILL_MIN_ROWS {qlinear.PREFILL_MIN_ROWS}")
-    lin = nn.Linear(IN, OUT, bias=False)
-    w_bf16 = lin.weight.detach().to(torch.bfloat16)
-    q8 = Int8Linear.from_linear(lin)
-    q4 = Int4Linear.from_linear(lin, group_size=128)
-    int8_bytes = q8.weight.numel() + q8.scale.numel() * 4
-    int4_bytes = q4.qweight.numel() + q4.scales_and_zeros.numel() * 2
-    cases = [
-        ("bf16 F.linear", lambda x: F.linear(x, w_bf16), w_bf16.numel() * 2),
-        ("int8 kernel (_weight_int8pack_mm)", _forced(q8, 8, False), int8_bytes),
-        ("int8 prefill (dequantize + GEMM)", _forced(q8, 8, True), int8_bytes),
-        ("int8 auto", q8, int8_bytes),
-        ("int4 g128 kernel (_weight_int4pack_mm_for_cpu)", _forced(q4, 4, False), int4_bytes),
-        ("int4 g128 prefill (dequantize + GEMM)", _forced(q4, 4, True), int4_bytes),
-        ("int4 auto", q4, int4_bytes),
-    ]
+    from visualglm.kernels.machine import cpu_summary
+
+    print(cpu_summary())
+    layers = [_layer(i) for i in range(args.weights)]
+    cases = _cases(layers)
     print(f"{'path':50s} {'rows':>4s} {'ms':>9s} {'GB/s':>7s}")
     for rows in args.rows:
         x = torch.randn(rows, IN, dtype=torch.bfloat16)
-        for name, fn, nbytes in cases:
-            s = bench(fn, x)
+        for name, fns, nbytes in cases:
+            s = bench(fns, x)
             print(f"{name:50s} {rows:4d} {s * 1e3:9.2f} {nbytes / s / 1e9:7.2f}", flush=True)
+
+
+def _layer(seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(IN, OUT, bias=False)
+
+
+def _cases(layers: list[nn.Linear]) -> list[tuple[str, list, int]]:
+    from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
+    from visualglm.quant.amx_int4 import AmxInt4Linear, amx_int4_available
+    from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
+
+    w_bf16 = [lin.weight.detach().to(torch.bfloat16) for lin in layers]
+    q8 = [Int8Linear.from_linear(lin) for lin in layers]
+    q4 = [Int4Linear.from_linear(lin, group_size=128) for lin in layers]
+    bf16_bytes = OUT * IN * 2
+    int8_bytes = q8[0].weight.numel() + q8[0].scale.numel() * 4
+    int4_bytes = q4[0].qweight.numel() + q4[0].scales_and_zeros.numel() * 2
+    cases = [
+        ("bf16 F.linear", [lambda x, w=w: F.linear(x, w) for w in w_bf16], bf16_bytes),
+        ("int8 kernel (_weight_int8pack_mm)", [_forced(m, 8, False) for m in q8], int8_bytes),
+        ("int8 prefill (dequantize + GEMM)", [_forced(m, 8, True) for m in q8], int8_bytes),
+        ("int8 auto", q8, int8_bytes),
+        ("int4 g128 kernel (_weight_int4pack_mm_for_cpu)", [_forced(m, 4, False) for m in q4], int4_bytes),
+        ("int4 g128 prefill (dequantize + GEMM)", [_forced(m, 4, True) for m in q4], int4_bytes),
+        ("int4 auto", q4, int4_bytes),
+    ]
+    if onednn_bf16_available():
+        packed = []
+        for w in w_bf16:
+            linear = nn.Linear(IN, OUT, bias=False, dtype=torch.bfloat16)
+            linear.weight.data = w
+            packed.append(PackedBF16Linear(linear))
+        cases.append(("bf16 oneDNN reordered (PackedBF16Linear)", packed, bf16_bytes))
+    if onednn_int8_available():
+        cases.append(("int8 oneDNN, 3 exact planes (OneDNNInt8Linear)",
+                      [OneDNNInt8Linear.from_int8(m, 3) for m in q8], int8_bytes))
+    if amx_int4_available():
+        cases.append(("int4 g128 AMX, 3 exact planes (AmxInt4Linear)",
+                      [AmxInt4Linear.from_int4(m) for m in q4], int4_bytes))
+    return cases
 
 
 if __name__ == "__main__":
