@@ -26,6 +26,7 @@ PROJECT_NAME_USES = {
     "serving/worker.py": 1,  # the served model's default name
     "serving/api.py": 1,  # OpenAI /v1/models "owned_by"
     "checkpoint/quantized.py": 1,  # quantization_config.quant_method of our own quantized checkpoints
+    "kernels/native/__init__.py": 1,  # the cache folder of built kernels (~/.cache/visualglm/kernels)
 }
 
 

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "visualglm"
 # not import each other either.
 RANKS = {
     "config": 0,
-    "models": 1, "tokenizers": 1, "image": 1, "quant": 1, "kernels": 1,
+    "kernels": 0.5,  # compute kernels on plain tensors (and the optional native extension): import nothing above
+    "models": 1, "tokenizers": 1, "image": 1, "quant": 1,
     "families": 1.5,  # one FamilySpec per model family: classes, key maps, plans, defaults (data)
     "peft": 2, "distributed": 2,
     "checkpoint": 3,
