@@ -1,7 +1,5 @@
-"""``python -m visualglm`` = the ``visualglm`` command."""
+"""``python -m visualglm`` = the ``visualglm`` command (under torchrun too: each rank runs it)."""
 
-import sys
+from visualglm.cli.main import entry
 
-from visualglm.cli.main import main
-
-sys.exit(main())
+entry()

@@ -26,7 +26,8 @@ WORLD = 2
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1",
+            "PYTHONFAULTHANDLER": "1"}  # a crashed rank prints its Python stack
 
 
 def _torchrun(*args: str) -> list[str]:

@@ -76,4 +76,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from visualglm.distributed.launch import exit_process
+
     main()
+    exit_process(0)  # leaves the process group with the other rank (what `python -m visualglm` does)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from visualglm import __version__
 from visualglm.cli import ask, batch, bench, chat, convert, demo, finetune, info, merge_lora, serve, web
 from visualglm.cli import eval as eval_command
 from visualglm.cli import quantize as quantize_command
+from visualglm.distributed.launch import exit_process
 
 SUBCOMMANDS = (demo, chat, ask, batch, eval_command, info, convert, quantize_command, bench, finetune, merge_lora,
                serve, web)
@@ -46,3 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"visualglm {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def entry() -> NoReturn:
+    """The ``visualglm`` command and ``python -m visualglm``: ``main`` with the process's exit handled (a
+    torchrun rank leaves its process group together with the others, ``distributed.launch.exit_process``)."""
+    exit_process(main())
