@@ -81,7 +81,7 @@ def _layer(seed: int) -> nn.Linear:
 
 def _cases(layers: list[nn.Linear]) -> list[tuple[str, list, int]]:
     from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
-    from visualglm.quant.amx_int4 import AmxInt4Linear, amx_int4_available
+    from visualglm.quant.amx_int4 import AmxInt4Linear, AmxInt8Linear, amx_int4_available
     from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
 
     w_bf16 = [lin.weight.detach().to(torch.bfloat16) for lin in layers]
@@ -110,6 +110,8 @@ def _cases(layers: list[nn.Linear]) -> list[tuple[str, list, int]]:
         cases.append(("int8 oneDNN, 3 exact planes (OneDNNInt8Linear)",
                       [OneDNNInt8Linear.from_int8(m, 3) for m in q8], int8_bytes))
     if amx_int4_available():
+        cases.append(("int8 AMX, 3 exact planes (AmxInt8Linear)", [AmxInt8Linear.from_int8(m) for m in q8],
+                      int8_bytes))
         cases.append(("int4 g128 AMX, 3 exact planes (AmxInt4Linear)",
                       [AmxInt4Linear.from_int4(m) for m in q4], int4_bytes))
     return cases

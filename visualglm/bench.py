@@ -29,6 +29,7 @@ from visualglm.checkpoint.tiny import init_random_weights
 from visualglm.config import get_config, image_size
 from visualglm.families import family_spec
 from visualglm.generation.engine import GenerationParams, compile_decode, generate_steps
+from visualglm.kernels.machine import cpu_summary
 from visualglm.models.interface import is_multimodal
 from visualglm.quant.cuda_kernels import use_cuda_kernels
 from visualglm.quant.output import TiedInt8Output, quantize_tied_output
@@ -58,6 +59,8 @@ class BenchResult:
     nominal_bandwidth_gb_s: float | None = None  # the GPU's specified HBM bandwidth, when known
     ratio_to_nominal: float | None = None
     image_encode_ms: float | None = None
+    cpu: str = ""  # the CPU and what its kernels use (kernels.machine.cpu_summary)
+    kernels: str = ""  # the load-time kernel plan (checkpoint.cpu_kernels), empty on a GPU
 
 
 # Specified HBM bandwidth (GB/s) by device name fragment, most specific first (vendor data sheets).
@@ -269,7 +272,14 @@ def run_bench(model_path: str | None, config_name: str | None, dtype: str, batch
         prefill_tokens_per_s=batch * prompt_tokens / ttft, decode_tokens_per_s=decode_tps,
         peak_rss_gib=_peak_rss_gib(), bandwidth_gb_s=bandwidth, bytes_per_step_gb=per_step / 1e9,
         decode_limit_tokens_per_s=limit, ratio_to_limit=decode_tps / limit, compiled=compile, warmup_s=warmup_s,
-        device=str(dev), image_encode_ms=image_ms, **gpu)
+        device=str(dev), image_encode_ms=image_ms, cpu=cpu_summary(),
+        kernels=_kernel_plan(model), **gpu)
+
+
+def _kernel_plan(model: nn.Module) -> str:
+    """The CPU kernels the load-time transform chose for ``model`` (empty when it did not run)."""
+    plan = getattr(model, "cpu_kernels", None)
+    return plan.describe() if plan is not None else ""
 
 
 def format_result(result: BenchResult, as_json: bool) -> str:
@@ -288,7 +298,8 @@ def format_result(result: BenchResult, as_json: bool) -> str:
         f"bytes per step:      {r.bytes_per_step_gb:.2f} GB",
         f"decode limit:        {r.decode_limit_tokens_per_s:.2f} tok/s (bandwidth / bytes per step)",
         f"ratio to limit:      {r.ratio_to_limit:.0%}",
-        *([f"device:              {r.device}"] if r.device != "cpu" else []),
+        *([f"device:              {r.device}"] if r.device != "cpu" else [f"cpu:                 {r.cpu}"]),
+        *([f"kernels:             {r.kernels}"] if r.kernels else []),
         *([f"peak GPU memory:     {r.peak_gpu_memory_gib:.2f} GiB"] if r.peak_gpu_memory_gib is not None else []),
         *([f"nominal bandwidth:   {r.nominal_bandwidth_gb_s:.0f} GB/s, decode at {r.ratio_to_nominal:.0%} of its "
            "limit"] if r.ratio_to_nominal is not None else []),

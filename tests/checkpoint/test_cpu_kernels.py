@@ -14,6 +14,7 @@ from visualglm.checkpoint import cpu_kernels
 from visualglm.checkpoint.cpu_kernels import KernelPlan, apply_cpu_kernels, plan_cpu_kernels
 from visualglm.kernels.machine import CpuFacts
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
+from visualglm.quant.amx_int4 import AmxInt8Linear, amx_int4_available
 from visualglm.quant.linear import Int8Linear
 from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
 
@@ -32,10 +33,11 @@ def all_kernels_available(monkeypatch):
 def test_rule_per_machine(all_kernels_available, monkeypatch) -> None:
     assert plan_cpu_kernels(ZEN) == KernelPlan("onednn", "plain", 3)  # VNNI alone: oneDNN int8 is a ref path
     monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, False))  # the AMX kernel not built
-    assert plan_cpu_kernels(XEON_AMX).int4 == "plain"
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa", "plain")
     monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True))
-    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa", "amx")
-    assert plan_cpu_kernels(XEON_AMX, int8_activations=True).planes == 1
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "amx", 3, "sdpa", "amx")
+    # one activation plane is oneDNN's (the native kernel computes the exact planes only)
+    assert plan_cpu_kernels(XEON_AMX, int8_activations=True) == KernelPlan("onednn", "onednn", 1, "sdpa", "amx")
     monkeypatch.setattr(cpu_kernels, "cpu_lacks_bf16_matmul", lambda: True)
     assert plan_cpu_kernels(AVX2) == KernelPlan("upcast", "plain", 3)
     assert plan_cpu_kernels(XEON_AMX, mode="plain") == KernelPlan("plain", "plain", 3, "matmul")
@@ -105,6 +107,20 @@ def test_int8_model_on_onednn_matches_the_weight_only_kernel() -> None:
     assert not any(type(m) is Int8Linear for m in model.modules())
     after = _logits(model, ids)
     assert (after - before).abs().max() <= 0.02 * before.abs().max()
+
+
+@pytest.mark.skipif(not amx_int4_available(), reason="the AMX kernel is not built here (or the CPU lacks AMX)")
+def test_int8_model_on_the_amx_kernel_matches_the_weight_only_kernel(tmp_path) -> None:
+    model = _tiny(torch.bfloat16, quantize=8)
+    ids = torch.randint(5, 100, (1, 6))
+    before = _logits(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    counts = apply_cpu_kernels(model, plan=KernelPlan("plain", "amx", 3))
+    assert counts["int8"] == sum(isinstance(m, AmxInt8Linear) for m in model.modules()) > 0
+    assert not any(type(m) is Int8Linear for m in model.modules())
+    after = _logits(model, ids)
+    assert (after - before).abs().max() <= 0.02 * before.abs().max()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # the portable form
 
 
 def test_int8_activations_need_onednn() -> None:

@@ -1,6 +1,7 @@
-"""The optional AMX INT4 kernel: its layout, its exactness against the weight-only definition, the module's
-state_dict and the load-time swap. The kernel tests build it (about a minute, into a temporary folder) where
-the CPU has AMX and a compiler; elsewhere they are skipped and PyTorch's INT4 kernel keeps running."""
+"""The optional AMX kernels (INT4 and INT8): their layouts, their exactness against the weight-only
+definition, the modules' state_dicts and the load-time swap. The kernel tests build the kernels (about a
+minute, into a temporary folder) where the CPU has AMX and a compiler; elsewhere they are skipped and
+PyTorch's kernels keep running."""
 
 from __future__ import annotations
 
@@ -11,8 +12,16 @@ import pytest
 import torch
 
 from visualglm.kernels import native
-from visualglm.quant.amx_int4 import AmxInt4Linear, fits, pack_tiles, unpack_tiles
-from visualglm.quant.linear import Int4Linear
+from visualglm.quant.amx_int4 import (
+    AmxInt4Linear,
+    AmxInt8Linear,
+    fits,
+    pack_int8_tiles,
+    pack_tiles,
+    unpack_int8_tiles,
+    unpack_tiles,
+)
+from visualglm.quant.linear import Int4Linear, Int8Linear
 
 
 def test_tile_layout_round_trips_and_puts_four_inputs_of_an_output_side_by_side() -> None:
@@ -23,6 +32,23 @@ def test_tile_layout_round_trips_and_puts_four_inputs_of_an_output_side_by_side(
     assert int(packed[0, 0, 1, 5]) & 15 == int(codes[1, 5])
     # column 37 (byte 5's high nibble): output 9, input 4 + 1
     assert int(packed[0, 0, 1, 5]) >> 4 == int(codes[9, 5])
+
+
+def test_int8_tile_layout_round_trips() -> None:
+    weight = torch.randint(-127, 128, (32, 128), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    packed = pack_int8_tiles(weight)
+    assert packed.shape == (2, 2, 16, 64) and torch.equal(unpack_int8_tiles(packed), weight)
+    assert int(packed[1, 1, 2, 7]) == int(weight[16 + 1, 64 + 8 + 3])  # output 7 // 4, input 4 * 2 + 7 % 4
+
+
+def test_int8_state_dict_is_int8linear_s() -> None:
+    reference = Int8Linear.from_linear(torch.nn.Linear(128, 32))
+    module = AmxInt8Linear.from_int8(reference)
+    state, want = module.state_dict(), reference.state_dict()
+    assert sorted(state) == sorted(want) and all(torch.equal(state[k], want[k]) for k in want)
+    fresh = AmxInt8Linear(torch.zeros(32, 128, dtype=torch.int8), torch.ones(32), torch.zeros(32))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.packed, module.packed)
 
 
 def test_shapes_the_kernel_takes() -> None:
@@ -91,6 +117,21 @@ def test_kernel_computes_the_weight_only_result_to_fp32_rounding(kernel, rows: i
     assert got16.dtype == torch.bfloat16 and got16.shape == (1, rows, 64)
     want16 = _exact(x.bfloat16().float(), reference)
     assert (got16[0].float() - want16).abs().max() <= 2**-8 * want16.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 50])
+def test_int8_kernel_computes_the_weight_only_result_to_fp32_rounding(kernel, rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    linear = torch.nn.Linear(256, 64)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 256, generator=gen) * 0.05)
+    reference = Int8Linear.from_linear(linear)
+    module = AmxInt8Linear.from_int8(reference)
+    x = torch.randn(rows, 256, generator=gen) * torch.linspace(0.01, 3, 256)
+    with torch.inference_mode():
+        got = module(x)
+    want = _exact(x, reference)
+    assert (got - want).abs().max() <= 2e-6 * want.abs().max()
 
 
 def test_a_model_loaded_with_the_kernel_answers_as_the_plain_int4_model(kernel, tiny_checkpoint) -> None:

@@ -1,17 +1,19 @@
 """Load-time choice of the CPU kernels a built model's linears run on (a transform: the model code never
 knows), decided by rule from what this CPU offers (``visualglm.kernels.machine``).
 
-What each precision gets (figures: ``benchmarks/quant_linear.py``, ``visualglm bench``, docs/performance.md):
+What each precision gets (figures: ``benchmarks/quant_linear.py``, ``visualglm bench``, docs/benchmarks.md):
 
 - bf16 ``nn.Linear``: ``PackedBF16Linear`` (weight reordered once for oneDNN; same products as
   ``F.linear``, 7% faster on an AMX Xeon, 40% on a Zen 4 EPYC) where the CPU has AVX-512 BF16; on CPUs
   without native bf16 math ``UpcastLinear`` (fp32 GEMM for prefill) as before. Shared (tied) weights are
   left alone. fp32 and fp16 linears are not touched.
-- ``Int8Linear``: ``OneDNNInt8Linear`` (oneDNN's int8 matmul with the activations split into three int8
-  planes: the same results to fp32 rounding, and batch 8 costs about what batch 1 does) where the CPU has
-  AMX; otherwise PyTorch's weight-only kernel as it is. On AVX-512 VNNI without AMX (AMD EPYC Zen 4/5)
-  torch 2.13's oneDNN int8 linear runs a reference path (0.1 GB/s for a 16384x4096 weight against 24 GB/s
-  for ``_weight_int8pack_mm``), so VNNI alone does not qualify.
+- ``Int8Linear``: ``AmxInt8Linear`` (``visualglm.quant.amx_int4``) where the CPU has AMX and the optional
+  kernel is built: the activations split into three int8 planes (the same results to fp32 rounding), 32 GB/s
+  of int8 weight at 1 row against oneDNN's 28 on a 2-vCPU Xeon. Else ``OneDNNInt8Linear`` (oneDNN's int8
+  matmul on the same three planes; batch 8 costs about what batch 1 does) where the CPU has AMX; otherwise
+  PyTorch's weight-only kernel as it is. On AVX-512 VNNI without AMX (AMD EPYC Zen 4/5) torch 2.13's oneDNN
+  int8 linear runs a reference path (0.1 GB/s for a 16384x4096 weight against 24 GB/s for
+  ``_weight_int8pack_mm``), so VNNI alone does not qualify.
 - ``Int4Linear``: ``AmxInt4Linear`` (``visualglm.quant.amx_int4``) where the CPU has AMX and the optional
   kernel is built (``python -m visualglm.kernels.native build``): the same values, computed exactly (int8
   activation planes, int32 sums), one weight read per call for any number of rows; otherwise PyTorch's
@@ -40,8 +42,9 @@ from visualglm.kernels.cpu_bf16 import UpcastLinear, cpu_lacks_bf16_matmul
 from visualglm.kernels.machine import CpuFacts, cpu_facts
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
 from visualglm.models.interface import Decoder
-from visualglm.quant.amx_int4 import AmxInt4Linear, amx_int4_available
+from visualglm.quant.amx_int4 import AmxInt4Linear, AmxInt8Linear, amx_int4_available
 from visualglm.quant.amx_int4 import fits as amx_int4_fits
+from visualglm.quant.amx_int4 import int8_fits as amx_int8_fits
 from visualglm.quant.linear import Int4Linear, Int8Linear, quantized_bits
 from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
 from visualglm.quant.output import TiedInt8Output
@@ -52,7 +55,7 @@ ENV = "VISUALGLM_CPU_KERNELS"
 @dataclass(frozen=True)
 class KernelPlan:
     """Which kernel each kind of linear gets: ``linear16`` "onednn" | "upcast" | "plain"; ``int8``
-    "onednn" | "plain"; ``planes`` 3 (exact) or 1 (dynamic int8 activations); ``attention16``: the decode-step
+    "amx" | "onednn" | "plain"; ``planes`` 3 (exact) or 1 (dynamic int8 activations); ``attention16``: the decode-step
     attention of 16-bit models, "sdpa" | "matmul" (``visualglm.models.layers.SINGLE_QUERY_KERNELS``); ``int4``
     "amx" | "plain"."""
 
@@ -65,9 +68,10 @@ class KernelPlan:
     def describe(self) -> str:
         bf16 = {"onednn": "oneDNN reordered bf16", "upcast": "fp32 GEMM for prefill (no bf16 units)",
                 "plain": "F.linear"}[self.linear16]
-        int8 = ("oneDNN int8 matmul, " + ("3 exact activation planes" if self.planes == 3
-                                          else "dynamic int8 activations")
-                if self.int8 == "onednn" else "_weight_int8pack_mm")
+        int8 = {"amx": "AMX tiles, 3 exact activation planes",
+                "onednn": "oneDNN int8 matmul, " + ("3 exact activation planes" if self.planes == 3
+                                                    else "dynamic int8 activations"),
+                "plain": "_weight_int8pack_mm"}[self.int8]
         attention = "fused SDPA" if self.attention16 == "sdpa" else "two matmuls"
         int4 = "AMX tiles, exact activation planes" if self.int4 == "amx" else "_weight_int4pack_mm_for_cpu"
         return f"16-bit: {bf16}; INT8: {int8}; INT4: {int4}; 16-bit decode attention: {attention}"
@@ -96,6 +100,8 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
     else:
         linear16 = "plain"
     int8 = "onednn" if facts.amx and facts.onednn and int8_ok else "plain"
+    if facts.amx and int4_ok and planes == 3:  # the native kernel computes the exact planes only
+        int8 = "amx"
     int4 = "amx" if facts.amx and int4_ok else "plain"
     return KernelPlan(linear16, int8, planes, "sdpa" if facts.amx else "matmul", int4)
 
@@ -119,7 +125,7 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
     if params is None or params.device.type != "cpu":
         return {}
     plan = plan or plan_cpu_kernels(int8_activations=int8_activations)
-    if int8_activations and plan.int8 != "onednn":
+    if int8_activations and plan.int8 != "onednn":  # (plan_cpu_kernels never picks "amx" for one plane)
         raise ValueError("int8 activations need oneDNN's int8 matmul, which this CPU or PyTorch build lacks")
     shared = _shared_weights(model)
     counts = {"bf16": 0, "int8": 0, "int4": 0}
@@ -133,10 +139,11 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
             if new is not None:
                 setattr(parent, name, new)
                 counts[{8: "int8", 4: "int4"}.get(quantized_bits(new), "bf16")] += 1
-            if isinstance(child, TiedInt8Output) and plan.int8 == "onednn" \
-                    and not isinstance(child.kernel, OneDNNInt8Linear):
-                child.set_kernel(OneDNNInt8Linear.from_int8(child.kernel, plan.planes))
-                counts["int8"] += 1
+            if isinstance(child, TiedInt8Output) and type(child.kernel) is Int8Linear:
+                kernel = _int8_replacement(child.kernel, plan)
+                if kernel is not None:
+                    child.set_kernel(kernel)
+                    counts["int8"] += 1
             child = new = None  # the replaced layer goes now, before the next one is built
     if isinstance(model, Decoder):
         # The dtype the decoder computes in is its input embedding's (quantized models keep it floating).
@@ -155,8 +162,16 @@ def _replacement(child: nn.Module, plan: KernelPlan, shared: set[int]) -> nn.Mod
         if plan.linear16 == "upcast":
             return UpcastLinear(child)
         return None
-    if type(child) is Int8Linear and plan.int8 == "onednn" and child.weight.device.type == "cpu":
-        return OneDNNInt8Linear.from_int8(child, plan.planes)
+    if type(child) is Int8Linear:
+        return _int8_replacement(child, plan)
     if type(child) is Int4Linear and plan.int4 == "amx" and amx_int4_fits(child):
         return AmxInt4Linear.from_int4(child)
     return None
+
+
+def _int8_replacement(child: Int8Linear, plan: KernelPlan) -> nn.Module | None:
+    if child.weight.device.type != "cpu" or plan.int8 == "plain":
+        return None
+    if plan.int8 == "amx" and amx_int8_fits(child):
+        return AmxInt8Linear.from_int8(child)
+    return OneDNNInt8Linear.from_int8(child, plan.planes)  # "onednn", or a shape the AMX kernel does not take

@@ -1,10 +1,12 @@
-"""Group-wise INT4 linear on the optional AMX kernel (``visualglm.kernels.native``, built on request).
+"""INT4 (group-wise) and INT8 linears on the optional AMX kernels (``visualglm.kernels.native``, built on
+request).
 
 ``AmxInt4Linear`` holds ``Int4Linear``'s values (``W = (code - 8) * scale + zero`` per group of inputs) with
 its codes re-laid for AMX tiles (the same bytes: 4 bits a weight) and the portable bf16
 ``scales_and_zeros`` ``[K/g, N, 2]``. Every call, one row or a prefill's hundreds, runs the AMX kernel: the
 activations split into three int8 planes, int32 sums per group, the weight-only result to fp32 rounding.
 Its ``state_dict`` is ``Int4Linear``'s portable form, so checkpoints saved from either are the same.
+``AmxInt8Linear`` does the same for ``Int8Linear`` (int8 weight, a scale per output).
 Measured figures: ``benchmarks/quant_linear.py``.
 """
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visualglm.kernels import native
-from visualglm.quant.linear import Int4Linear
+from visualglm.quant.linear import Int4Linear, Int8Linear
 from visualglm.quant.packing import pack_int4_plain, unpack_int4_plain
 
 PLANES = 3
@@ -46,12 +48,108 @@ def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
     return (tiles[..., :32] | (tiles[..., 32:] << 4)).contiguous()
 
 
+def pack_int8_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """int8 ``[N, K]`` -> the INT8 kernel's layout ``[N/16, K/64, 16, 64]`` (row j of a tile: inputs 4j..4j+3
+    of each of 16 outputs, side by side)."""
+    n, k = weight.shape
+    tiles = weight.view(n // TILE_ROWS, TILE_ROWS, k // CHUNK, 16, 4).permute(0, 2, 3, 1, 4)
+    return tiles.reshape(n // TILE_ROWS, k // CHUNK, 16, 64).contiguous()
+
+
+def unpack_int8_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int8_tiles``."""
+    blocks, chunks = packed.shape[:2]
+    weight = packed.view(blocks, chunks, 16, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
+    return weight.reshape(blocks * TILE_ROWS, chunks * CHUNK)
+
+
 def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of ``pack_tiles``: ``[N/16, K/64, 16, 32]`` -> uint8 codes ``[N, K]``."""
     blocks, chunks = packed.shape[:2]
     tiles = torch.cat([packed & 15, packed >> 4], dim=-1)  # [N/16, K/64, 16, 64]
     codes = tiles.view(blocks, chunks, 16, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
     return codes.reshape(blocks * TILE_ROWS, chunks * CHUNK)
+
+
+def int8_fits(module: Int8Linear) -> bool:
+    """Shapes the INT8 kernel takes: outputs a multiple of 16, inputs of 64, on the CPU."""
+    return (module.out_features % TILE_ROWS == 0 and module.in_features % CHUNK == 0
+            and module.weight.device.type == "cpu")
+
+
+class AmxInt8Linear(nn.Module):
+    """INT8 linear (``Int8Linear``'s values: int8 weight, fp32 scale per output) on AMX tiles: every call runs
+    the kernel with three exact activation planes. Buffers: ``packed`` int8 ``[N/16, K/64, 16, 64]``,
+    ``scale``, optional ``bias``; the state_dict is ``Int8Linear``'s. CPU only."""
+
+    quant_bits = 8
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("packed", pack_int8_tiles(weight.to(torch.int8)))
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_int8(cls, module: Int8Linear) -> AmxInt8Linear:
+        return cls(module.weight, module.scale, module.bias)
+
+    def int8_weight(self) -> torch.Tensor:
+        return unpack_int8_tiles(self.packed)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.int8_weight().float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = native.load()
+        if kernel is None or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        out = kernel.int8_linear(x.reshape(-1, self.in_features), self.packed, self.scale, PLANES)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.int8_weight()
+        destination[prefix + "scale"] = self.scale
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        names = ["weight", "scale"] + (["bias"] if self.bias is not None else [])
+        absent = [prefix + name for name in names if prefix + name not in state_dict]
+        missing_keys.extend(absent)
+        if absent:
+            return
+        weight = state_dict[prefix + "weight"]
+        if weight.dtype != torch.int8 or tuple(weight.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{prefix}weight: expected int8 {(self.out_features, self.in_features)}, got "
+                              f"{weight.dtype} {tuple(weight.shape)}")
+            return
+        self.packed = pack_int8_tiles(weight)
+        self.scale = state_dict[prefix + "scale"].float().contiguous()
+        if self.bias is not None:
+            self.bias = state_dict[prefix + "bias"].detach().clone()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        return _cpu_only_apply(self, fn, recurse, "scale")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _cpu_only_apply(module: nn.Module, fn, recurse: bool, keep: str) -> nn.Module:  # type: ignore[no-untyped-def]
+    """``nn.Module._apply`` for a CPU-kernel module: a move to another device is refused with a message, and a
+    dtype cast (``model.half()``) leaves the ``keep`` buffer (the quantization scales) as it is."""
+    if fn(torch.zeros(1)).device.type != "cpu":
+        raise RuntimeError("a model with CPU decode kernels cannot move to another device: load it with "
+                           "fast_cpu_kernels=False (or with device=...) instead")
+    kept = getattr(module, keep)
+    nn.Module._apply(module, fn, recurse)
+    setattr(module, keep, kept)
+    return module
 
 
 class AmxInt4Linear(nn.Module):
@@ -126,13 +224,7 @@ class AmxInt4Linear(nn.Module):
             self.bias = state_dict[prefix + "bias"].detach().clone()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        if fn(torch.zeros(1)).device.type != "cpu":
-            raise RuntimeError("a model with CPU decode kernels cannot move to another device: load it with "
-                               "fast_cpu_kernels=False (or with device=...) instead")
-        kept = self.scales_and_zeros
-        super()._apply(fn, recurse)
-        self.scales_and_zeros = kept  # a dtype cast (model.half()) must not touch the bf16 scales
-        return self
+        return _cpu_only_apply(self, fn, recurse, "scales_and_zeros")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

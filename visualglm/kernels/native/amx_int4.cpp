@@ -28,6 +28,17 @@
 namespace {
 
 constexpr float kPlaneStep = 254.0f;
+
+// 64-byte aligned storage for unpacked tiles (aligned stores).
+struct AlignedBuffer {
+  std::vector<uint8_t> bytes;
+  uint8_t* data_;
+  explicit AlignedBuffer(size_t size) : bytes(size + 64) {
+    const auto address = reinterpret_cast<uintptr_t>(bytes.data());
+    data_ = bytes.data() + ((64 - address % 64) % 64);
+  }
+  uint8_t* data() { return data_; }
+};
 constexpr int kRowTiles = 3;  // C tiles 0-2 (accumulators), A tiles 3-5 (activations), B tile 6 (codes)
 
 // fp32 rows [M, K] -> int8 planes [P * M, K] (plane p's rows are p * M .. p * M + M - 1) and their scales,
@@ -115,44 +126,93 @@ inline void store_tiles(int32_t* c) {
   if constexpr (T > 2) _tile_stored(2, c + 32 * 16, 64);
 }
 
-// Output blocks [begin, end) (16 outputs each) for plane rows [r0, r0 + rows) (rows <= 48, T tiles):
-// part[r][n] (fp32, [R, N]) = sum over groups of scale * dot + (zero - 8 scale) * sum(x in group).
+// The passes over plane rows: up to 48 rows (three tiles) each.
+struct Pass {
+  int64_t r0;
+  int rows;
+  int tiles;
+};
+
+std::vector<Pass> make_passes(int64_t rows) {
+  std::vector<Pass> passes;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16 * kRowTiles) {
+    const int pass_rows = static_cast<int>(std::min<int64_t>(16 * kRowTiles, rows - r0));
+    passes.push_back({r0, pass_rows, (pass_rows + 15) / 16});
+  }
+  return passes;
+}
+
+// Tile configurations are loaded only when the pass shape changes (a prefill's last pass is partial).
+struct Configured {
+  int rows = -1;
+  void ensure(const Pass& pass) {
+    if (pass.rows == rows) return;
+    int tile_rows[kRowTiles] = {0, 0, 0};
+    for (int t = 0; t < pass.tiles; ++t) tile_rows[t] = std::min(16, pass.rows - 16 * t);
+    configure(tile_rows, pass.tiles);
+    rows = pass.rows;
+  }
+};
+
+// INT4, one output block (16 outputs), one pass: the block's codes already unpacked into ``btiles``
+// (K / 64 tiles of 1024 bytes); ``sv``/``ov`` the block's scales and zero offsets per group ([groups, 16]).
 template <int T>
-void run_pass(const int8_t* xq, const int32_t* xsum, int64_t k, int64_t g, int64_t n, int64_t r0, int rows,
-              const uint8_t* packed, const uint16_t* sz, float* part, int64_t begin, int64_t end) {
-  int tile_rows[kRowTiles] = {0, 0, 0};
-  for (int t = 0; t < T; ++t) tile_rows[t] = std::min(16, rows - 16 * t);
-  configure(tile_rows, T);
-  alignas(64) uint8_t btile[16 * 64];
+void int4_block_pass(const int8_t* a0, const int32_t* xsum, int64_t k, int64_t g, const uint8_t* btiles,
+                     const float* sv, const float* ov, int rows, int32_t* ctile, float* facc) {
+  const int64_t groups = k / g, per_group = g / 64;
+  std::fill(facc, facc + rows * 16, 0.0f);
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    zero_tiles<T>();
+    for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
+      _tile_loadd(6, btiles + c * 1024, 64);
+      dot_chunk<T>(a0 + c * 64, k);
+    }
+    store_tiles<T>(ctile);
+    const __m512 s = _mm512_loadu_ps(sv + grp * 16), o = _mm512_loadu_ps(ov + grp * 16);
+    for (int r = 0; r < rows; ++r) {
+      __m512 acc = _mm512_loadu_ps(facc + r * 16);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ctile + r * 16)), s, acc);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(xsum[r * groups + grp])), o, acc);
+      _mm512_storeu_ps(facc + r * 16, acc);
+    }
+  }
+}
+
+// INT4 for output blocks [begin, end): each block's codes are unpacked once (into L2) and every pass of
+// plane rows reads them from there; part[r][n] (fp32, [R, N]) = sum over groups of scale * dot +
+// (zero - 8 scale) * sum(x in group).
+void int4_blocks(const int8_t* xq, const int32_t* xsum, int64_t k, int64_t g, int64_t n,
+                 const std::vector<Pass>& passes, const uint8_t* packed, const uint16_t* sz, float* part,
+                 int64_t begin, int64_t end) {
+  const int64_t chunks = k / 64, groups = k / g;
+  AlignedBuffer btiles(chunks * 1024);
+  std::vector<float> sv(groups * 16), ov(groups * 16), facc(16 * kRowTiles * 16);
   alignas(64) int32_t ctile[kRowTiles * 16 * 16];
-  std::vector<float> facc(static_cast<size_t>(rows) * 16);
-  const int64_t groups = k / g, chunks = k / 64, per_group = g / 64;
-  const int8_t* a0 = xq + r0 * k;
+  Configured configured;
   for (int64_t b = begin; b < end; ++b) {
-    std::fill(facc.begin(), facc.end(), 0.0f);
     const uint8_t* wb = packed + b * chunks * 512;
+    for (int64_t c = 0; c < chunks; ++c) unpack_tile(wb + c * 512, btiles.data() + c * 1024);
     for (int64_t grp = 0; grp < groups; ++grp) {
-      zero_tiles<T>();
-      for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-        unpack_tile(wb + c * 512, btile);
-        _tile_loadd(6, btile, 64);
-        dot_chunk<T>(a0 + c * 64, k);
-      }
-      store_tiles<T>(ctile);
       // (scale, zero) pairs of the 16 outputs: bf16 pairs read as 16 uint32 (scale in the low half).
       const __m512i pairs = _mm512_loadu_si512(sz + (grp * n + b * 16) * 2);
-      const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-      const __m512 zv = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFFFF0000u)));
-      const __m512 ov = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv);  // zero - 8 * scale
-      for (int r = 0; r < rows; ++r) {
-        __m512 acc = _mm512_loadu_ps(facc.data() + r * 16);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ctile + r * 16)), sv, acc);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(xsum[(r0 + r) * groups + grp])), ov, acc);
-        _mm512_storeu_ps(facc.data() + r * 16, acc);
-      }
+      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFFFF0000u)));
+      _mm512_storeu_ps(sv.data() + grp * 16, s);
+      _mm512_storeu_ps(ov.data() + grp * 16, _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z));  // zero - 8 scale
     }
-    for (int r = 0; r < rows; ++r)
-      std::memcpy(part + (r0 + r) * n + b * 16, facc.data() + r * 16, 16 * sizeof(float));
+    for (const Pass& pass : passes) {
+      configured.ensure(pass);
+      const int8_t* a0 = xq + pass.r0 * k;
+      const int32_t* xs = xsum + pass.r0 * groups;
+      if (pass.tiles == 1)
+        int4_block_pass<1>(a0, xs, k, g, btiles.data(), sv.data(), ov.data(), pass.rows, ctile, facc.data());
+      else if (pass.tiles == 2)
+        int4_block_pass<2>(a0, xs, k, g, btiles.data(), sv.data(), ov.data(), pass.rows, ctile, facc.data());
+      else
+        int4_block_pass<3>(a0, xs, k, g, btiles.data(), sv.data(), ov.data(), pass.rows, ctile, facc.data());
+      for (int r = 0; r < pass.rows; ++r)
+        std::memcpy(part + (pass.r0 + r) * n + b * 16, facc.data() + r * 16, 16 * sizeof(float));
+    }
   }
   _tile_release();
 }
@@ -191,16 +251,96 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const uint8_t* w_p = packed.data_ptr<uint8_t>();
   const uint16_t* sz_p = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
   float* part_p = part.data_ptr<float>();
-  for (int64_t r0 = 0; r0 < rows; r0 += 16 * kRowTiles) {
-    const int pass_rows = static_cast<int>(std::min<int64_t>(16 * kRowTiles, rows - r0));
-    const int tiles = (pass_rows + 15) / 16;
-    at::parallel_for(0, n / 16, 8, [&](int64_t begin, int64_t end) {
-      if (tiles == 1) run_pass<1>(q_p, xs_p, k, g, n, r0, pass_rows, w_p, sz_p, part_p, begin, end);
-      else if (tiles == 2) run_pass<2>(q_p, xs_p, k, g, n, r0, pass_rows, w_p, sz_p, part_p, begin, end);
-      else run_pass<3>(q_p, xs_p, k, g, n, r0, pass_rows, w_p, sz_p, part_p, begin, end);
-    });
-  }
+  const auto passes = make_passes(rows);
+  at::parallel_for(0, n / 16, 8, [&](int64_t begin, int64_t end) {
+    int4_blocks(q_p, xs_p, k, g, n, passes, w_p, sz_p, part_p, begin, end);
+  });
   // The planes recombined in plane order: part[0] * s0 + part[1] * s1 + part[2] * s2.
+  auto parts = part.view({planes, m, n});
+  auto y = parts[0] * qscale[0];
+  for (int64_t p = 1; p < planes; ++p) y.add_(parts[p] * qscale[p]);
+  return y;
+}
+
+namespace {
+
+template <int T>
+inline void dot_chunk_s8(const int8_t* a, int64_t lda) {
+  _tile_loadd(3, a, lda);
+  _tile_dpbssd(0, 3, 6);
+  if constexpr (T > 1) {
+    _tile_loadd(4, a + 16 * lda, lda);
+    _tile_dpbssd(1, 4, 6);
+  }
+  if constexpr (T > 2) {
+    _tile_loadd(5, a + 32 * lda, lda);
+    _tile_dpbssd(2, 5, 6);
+  }
+}
+
+// INT8 for output blocks [begin, end): part[r][n] = scale[n] * (q_r . w_n), the int32 sum over all inputs
+// taken straight from the weight tiles (no unpacking, no groups). Every pass of plane rows reads the block's
+// weights (16 x K bytes) again, from L2 after the first.
+void int8_blocks(const int8_t* xq, int64_t k, int64_t n, const std::vector<Pass>& passes, const int8_t* packed,
+                 const float* scale, float* part, int64_t begin, int64_t end) {
+  alignas(64) int32_t ctile[kRowTiles * 16 * 16];
+  const int64_t chunks = k / 64;
+  Configured configured;
+  for (int64_t b = begin; b < end; ++b) {
+    const int8_t* wb = packed + b * chunks * 1024;
+    const __m512 sv = _mm512_loadu_ps(scale + b * 16);
+    for (const Pass& pass : passes) {
+      configured.ensure(pass);
+      const int8_t* a0 = xq + pass.r0 * k;
+      if (pass.tiles == 1) {
+        zero_tiles<1>();
+        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk_s8<1>(a0 + c * 64, k); }
+        store_tiles<1>(ctile);
+      } else if (pass.tiles == 2) {
+        zero_tiles<2>();
+        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk_s8<2>(a0 + c * 64, k); }
+        store_tiles<2>(ctile);
+      } else {
+        zero_tiles<3>();
+        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk_s8<3>(a0 + c * 64, k); }
+        store_tiles<3>(ctile);
+      }
+      for (int r = 0; r < pass.rows; ++r)
+        _mm512_storeu_ps(part + (pass.r0 + r) * n + b * 16,
+                         _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ctile + r * 16)), sv));
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+// y [M, N] (fp32) = x [M, K] @ (weight * scale[:, None]).T for an int8 weight in the tile layout
+// [N / 16, K / 64, 16, 64] (row j of a tile: inputs 4j .. 4j + 3 of each of 16 outputs) and fp32 scale [N].
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t planes) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 64 &&
+              packed.scalar_type() == torch::kInt8 && packed.is_contiguous(),
+              "packed must be a contiguous int8 [N/16, K/64, 16, 64]");
+  TORCH_CHECK(planes >= 1 && planes <= 3, "planes must be 1..3");
+  const int64_t n = packed.size(0) * 16, k = packed.size(1) * 64;
+  TORCH_CHECK(x.size(-1) == k, "the input has ", x.size(-1), " features, the weight ", k);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == n,
+              "scale must be a contiguous fp32 [N]");
+  auto xf = x.reshape({-1, k}).to(torch::kFloat32).contiguous();
+  const int64_t m = xf.size(0), rows = planes * m;
+  auto q = torch::empty({rows, k}, torch::kInt8);
+  auto qscale = torch::empty({planes, m, 1}, torch::kFloat32);
+  split_planes(xf.data_ptr<float>(), m, k, static_cast<int>(planes), q.data_ptr<int8_t>(),
+               qscale.data_ptr<float>());
+  auto part = torch::empty({rows, n}, torch::kFloat32);
+  const int8_t* q_p = q.data_ptr<int8_t>();
+  const int8_t* w_p = packed.data_ptr<int8_t>();
+  const float* s_p = scale.data_ptr<float>();
+  float* part_p = part.data_ptr<float>();
+  const auto passes = make_passes(rows);
+  at::parallel_for(0, n / 16, 8, [&](int64_t begin, int64_t end) {
+    int8_blocks(q_p, k, n, passes, w_p, s_p, part_p, begin, end);
+  });
   auto parts = part.view({planes, m, n});
   auto y = parts[0] * qscale[0];
   for (int64_t p = 1; p < planes; ++p) y.add_(parts[p] * qscale[p]);
@@ -210,4 +350,5 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_enable", &amx_enable, "request the AMX tile state for this process");
   m.def("int4_linear", &int4_linear, "INT4 codes x int8 activation planes on AMX tiles, fp32 out");
+  m.def("int8_linear", &int8_linear, "INT8 weight x int8 activation planes on AMX tiles, fp32 out");
 }
