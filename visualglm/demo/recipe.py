@@ -31,7 +31,7 @@ class TrainRecipe:
     # mean-pooled tower tokens (the role a pretrained EVA-CLIP plays for VisualGLM-6B) and on the Q-Former's
     # image embeddings (BLIP-2's first stage). Trained end to end from scratch, answer tokens teach the tower
     # colours quickly but not shapes (chance after 1,200 steps).
-    vision_steps: int = 1000
+    vision_steps: int = 600
     vision_learning_rate: float = 2e-3
     # Stage 2: the Q-Former, projection and language model on the questions (the vision tower frozen).
     steps: int = 3000
@@ -46,11 +46,14 @@ class TrainRecipe:
     # The training mix. A question is the last turn of a conversation of 1..5 turns about its image (weights
     # below), each turn an easy-VQA question, a grammar phrasing or an out-of-scope input; a conversation is
     # all English, all Chinese or mixed turn by turn.
-    turn_weights: tuple[float, ...] = (0.4, 0.2, 0.15, 0.125, 0.125)
+    turn_weights: tuple[float, ...] = (0.5, 0.2, 0.1, 0.1, 0.1)
     lang_mode_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)  # en, zh, mixed
-    easyvqa_weight: float = 0.35
-    phrasing_weight: float = 0.5
+    easyvqa_weight: float = 0.3
+    phrasing_weight: float = 0.55
     oos_weight: float = 0.15
+    # grammar questions by type: color, shape, yes/no (which needs the question's probe matched against the
+    # image, and negations read: the slowest to learn), describe
+    qtype_weights: tuple[float, float, float, float] = (0.2, 0.2, 0.4, 0.2)
     filler: float = 0.25  # share of in-scope training questions given 1-2 filler words (dialogue.add_filler)
     length_buckets: int = 4  # a step's sequences, sorted by length, run in this many chunks (less padding)
     max_shift: int = 64  # random translation of each image (px), kept so the shape stays whole

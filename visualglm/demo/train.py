@@ -249,7 +249,7 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.learning_rate,
                                   betas=(0.9, 0.98))
     mix = TurnMix(easyvqa=recipe.easyvqa_weight, phrasing=recipe.phrasing_weight, oos=recipe.oos_weight,
-                  filler=recipe.filler)
+                  filler=recipe.filler, qtype_weights=recipe.qtype_weights)
     lengths = range(1, len(recipe.turn_weights) + 1)
     order: list[int] = []
     losses: list[float] = []
