@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PEER_SCRIPTS = REPO.parent / "shared" / "peers" / "chatglm_cpp"
 # precision label -> (peer GGML file type, our bench flags)
-PRECISIONS = {"16": ("f16", []), "8": ("q8_0", ["--quant", "8"]), "4": ("q4_0", ["--quant", "4"])}
+PRECISIONS = {"16": ("f16", []), "8": ("q8_0", ["--quantize", "8"]), "4": ("q4_0", ["--quantize", "4"])}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +41,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="folder holding the peer's bench_cpp.py (default: %(default)s)")
     parser.add_argument("--ours-only", action="store_true", help="run our side only (no peer needed)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                        help="further flags for visualglm bench, e.g. --extra --quant-output")
+                        help="further flags for visualglm bench, e.g. --extra --compile")
+    parser.add_argument("--quantize-output", action="store_true",
+                        help="at 8 and 4 bit, our output layer gets an INT8 copy too (visualglm bench "
+                             "--quantize-output; the peer's GGML files quantize it)")
     parser.add_argument("--json", action="store_true", help="also print every raw result as JSON lines")
     args = parser.parse_args(argv)
     if args.prompt_tokens < 3 or args.new_tokens < 2 or args.threads < 1 or args.batch < 1:
@@ -96,7 +99,8 @@ def run_peer(args: argparse.Namespace, precision: str) -> dict:
 def run_ours(args: argparse.Namespace, precision: str) -> dict:
     cmd = [sys.executable, "-m", "visualglm", "bench", "--config", args.config, "--random", "--prompt-tokens",
            str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--batch", str(args.batch),
-           *PRECISIONS[precision][1], *args.extra, "--json"]
+           *PRECISIONS[precision][1], *(["--quantize-output"] if args.quantize_output and precision != "16" else []),
+           *args.extra, "--json"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     if done.returncode != 0:

@@ -6,7 +6,11 @@ with the reference's float32 logits stored there. VisualGLM and GLM-4V cases tak
 embeddings (image spliced in), so only the quantized language model differs. Prints, per model and width, the
 largest absolute error, that error relative to the largest |logit|, and the relative L2 error; "+out" rows
 also quantize the output layer (``quantize_also=("output",)``: an INT8 copy where it is tied to the
-embeddings). ``--dtype bfloat16`` runs the models on this CPU's bf16 decode kernels.
+embeddings). ``--dtype bfloat16`` runs the models on this CPU's bf16 decode kernels. The last column is what
+the kernels add on their own: the largest logit difference between the quantized model and the same
+weights dequantized into plain linears (the exact weight-only result), relative to the largest |logit|,
+for the load-time CPU kernels (``visualglm.checkpoint.cpu_kernels``: oneDNN, the AMX build; the plan is
+printed first) and for PyTorch's own kernels (``fast_cpu_kernels=False``).
 
 These are tiny random models (hidden 64): the figures show the scheme works end to end, not the error of
 the full-size models, whose rows are 4096 wide.
@@ -24,6 +28,7 @@ from safetensors.torch import load_file
 
 import visualglm
 from visualglm.config import read_config
+from visualglm.peft import dequantize_model
 
 DEFAULT_GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
 
@@ -68,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype to load in (bfloat16 runs this CPU's bf16 decode kernels; default float32)")
     args = parser.parse_args(argv)
     folders = sorted(p for p in args.golden.iterdir() if (p / "cases.json").is_file())
-    print(f"{'model':14s} {'weights':12s} {'max |err|':>10s} {'/ max|logit|':>13s} {'rel L2':>8s}  cases")
+    from visualglm.checkpoint.cpu_kernels import plan_cpu_kernels
+    from visualglm.kernels.machine import cpu_summary
+
+    print(f"CPU: {cpu_summary()}\nkernels: {plan_cpu_kernels().describe()}")
+    print(f"{'model':14s} {'weights':12s} {'max |err|':>10s} {'/ max|logit|':>13s} {'rel L2':>8s}  cases  "
+          "kernel error: load-time / PyTorch's")
     for folder in folders:
         family = read_config(folder).family
         cases = json.loads((folder / "cases.json").read_text(encoding="utf-8"))["cases"]
@@ -77,10 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         for quantize, also in ((None, ()), (8, ()), (4, ()), (8, ("output",)), (4, ("output",))):
             model = visualglm.load(folder, dtype=args.dtype, progress=False, quantize=quantize,
                                    quantize_also=also)
-            max_err = scale = sq_err = sq_ref = 0.0
+            plain = visualglm.load(folder, dtype=args.dtype, progress=False, quantize=quantize,
+                                   quantize_also=also, fast_cpu_kernels=False)
+            exact = visualglm.load(folder, dtype=args.dtype, progress=False, quantize=quantize,
+                                   quantize_also=also, fast_cpu_kernels=False)
+            dequantize_model(exact, getattr(torch, args.dtype))  # (a tied output layer's INT8 copy stays)
+            max_err = scale = sq_err = sq_ref = fast_err = plain_err = 0.0
             for case in cases:
                 want = expected[f"{case['name']}.logits_last3"].float()
                 got = case_logits(model, family, case, expected)
+                reference = case_logits(exact, family, case, expected)
+                fast_err = max(fast_err, (got - reference).abs().max().item())
+                plain_err = max(plain_err, (case_logits(plain, family, case, expected) - reference).abs().max().item())
                 max_err = max(max_err, (got - want).abs().max().item())
                 scale = max(scale, want.abs().max().item())
                 sq_err += (got - want).pow(2).sum().item()
@@ -88,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             label = args.dtype if quantize is None else f"int{quantize}" + ("/g64" if quantize == 4 else "")
             label += "+out" if also else ""
             print(f"{folder.name:14s} {label:12s} {max_err:10.4f} {max_err / scale:13.4f} "
-                  f"{(sq_err / sq_ref) ** 0.5:8.4f}  {len(cases)}")
+                  f"{(sq_err / sq_ref) ** 0.5:8.4f}  {len(cases):5d}  {fast_err / scale:.1e} / {plain_err / scale:.1e}")
     return 0
 
 
