@@ -21,6 +21,7 @@ from torch import nn
 from visualglm.kernels import native
 from visualglm.quant.linear import Int4Linear, Int8Linear
 from visualglm.quant.packing import pack_int4_plain, unpack_int4_plain
+from visualglm.quant.portable import PortableInt8State
 
 PLANES = 3
 TILE_ROWS = 16  # outputs per AMX tile: the kernel takes a multiple of this many
@@ -77,7 +78,7 @@ def int8_fits(module: Int8Linear) -> bool:
             and module.weight.device.type == "cpu")
 
 
-class AmxInt8Linear(nn.Module):
+class AmxInt8Linear(PortableInt8State, nn.Module):
     """INT8 linear (``Int8Linear``'s values: int8 weight, fp32 scale per output) on AMX tiles: every call runs
     the kernel with three exact activation planes. Buffers: ``packed`` int8 ``[N/16, K/64, 16, 64]``,
     ``scale``, optional ``bias``; the state_dict is ``Int8Linear``'s. CPU only."""
@@ -110,28 +111,9 @@ class AmxInt8Linear(nn.Module):
             out = out + self.bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.int8_weight()
-        destination[prefix + "scale"] = self.scale
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        names = ["weight", "scale"] + (["bias"] if self.bias is not None else [])
-        absent = [prefix + name for name in names if prefix + name not in state_dict]
-        missing_keys.extend(absent)
-        if absent:
-            return
-        weight = state_dict[prefix + "weight"]
-        if weight.dtype != torch.int8 or tuple(weight.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"{prefix}weight: expected int8 {(self.out_features, self.in_features)}, got "
-                              f"{weight.dtype} {tuple(weight.shape)}")
-            return
+    def _set_int8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         self.packed = pack_int8_tiles(weight)
-        self.scale = state_dict[prefix + "scale"].float().contiguous()
-        if self.bias is not None:
-            self.bias = state_dict[prefix + "bias"].detach().clone()
+        self.scale = scale.contiguous()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         return _cpu_only_apply(self, fn, recurse, "scale")

@@ -27,13 +27,12 @@ reordered weight is turned back into the plain one exactly when saved or dequant
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from visualglm.quant.linear import Int8Linear
+from visualglm.quant.portable import PortableInt8State
 
 PLANE_STEP = 254.0  # residual of a plane, in units of the next plane's scale: |r / (s / 254)| <= 127
 
@@ -81,7 +80,7 @@ def _qlinear(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zeros: 
                                               "none", [], "")
 
 
-class OneDNNInt8Linear(nn.Module):
+class OneDNNInt8Linear(PortableInt8State, nn.Module):
     """``Int8Linear`` (same weights, same results to fp32 rounding with ``planes=3``) on oneDNN's matmul.
 
     ``packed``: the int8 weight in oneDNN's layout (an opaque tensor, not a buffer); buffers ``scale`` fp32
@@ -134,29 +133,10 @@ class OneDNNInt8Linear(nn.Module):
             y.add_(self.bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    # --- the plain Int8Linear state_dict, and no silent moves ---------------------------------------
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.int8_weight()
-        destination[prefix + "scale"] = self.scale
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        names = ["weight", "scale"] + (["bias"] if self.bias is not None else [])
-        absent = [prefix + name for name in names if prefix + name not in state_dict]
-        missing_keys.extend(absent)
-        if absent:
-            return
-        weight = state_dict[prefix + "weight"]
-        if weight.dtype != torch.int8 or tuple(weight.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"{prefix}weight: expected int8 {(self.out_features, self.in_features)}, got "
-                              f"{weight.dtype} {tuple(weight.shape)}")
-            return
+    # --- repacking for the plain Int8Linear state_dict (PortableInt8State), and no silent moves -----
+    def _set_int8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         self.packed = torch.ops.onednn.qlinear_prepack(weight.contiguous(), [1, self.in_features])
-        self.scale = state_dict[prefix + "scale"].float().clone()
-        if self.bias is not None:
-            self.bias = state_dict[prefix + "bias"].detach().clone()
+        self.scale = scale.clone()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         probe = fn(torch.zeros(1))

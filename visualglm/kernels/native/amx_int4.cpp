@@ -97,18 +97,27 @@ inline void unpack_tile(const uint8_t* packed, uint8_t* tile) {
   }
 }
 
-template <int T>
+// One tile-row of A against weight tile 6: tile t += A rows 16t.. (64 inputs from ``a``) x B. The INT4
+// weights are unsigned codes 0..15 (signed x unsigned: TDPBSUD), the INT8 ones signed (TDPBSSD).
+template <bool kSignedWeights>
+inline void dot_tile_0() { if constexpr (kSignedWeights) _tile_dpbssd(0, 3, 6); else _tile_dpbsud(0, 3, 6); }
+template <bool kSignedWeights>
+inline void dot_tile_1() { if constexpr (kSignedWeights) _tile_dpbssd(1, 4, 6); else _tile_dpbsud(1, 4, 6); }
+template <bool kSignedWeights>
+inline void dot_tile_2() { if constexpr (kSignedWeights) _tile_dpbssd(2, 5, 6); else _tile_dpbsud(2, 5, 6); }
+
+template <int T, bool kSignedWeights = false>
 inline void dot_chunk(const int8_t* a, int64_t lda) {
   // A tiles of this pass: rows 16t.. of the plane rows, 64 inputs from ``a``
   _tile_loadd(3, a, lda);
-  _tile_dpbsud(0, 3, 6);
+  dot_tile_0<kSignedWeights>();
   if constexpr (T > 1) {
     _tile_loadd(4, a + 16 * lda, lda);
-    _tile_dpbsud(1, 4, 6);
+    dot_tile_1<kSignedWeights>();
   }
   if constexpr (T > 2) {
     _tile_loadd(5, a + 32 * lda, lda);
-    _tile_dpbsud(2, 5, 6);
+    dot_tile_2<kSignedWeights>();
   }
 }
 
@@ -264,20 +273,6 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 
 namespace {
 
-template <int T>
-inline void dot_chunk_s8(const int8_t* a, int64_t lda) {
-  _tile_loadd(3, a, lda);
-  _tile_dpbssd(0, 3, 6);
-  if constexpr (T > 1) {
-    _tile_loadd(4, a + 16 * lda, lda);
-    _tile_dpbssd(1, 4, 6);
-  }
-  if constexpr (T > 2) {
-    _tile_loadd(5, a + 32 * lda, lda);
-    _tile_dpbssd(2, 5, 6);
-  }
-}
-
 // INT8 for output blocks [begin, end): part[r][n] = scale[n] * (q_r . w_n), the int32 sum over all inputs
 // taken straight from the weight tiles (no unpacking, no groups). Every pass of plane rows reads the block's
 // weights (16 x K bytes) again, from L2 after the first.
@@ -294,15 +289,15 @@ void int8_blocks(const int8_t* xq, int64_t k, int64_t n, const std::vector<Pass>
       const int8_t* a0 = xq + pass.r0 * k;
       if (pass.tiles == 1) {
         zero_tiles<1>();
-        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk_s8<1>(a0 + c * 64, k); }
+        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk<1, true>(a0 + c * 64, k); }
         store_tiles<1>(ctile);
       } else if (pass.tiles == 2) {
         zero_tiles<2>();
-        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk_s8<2>(a0 + c * 64, k); }
+        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk<2, true>(a0 + c * 64, k); }
         store_tiles<2>(ctile);
       } else {
         zero_tiles<3>();
-        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk_s8<3>(a0 + c * 64, k); }
+        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk<3, true>(a0 + c * 64, k); }
         store_tiles<3>(ctile);
       }
       for (int r = 0; r < pass.rows; ++r)
