@@ -20,6 +20,7 @@ Run: .venv/bin/python -m benchmarks.quant_accuracy [--golden DIR]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                    quantize_also=also)
             plain = visualglm.load(folder, dtype=args.dtype, progress=False, quantize=quantize,
                                    quantize_also=also, fast_cpu_kernels=False)
-            exact = visualglm.load(folder, dtype=args.dtype, progress=False, quantize=quantize,
-                                   quantize_also=also, fast_cpu_kernels=False)
+            exact = copy.deepcopy(plain)
             dequantize_model(exact, getattr(torch, args.dtype))  # (a tied output layer's INT8 copy stays)
             max_err = scale = sq_err = sq_ref = fast_err = plain_err = 0.0
             for case in cases:

@@ -12,16 +12,14 @@ Measured figures: ``benchmarks/quant_linear.py``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from visualglm.kernels import native
-from visualglm.quant.linear import Int4Linear, Int8Linear
+from visualglm.quant.linear import Int4Linear, Int8Linear, check_int4_state
 from visualglm.quant.packing import pack_int4_plain, unpack_int4_plain
-from visualglm.quant.portable import PortableInt8State
+from visualglm.quant.portable import PortableInt8State, PortableState, check_int8_state
 
 PLANES = 3
 TILE_ROWS = 16  # outputs per AMX tile: the kernel takes a multiple of this many
@@ -40,18 +38,16 @@ def fits(module: Int4Linear) -> bool:
 
 
 def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes ``[N, K]`` -> the kernel's layout ``[N/16, K/64, 16, 32]``: per tile of 16 outputs x 64
-    inputs, row j holds inputs 4j..4j+3 of each output side by side (64 columns), column c in the low nibble
-    of byte c and column c + 32 in its high nibble."""
-    n, k = codes.shape
-    tiles = codes.view(n // TILE_ROWS, TILE_ROWS, k // CHUNK, 16, 4).permute(0, 2, 3, 1, 4)
-    tiles = tiles.reshape(n // TILE_ROWS, k // CHUNK, 16, 64)
+    """uint8 codes ``[N, K]`` -> the kernel's layout ``[N/16, K/64, 16, 32]``: ``pack_int8_tiles``'s tiles of
+    16 outputs x 64 inputs (row j holds inputs 4j..4j+3 of each output side by side, 64 columns), column c in
+    the low nibble of byte c and column c + 32 in its high nibble."""
+    tiles = pack_int8_tiles(codes)
     return (tiles[..., :32] | (tiles[..., 32:] << 4)).contiguous()
 
 
 def pack_int8_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """int8 ``[N, K]`` -> the INT8 kernel's layout ``[N/16, K/64, 16, 64]`` (row j of a tile: inputs 4j..4j+3
-    of each of 16 outputs, side by side)."""
+    """int8 (or uint8 codes) ``[N, K]`` -> the INT8 kernel's layout ``[N/16, K/64, 16, 64]`` (row j of a
+    tile: inputs 4j..4j+3 of each of 16 outputs, side by side)."""
     n, k = weight.shape
     tiles = weight.view(n // TILE_ROWS, TILE_ROWS, k // CHUNK, 16, 4).permute(0, 2, 3, 1, 4)
     return tiles.reshape(n // TILE_ROWS, k // CHUNK, 16, 64).contiguous()
@@ -66,10 +62,7 @@ def unpack_int8_tiles(packed: torch.Tensor) -> torch.Tensor:
 
 def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of ``pack_tiles``: ``[N/16, K/64, 16, 32]`` -> uint8 codes ``[N, K]``."""
-    blocks, chunks = packed.shape[:2]
-    tiles = torch.cat([packed & 15, packed >> 4], dim=-1)  # [N/16, K/64, 16, 64]
-    codes = tiles.view(blocks, chunks, 16, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
-    return codes.reshape(blocks * TILE_ROWS, chunks * CHUNK)
+    return unpack_int8_tiles(torch.cat([packed & 15, packed >> 4], dim=-1))
 
 
 def int8_fits(module: Int8Linear) -> bool:
@@ -87,8 +80,9 @@ class AmxInt8Linear(PortableInt8State, nn.Module):
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
+        check_int8_state(weight, scale)
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", pack_int8_tiles(weight.to(torch.int8)))
+        self.register_buffer("packed", pack_int8_tiles(weight))
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -134,11 +128,12 @@ def _cpu_only_apply(module: nn.Module, fn, recurse: bool, keep: str) -> nn.Modul
     return module
 
 
-class AmxInt4Linear(nn.Module):
+class AmxInt4Linear(PortableState, nn.Module):
     """INT4 linear on AMX tiles (see the module docstring). Buffers: ``packed`` uint8 ``[N/16, K/64, 16, 32]``,
     ``scales_and_zeros`` bf16 ``[K/g, N, 2]``, optional ``bias``. CPU only."""
 
     quant_bits = 4
+    portable_keys = ("qweight", "scales_and_zeros")
 
     def __init__(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None) -> None:
@@ -179,31 +174,15 @@ class AmxInt4Linear(nn.Module):
             out = out + self.bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    # --- Int4Linear's portable state_dict, and no silent moves --------------------------------------
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "qweight"] = pack_int4_plain(self.codes())
-        destination[prefix + "scales_and_zeros"] = self.scales_and_zeros
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+    # --- Int4Linear's portable state_dict (PortableState), and no silent moves ----------------------
+    def portable_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return pack_int4_plain(self.codes()), self.scales_and_zeros
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        names = ["qweight", "scales_and_zeros"] + (["bias"] if self.bias is not None else [])
-        absent = [prefix + name for name in names if prefix + name not in state_dict]
-        missing_keys.extend(absent)
-        if absent:
-            return
-        qweight, sz = state_dict[prefix + "qweight"], state_dict[prefix + "scales_and_zeros"]
-        n, k, g = self.out_features, self.in_features, self.group_size
-        if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, k // 2) \
-                or tuple(sz.shape) != (k // g, n, 2):
-            error_msgs.append(f"{prefix}: expected uint8 qweight {(n, k // 2)} and scales_and_zeros "
-                              f"{(k // g, n, 2)}, got {tuple(qweight.shape)} and {tuple(sz.shape)}")
-            return
+    def load_portable_(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor) -> AmxInt4Linear:
+        check_int4_state(qweight, scales_and_zeros, self.out_features, self.in_features, self.group_size)
         self.packed = pack_tiles(unpack_int4_plain(qweight))
-        self.scales_and_zeros = sz.to(torch.bfloat16).contiguous()
-        if self.bias is not None:
-            self.bias = state_dict[prefix + "bias"].detach().clone()
+        self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16).contiguous()
+        return self
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         return _cpu_only_apply(self, fn, recurse, "scales_and_zeros")

@@ -22,7 +22,7 @@ Weights are frozen buffers.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from visualglm.quant.packing import (
     unpack_int4_tiled,
     unpack_thudm_int4,
 )
+from visualglm.quant.portable import PortableState, check_int8_state
 
 Backend = Literal["auto", "kernel", "dequant"]
 
@@ -124,8 +125,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        if weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != weight.shape[:1]:
-            raise ValueError(f"expected int8 [out, in] weight and [out] scale, got {weight.shape} {scale.shape}")
+        check_int8_state(weight, scale)
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
@@ -194,7 +194,19 @@ def _layout_block() -> int:
     return kernel_block_n() or 64
 
 
-class Int4Linear(nn.Module):
+def check_int4_state(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, in_features: int,
+                     group_size: int) -> None:
+    """Raise ValueError unless the tensors are ``Int4Linear``'s portable form: plain uint8 ``qweight``
+    ``[out, in/2]`` and float ``scales_and_zeros`` ``[in/group, out, 2]``."""
+    n, k, g = out_features, in_features, group_size
+    if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, k // 2):
+        raise ValueError(f"qweight must be uint8 {(n, k // 2)}, got {qweight.dtype} {tuple(qweight.shape)}")
+    if tuple(scales_and_zeros.shape) != (k // g, n, 2) or not scales_and_zeros.is_floating_point():
+        raise ValueError(f"scales_and_zeros must be float {(k // g, n, 2)}, got {scales_and_zeros.dtype} "
+                         f"{tuple(scales_and_zeros.shape)}")
+
+
+class Int4Linear(PortableState, nn.Module):
     """Group-wise 4-bit weight: ``W[n, k] = (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n]``.
 
     Buffers: ``qweight`` uint8 ``[N_pad, K/2]`` (tiled layout with ``block_n`` rows per block, rows padded to
@@ -205,6 +217,7 @@ class Int4Linear(nn.Module):
 
     backend: Backend = "auto"
     quant_bits = 4
+    portable_keys = ("qweight", "scales_and_zeros")  # the state_dict: portable_state()
 
     def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, out_features: int,
                  bias: torch.Tensor | None = None, block_n: int | None = None) -> None:
@@ -345,12 +358,8 @@ class Int4Linear(nn.Module):
 
     def load_portable_(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor) -> Int4Linear:
         """Fill from the ``state_dict`` layout: plain uint8 ``[N, K/2]``, bf16 ``[K/g, N, 2]``."""
-        n, k, g = self.out_features, self.in_features, self.group_size
-        if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, k // 2):
-            raise ValueError(f"qweight must be uint8 {(n, k // 2)}, got {qweight.dtype} {tuple(qweight.shape)}")
-        if tuple(scales_and_zeros.shape) != (k // g, n, 2) or not scales_and_zeros.is_floating_point():
-            raise ValueError(f"scales_and_zeros must be float {(k // g, n, 2)}, got {scales_and_zeros.dtype} "
-                             f"{tuple(scales_and_zeros.shape)}")
+        n = self.out_features
+        check_int4_state(qweight, scales_and_zeros, n, self.in_features, self.group_size)
         sz = scales_and_zeros.to(torch.bfloat16)
         self._fill(n, lambda a, b: (unpack_int4_plain(qweight[a:b]), sz[:, a:b, 0].t(), sz[:, a:b, 1].t()),
                    qweight.device)
@@ -366,28 +375,6 @@ class Int4Linear(nn.Module):
             if start < n:
                 plain[start:min(stop, n)] = pack_int4_plain(codes[: min(stop, n) - start])
         return plain, self.scales_and_zeros[:, :n].contiguous()
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        qweight, sz = self.portable_state()
-        destination[prefix + "qweight"] = qweight
-        destination[prefix + "scales_and_zeros"] = sz
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        names = ["qweight", "scales_and_zeros"] + (["bias"] if self.bias is not None else [])
-        absent = [prefix + name for name in names if prefix + name not in state_dict]
-        missing_keys.extend(absent)
-        if absent:
-            return
-        try:
-            self.load_portable_(state_dict[prefix + "qweight"], state_dict[prefix + "scales_and_zeros"])
-        except ValueError as exc:
-            error_msgs.append(f"{prefix}: {exc}")
-            return
-        if self.bias is not None:
-            self.bias = state_dict[prefix + "bias"].detach().clone()
 
     def codes(self) -> torch.Tensor:
         """uint8 codes 0..15, ``[out, in]``."""

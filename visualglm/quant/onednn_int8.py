@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visualglm.quant.linear import Int8Linear
-from visualglm.quant.portable import PortableInt8State
+from visualglm.quant.portable import PortableInt8State, check_int8_state
 
 PLANE_STEP = 254.0  # residual of a plane, in units of the next plane's scale: |r / (s / 254)| <= 127
 
@@ -92,8 +92,7 @@ class OneDNNInt8Linear(PortableInt8State, nn.Module):
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  planes: int = 3) -> None:
         super().__init__()
-        if weight.dtype != torch.int8 or weight.ndim != 2 or scale.shape != weight.shape[:1]:
-            raise ValueError(f"expected int8 [out, in] weight and [out] scale, got {weight.shape} {scale.shape}")
+        check_int8_state(weight, scale)
         if planes not in (1, 2, 3):
             raise ValueError(f"planes must be 1, 2 or 3, got {planes}")
         self.out_features, self.in_features = weight.shape
