@@ -80,6 +80,7 @@ def _layer(seed: int) -> nn.Linear:
 
 
 def _cases(layers: list[nn.Linear]) -> list[tuple[str, list, int]]:
+    from visualglm.kernels.amx_bf16 import AmxBF16Linear
     from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
     from visualglm.quant.amx_int4 import AmxInt4Linear, AmxInt8Linear, amx_int4_available
     from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
@@ -99,13 +100,18 @@ def _cases(layers: list[nn.Linear]) -> list[tuple[str, list, int]]:
         ("int4 g128 prefill (dequantize + GEMM)", [_forced(m, 4, True) for m in q4], int4_bytes),
         ("int4 auto", q4, int4_bytes),
     ]
-    if onednn_bf16_available():
-        packed = []
+    def bf16_modules(kind: type) -> list[nn.Module]:
+        modules = []
         for w in w_bf16:
             linear = nn.Linear(IN, OUT, bias=False, dtype=torch.bfloat16)
             linear.weight.data = w
-            packed.append(PackedBF16Linear(linear))
-        cases.append(("bf16 oneDNN reordered (PackedBF16Linear)", packed, bf16_bytes))
+            modules.append(kind(linear))
+        return modules
+
+    if onednn_bf16_available():
+        cases.append(("bf16 oneDNN reordered (PackedBF16Linear)", bf16_modules(PackedBF16Linear), bf16_bytes))
+    if amx_int4_available():
+        cases.append(("bf16 AMX tiles (AmxBF16Linear)", bf16_modules(AmxBF16Linear), bf16_bytes))
     if onednn_int8_available():
         cases.append(("int8 oneDNN, 3 exact planes (OneDNNInt8Linear)",
                       [OneDNNInt8Linear.from_int8(m, 3) for m in q8], int8_bytes))

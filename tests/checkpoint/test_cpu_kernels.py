@@ -12,6 +12,7 @@ from torch import nn
 import visualglm
 from visualglm.checkpoint import cpu_kernels
 from visualglm.checkpoint.cpu_kernels import KernelPlan, apply_cpu_kernels, plan_cpu_kernels
+from visualglm.kernels.amx_bf16 import AmxBF16Linear
 from visualglm.kernels.machine import CpuFacts
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
 from visualglm.quant.amx_int4 import AmxInt8Linear, amx_int4_available
@@ -35,9 +36,9 @@ def test_rule_per_machine(all_kernels_available, monkeypatch) -> None:
     monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, False))  # the AMX kernel not built
     assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa", "plain")
     monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True))
-    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "amx", 3, "sdpa", "amx")
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("amx", "amx", 3, "sdpa", "amx")
     # one activation plane is oneDNN's (the native kernel computes the exact planes only)
-    assert plan_cpu_kernels(XEON_AMX, int8_activations=True) == KernelPlan("onednn", "onednn", 1, "sdpa", "amx")
+    assert plan_cpu_kernels(XEON_AMX, int8_activations=True) == KernelPlan("amx", "onednn", 1, "sdpa", "amx")
     monkeypatch.setattr(cpu_kernels, "cpu_lacks_bf16_matmul", lambda: True)
     assert plan_cpu_kernels(AVX2) == KernelPlan("upcast", "plain", 3)
     assert plan_cpu_kernels(XEON_AMX, mode="plain") == KernelPlan("plain", "plain", 3, "matmul")
@@ -68,14 +69,19 @@ def _logits(model: nn.Module, body: torch.Tensor) -> torch.Tensor:
         return model(ids, positions, mask).float()
 
 
-@pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 linear here")
-def test_bf16_model_swaps_untied_linears_and_computes_the_same() -> None:
+@pytest.mark.parametrize("linear16, kind", [
+    pytest.param("onednn", PackedBF16Linear,
+                 marks=pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 linear here")),
+    pytest.param("amx", AmxBF16Linear,
+                 marks=pytest.mark.skipif(not amx_int4_available(), reason="AMX kernels not built here")),
+])
+def test_bf16_model_swaps_untied_linears_and_computes_the_same(linear16, kind) -> None:
     model = _tiny(torch.bfloat16)
     ids = torch.randint(5, 100, (2, 7))
     before = _logits(model, ids)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    counts = apply_cpu_kernels(model, plan=KernelPlan("onednn", "plain"))
-    linears = [m for m in model.modules() if isinstance(m, PackedBF16Linear)]
+    counts = apply_cpu_kernels(model, plan=KernelPlan(linear16, "plain"))
+    linears = [m for m in model.modules() if type(m) is kind]
     assert counts["bf16"] == len(linears) > 0
     assert type(model.lm_head) is nn.Linear  # tied to the embedding: left alone
     assert model.lm_head.weight is model.get_input_embeddings().weight

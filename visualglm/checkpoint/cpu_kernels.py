@@ -3,7 +3,9 @@ knows), decided by rule from what this CPU offers (``visualglm.kernels.machine``
 
 What each precision gets (figures: ``benchmarks/quant_linear.py``, ``visualglm bench``, docs/benchmarks.md):
 
-- bf16 ``nn.Linear``: ``PackedBF16Linear`` (weight reordered once for oneDNN; same products as
+- bf16 ``nn.Linear``: ``AmxBF16Linear`` (``visualglm.kernels.amx_bf16``: the weight in AMX tile order, bf16
+  products summed in fp32 as ``F.linear``'s) where the CPU has AMX and the optional kernel is built; else
+  ``PackedBF16Linear`` (weight reordered once for oneDNN; same products as
   ``F.linear``, 7% faster on an AMX Xeon, 40% on a Zen 4 EPYC) where the CPU has AVX-512 BF16; on CPUs
   without native bf16 math ``UpcastLinear`` (fp32 GEMM for prefill) as before. Shared (tied) weights are
   left alone. fp32 and fp16 linears are not touched.
@@ -38,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from visualglm.kernels.amx_bf16 import AmxBF16Linear
+from visualglm.kernels.amx_bf16 import fits as amx_bf16_fits
 from visualglm.kernels.cpu_bf16 import UpcastLinear, cpu_lacks_bf16_matmul
 from visualglm.kernels.machine import CpuFacts, cpu_facts
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
@@ -54,7 +58,7 @@ ENV = "VISUALGLM_CPU_KERNELS"
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """Which kernel each kind of linear gets: ``linear16`` "onednn" | "upcast" | "plain"; ``int8``
+    """Which kernel each kind of linear gets: ``linear16`` "amx" | "onednn" | "upcast" | "plain"; ``int8``
     "amx" | "onednn" | "plain"; ``planes`` 3 (exact) or 1 (dynamic int8 activations); ``attention16``: the decode-step
     attention of 16-bit models, "sdpa" | "matmul" (``visualglm.models.layers.SINGLE_QUERY_KERNELS``); ``int4``
     "amx" | "plain"."""
@@ -66,8 +70,8 @@ class KernelPlan:
     int4: str = "plain"
 
     def describe(self) -> str:
-        bf16 = {"onednn": "oneDNN reordered bf16", "upcast": "fp32 GEMM for prefill (no bf16 units)",
-                "plain": "F.linear"}[self.linear16]
+        bf16 = {"amx": "AMX tiles", "onednn": "oneDNN reordered bf16",
+                "upcast": "fp32 GEMM for prefill (no bf16 units)", "plain": "F.linear"}[self.linear16]
         int8 = {"amx": "AMX tiles, 3 exact activation planes",
                 "onednn": "oneDNN int8 matmul, " + ("3 exact activation planes" if self.planes == 3
                                                     else "dynamic int8 activations"),
@@ -93,7 +97,9 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
         return KernelPlan("plain", "plain", planes)
     facts = facts or cpu_facts()
     bf16_ok, int8_ok, int4_ok = _available()
-    if facts.avx512_bf16 and facts.onednn and bf16_ok:
+    if facts.amx and facts.avx512_bf16 and facts.onednn and bf16_ok and int4_ok:  # (the same native build)
+        linear16 = "amx"
+    elif facts.avx512_bf16 and facts.onednn and bf16_ok:
         linear16 = "onednn"
     elif cpu_lacks_bf16_matmul():
         linear16 = "upcast"
@@ -156,8 +162,10 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
 
 def _replacement(child: nn.Module, plan: KernelPlan, shared: set[int]) -> nn.Module | None:
     if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
-        if plan.linear16 == "onednn" and id(child.weight) not in shared:  # a shared weight would need a copy
+        if plan.linear16 in ("amx", "onednn") and id(child.weight) not in shared:  # shared: would need a copy
             with torch.no_grad():
+                if plan.linear16 == "amx" and amx_bf16_fits(child):
+                    return AmxBF16Linear(child)
                 return PackedBF16Linear(child)
         if plan.linear16 == "upcast":
             return UpcastLinear(child)

@@ -49,8 +49,13 @@ class PackedBF16Linear(nn.Module):
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
             raise ValueError(f"expected a bf16 CPU weight, got {weight.dtype} on {weight.device}")
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+        self.packed = self._pack(weight.contiguous())
         self.bias = linear.bias
+
+    @staticmethod
+    def _pack(weight: torch.Tensor) -> torch.Tensor:
+        """The plain bf16 weight ``[out, in]`` in this kernel's layout."""
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
     def weight_nbytes(self) -> int:
         """Bytes of the reordered weight (not a parameter or buffer, so counted here)."""
@@ -86,7 +91,7 @@ class PackedBF16Linear(nn.Module):
             error_msgs.append(f"{prefix}weight: expected {(self.out_features, self.in_features)}, got "
                               f"{tuple(weight.shape)}")
             return
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous(), 1)
+        self.packed = self._pack(weight.to(torch.bfloat16).contiguous())
         if self.bias is not None:
             self.bias.data.copy_(state_dict[prefix + "bias"])
 

@@ -1,4 +1,4 @@
-"""Optional compiled kernels: the group-wise INT4 and the INT8 linear on AMX tiles (``amx_int4.cpp``).
+"""Optional compiled kernels: the group-wise INT4, the INT8 and the bf16 linear on AMX tiles (``amx_int4.cpp``).
 
 PyTorch's INT4 CPU kernel (``_weight_int4pack_mm_for_cpu``) streams a decode step's weights well but costs
 3.5x as much for 8 rows as for one, and ~30x for a 64-token prefill (on a 2-vCPU Xeon with AMX); its
@@ -34,12 +34,12 @@ import torch
 SOURCE = Path(__file__).with_name("amx_int4.cpp")
 NAME = "visualglm_amx_int4"
 ENV_DIR = "VISUALGLM_KERNELS_DIR"
-# AVX-512 F/BW/VL for the vector code, AMX tiles with INT8: Intel Xeon 4th generation (Sapphire Rapids) and
+# AVX-512 F/BW/VL for the vector code, AMX tiles with INT8 and BF16: Intel Xeon 4th generation (Sapphire Rapids) and
 # later. -fopenmp: ATen's parallel_for is a header template that splits work only when compiled with OpenMP
 # (it then uses the libgomp PyTorch has loaded).
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-int8", "-mfma",
-          "-mavx2"]
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_int8"}
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-int8", "-mamx-bf16",
+          "-mfma", "-mavx2"]
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_int8", "amx_bf16"}
 
 
 def build_dir() -> Path:
@@ -50,7 +50,7 @@ def build_dir() -> Path:
 
 
 def cpu_supported() -> bool:
-    """True when this CPU runs the kernel (AVX-512 F/BW/VL and AMX-INT8, as Linux reports them)."""
+    """True when this CPU runs the kernel (AVX-512 F/BW/VL and AMX-INT8 and AMX-BF16, as Linux reports them)."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("flags")), "").split()
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "build":
         if not cpu_supported():
-            print("this CPU lacks AMX-INT8 (or AVX-512): the kernel would not run here (PyTorch's kernels are used)",
+            print("this CPU lacks AMX-INT8/BF16 (or AVX-512):"
+                  " the kernels would not run here (PyTorch's kernels are used)",
                   file=sys.stderr)
             return 2
         try:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {path}")
         return 0
     module = load()
-    print(f"CPU with AMX-INT8: {cpu_supported()}; built kernel: "
+    print(f"CPU with AMX-INT8/BF16: {cpu_supported()}; built kernel: "
           f"{_library(build_dir()) if module is not None else 'none (python -m visualglm.kernels.native build)'}")
     return 0
 

@@ -1,4 +1,5 @@
-// Group-wise INT4 linear on AMX tiles (Intel Xeon 4th generation and later), exact, for any number of rows.
+// Linears on AMX tiles (Intel Xeon 4th generation and later): group-wise INT4 and INT8, exact for any number of
+// rows, and bf16 (bf16_linear, at the end).
 //
 // The activations are split into int8 "planes" per row (x ~= s * (q1 + q2 / 254 + q3 / 254^2), the split of
 // visualglm.quant.onednn_int8.split_planes, computed with the same fp32 operations), so every product is an
@@ -342,8 +343,116 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   return y;
 }
 
+namespace {
+
+// bf16: tiles 0-3 accumulate (row tile rt, output block bt at rt * 2 + bt), 4-5 hold activations (16 rows x
+// 32 inputs), 6-7 weights (32 inputs x 16 outputs, VNNI pairs). Two output blocks per pass: each activation
+// tile load feeds two products.
+constexpr int kBf16Chunk = 32;  // inputs per tile
+constexpr int kBf16PassRows = 32;  // two row tiles
+
+void configure_bf16(int rows) {
+  TileConfig cfg;
+  const int tile_rows[2] = {std::min(16, rows), std::max(0, rows - 16)};
+  for (int rt = 0; rt < 2; ++rt) {
+    if (tile_rows[rt] == 0) continue;
+    for (int bt = 0; bt < 2; ++bt) {
+      cfg.rows[rt * 2 + bt] = static_cast<uint8_t>(tile_rows[rt]);  // C: rows x 16 fp32
+      cfg.colsb[rt * 2 + bt] = 64;
+    }
+    cfg.rows[4 + rt] = static_cast<uint8_t>(tile_rows[rt]);  // A: rows x 32 bf16
+    cfg.colsb[4 + rt] = 64;
+  }
+  for (int t = 6; t < 8; ++t) {  // B: 16 pairs of inputs x 16 outputs
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// One pass: R row tiles (rows from ``a``, row stride lda) against B output blocks (weights ``w0``, ``w1``:
+// K / 32 tiles of 512 bf16 each); fp32 results into ``ctile`` [32, 32] (row r, output 16 bt + j).
+template <int R, int B>
+void bf16_pass(const uint16_t* a, int64_t lda, int64_t k, const uint16_t* w0, const uint16_t* w1, float* ctile) {
+  _tile_zero(0);
+  if constexpr (B > 1) _tile_zero(1);
+  if constexpr (R > 1) _tile_zero(2);
+  if constexpr (R > 1 && B > 1) _tile_zero(3);
+  const int64_t chunks = k / kBf16Chunk, stride = lda * 2;
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(6, w0 + c * 512, 64);
+    if constexpr (B > 1) _tile_loadd(7, w1 + c * 512, 64);
+    _tile_loadd(4, a + c * kBf16Chunk, stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (B > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (R > 1) {
+      _tile_loadd(5, a + 16 * lda + c * kBf16Chunk, stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (B > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, ctile, 128);
+  if constexpr (B > 1) _tile_stored(1, ctile + 16, 128);
+  if constexpr (R > 1) _tile_stored(2, ctile + 16 * 32, 128);
+  if constexpr (R > 1 && B > 1) _tile_stored(3, ctile + 16 * 32 + 16, 128);
+}
+
+// bf16 for output block pairs [begin, end): out[r][n] (fp32, [M, N]) = x_r . w_n. Every pass of 32 rows reads
+// the pair's weights (2 x 16 x K bf16) again, from L2 after the first.
+void bf16_blocks(const uint16_t* x, int64_t lda, int64_t m, int64_t k, int64_t n, const uint16_t* packed,
+                 float* out, int64_t begin, int64_t end) {
+  alignas(64) float ctile[kBf16PassRows * 32];
+  const int64_t blocks = n / 16, block_elems = (k / kBf16Chunk) * 512;
+  int configured = -1;
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t b0 = pair * 2;
+    const int nb = static_cast<int>(std::min<int64_t>(2, blocks - b0));
+    const uint16_t* w0 = packed + b0 * block_elems;
+    const uint16_t* w1 = w0 + block_elems;  // unused when nb == 1
+    for (int64_t r0 = 0; r0 < m; r0 += kBf16PassRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kBf16PassRows, m - r0));
+      if (rows != configured) {
+        configure_bf16(rows);
+        configured = rows;
+      }
+      const uint16_t* a = x + r0 * lda;
+      if (rows > 16)
+        nb == 2 ? bf16_pass<2, 2>(a, lda, k, w0, w1, ctile) : bf16_pass<2, 1>(a, lda, k, w0, w1, ctile);
+      else
+        nb == 2 ? bf16_pass<1, 2>(a, lda, k, w0, w1, ctile) : bf16_pass<1, 1>(a, lda, k, w0, w1, ctile);
+      for (int r = 0; r < rows; ++r)
+        std::memcpy(out + (r0 + r) * n + b0 * 16, ctile + r * 32, nb * 16 * sizeof(float));
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+// y [M, N] (fp32) = x [M, K] @ W.T for a bf16 weight in the tile layout [N / 16, K / 32, 16, 32] (row j of a
+// tile: inputs 2j, 2j + 1 of each of 16 outputs, side by side); bf16 products summed in fp32.
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 32 &&
+              packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous(),
+              "packed must be a contiguous bf16 [N/16, K/32, 16, 32]");
+  const int64_t n = packed.size(0) * 16, k = packed.size(1) * kBf16Chunk;
+  TORCH_CHECK(x.size(-1) == k, "the input has ", x.size(-1), " features, the weight ", k);
+  auto xb = x.reshape({-1, k}).to(torch::kBFloat16).contiguous();
+  const int64_t m = xb.size(0), lda = k;  // row stride of the activations
+  auto out = torch::empty({m, n}, torch::kFloat32);
+  const uint16_t* x_p = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+  const uint16_t* w_p = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  float* out_p = out.data_ptr<float>();
+  const int64_t pairs = (n / 16 + 1) / 2;
+  at::parallel_for(0, pairs, 4, [&](int64_t begin, int64_t end) {
+    bf16_blocks(x_p, lda, m, k, n, w_p, out_p, begin, end);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_enable", &amx_enable, "request the AMX tile state for this process");
   m.def("int4_linear", &int4_linear, "INT4 codes x int8 activation planes on AMX tiles, fp32 out");
   m.def("int8_linear", &int8_linear, "INT8 weight x int8 activation planes on AMX tiles, fp32 out");
+  m.def("bf16_linear", &bf16_linear, "bf16 weight x bf16 activations on AMX tiles, fp32 out");
 }

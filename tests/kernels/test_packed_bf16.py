@@ -1,4 +1,5 @@
-"""PackedBF16Linear: the same products as a bf16 nn.Linear, the plain weight back exactly, no silent moves."""
+"""PackedBF16Linear (oneDNN) and AmxBF16Linear (AMX tiles): the same products as a bf16 nn.Linear, the plain
+weight back exactly, no silent moves."""
 
 from __future__ import annotations
 
@@ -6,21 +7,41 @@ import pytest
 import torch
 from torch import nn
 
+from visualglm.kernels.amx_bf16 import AmxBF16Linear, amx_bf16_available, pack_bf16_tiles, unpack_bf16_tiles
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
 
-pytestmark = pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 linear in this build/CPU")
+KINDS = [
+    pytest.param(PackedBF16Linear, marks=pytest.mark.skipif(not onednn_bf16_available(),
+                                                            reason="no oneDNN bf16 linear in this build/CPU")),
+    pytest.param(AmxBF16Linear, marks=pytest.mark.skipif(not amx_bf16_available(),
+                                                         reason="AMX kernels not built or no AMX-BF16 here")),
+]
 
 
-def _pair(bias: bool = True) -> tuple[nn.Linear, PackedBF16Linear]:
+@pytest.fixture(params=KINDS)
+def kind(request) -> type[PackedBF16Linear]:
+    return request.param
+
+
+def _pair(kind, bias: bool = True) -> tuple[nn.Linear, PackedBF16Linear]:
     torch.manual_seed(0)
     linear = nn.Linear(256, 320, bias=bias).to(torch.bfloat16)
-    return linear, PackedBF16Linear(linear)
+    return linear, kind(linear)
+
+
+def test_tile_layout_round_trips_and_puts_input_pairs_side_by_side() -> None:
+    weight = torch.randn(48, 96).to(torch.bfloat16)
+    tiles = pack_bf16_tiles(weight)
+    assert tiles.shape == (3, 3, 16, 32)
+    assert torch.equal(unpack_bf16_tiles(tiles), weight)
+    # tile (1, 2), row 5: inputs 64 + 10 and 64 + 11 of outputs 16..31, one pair after another
+    assert torch.equal(tiles[1, 2, 5].view(16, 2), weight[16:32, 74:76])
 
 
 @pytest.mark.parametrize("shape", [(1, 256), (8, 256), (2, 3, 256), (1, 1, 256)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_the_exact_product_to_bf16_rounding(shape, bias) -> None:
-    linear, packed = _pair(bias)
+def test_matches_the_exact_product_to_bf16_rounding(kind, shape, bias) -> None:
+    linear, packed = _pair(kind, bias)
     x = torch.randn(*shape, dtype=torch.bfloat16)
     with torch.inference_mode():
         got = packed(x)
@@ -32,12 +53,12 @@ def test_matches_the_exact_product_to_bf16_rounding(shape, bias) -> None:
     assert (got.float() - plain.float()).abs().max() <= plain.float().abs().max() * 2**-7
 
 
-def test_state_dict_is_the_plain_weight_and_loads_back() -> None:
-    linear, packed = _pair()
+def test_state_dict_is_the_plain_weight_and_loads_back(kind) -> None:
+    linear, packed = _pair(kind)
     state = packed.state_dict()
     assert set(state) == {"weight", "bias"}
     assert torch.equal(state["weight"], linear.weight.detach())
-    other = PackedBF16Linear(nn.Linear(256, 320).to(torch.bfloat16))
+    other = kind(nn.Linear(256, 320).to(torch.bfloat16))
     other.load_state_dict(state)
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -46,8 +67,8 @@ def test_state_dict_is_the_plain_weight_and_loads_back() -> None:
         other.load_state_dict({"weight": torch.zeros(3, 3, dtype=torch.bfloat16), "bias": state["bias"]})
 
 
-def test_gradients_take_the_plain_linear_and_other_dtypes_fail_as_there() -> None:
-    linear, packed = _pair()
+def test_gradients_take_the_plain_linear_and_other_dtypes_fail_as_there(kind) -> None:
+    linear, packed = _pair(kind)
     x = torch.randn(2, 256, dtype=torch.bfloat16, requires_grad=True)
     out = packed(x)
     out.float().sum().backward()
@@ -62,9 +83,9 @@ def test_gradients_take_the_plain_linear_and_other_dtypes_fail_as_there() -> Non
     assert str(ours.value) == str(plain.value)
 
 
-def test_refuses_to_move_and_other_dtypes() -> None:
-    _, packed = _pair()
+def test_refuses_to_move_and_other_dtypes(kind) -> None:
+    _, packed = _pair(kind)
     with pytest.raises(RuntimeError, match="cannot move"):
         packed.to("meta")
     with pytest.raises(ValueError, match="bf16"):
-        PackedBF16Linear(nn.Linear(4, 4))
+        kind(nn.Linear(4, 4))
