@@ -24,6 +24,7 @@ time is its token's (the detokenizer may hold a piece back for a step, which sho
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -34,8 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
+from urllib.parse import urlsplit
 
 from benchmarks.attack import Server
 from visualglm import load_tokenizer
@@ -78,22 +78,31 @@ class Prompts:
 
 
 def stream(url: str, prompt: str, max_tokens: int) -> Stream:
-    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
+    """One streamed chat completion. Read with the standard library's ``http.client`` (a buffered line
+    reader, one small JSON parse per event): the client shares the server's cores, so it is kept light."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                       "stream": True, "temperature": 0, "stream_options": {"include_usage": True}})
+    address = urlsplit(url)
     result = Stream(sent=time.monotonic())
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=600)
     try:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
-            result.status = response.status_code
-            for line in response.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    data = json.loads(line[6:])
-                    choices = data.get("choices") or [{}]
-                    if choices[0].get("delta", {}).get("content"):
-                        result.chunks.append(time.monotonic())
-                    if data.get("usage"):
-                        result.tokens = data["usage"]["completion_tokens"]
-    except httpx.HTTPError:
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        result.status = response.status
+        for raw in response:  # chunked transfer decoded by http.client; one SSE line at a time
+            line = raw.rstrip(b"\r\n")
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            choices = data.get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
+                result.chunks.append(time.monotonic())
+            if data.get("usage"):
+                result.tokens = data["usage"]["completion_tokens"]
+    except (OSError, http.client.HTTPException, ValueError):
         result.status = -1
+    finally:
+        connection.close()
     return result
 
 

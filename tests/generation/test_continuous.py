@@ -343,3 +343,32 @@ def test_text_and_image_requests_prefilled_as_one_group_answer_as_alone(visual, 
         tokens, _ = _drain(engine)
         for request in requests:
             assert tokens.get(request.id, []) == _alone(model, request)[1:], (model.config.family, request.id)
+
+
+def test_early_events_come_before_the_decode_forward_and_change_nothing(text_model) -> None:
+    rng = random.Random(11)
+    requests = _text_requests(6, rng)
+    engine = ContinuousEngine(text_model, max_rows=3, context=96, prefill_chunk=64)
+    tokens = {r.id: [] for r in requests}
+    early_firsts = []  # requests whose first token came early
+    decode_steps_at_start = 0
+
+    def collect(events) -> None:
+        assert engine.stats.decode_steps == decode_steps_at_start  # this step's decode forward has not run
+        for event in events:
+            if event.token is not None:
+                if not tokens[event.id]:
+                    early_firsts.append(event.id)
+                tokens[event.id].append(event.token)
+
+    pending = list(requests)
+    while pending or engine.has_work():
+        if pending:
+            engine.submit(pending.pop(0))
+        decode_steps_at_start = engine.stats.decode_steps
+        for event in engine.step(early=collect):
+            if event.token is not None:
+                tokens[event.id].append(event.token)
+    assert len(early_firsts) >= 3  # newcomers that joined running rows got their first token early
+    for request in requests:
+        assert tokens[request.id] == _alone(text_model, request)

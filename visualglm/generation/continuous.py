@@ -180,8 +180,10 @@ class ContinuousEngine:
     # -- one step ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[TokenEvent]:
-        """One scheduling step (see the module docstring); the events of every request it touched."""
+    def step(self, early: Callable[[list[TokenEvent]], None] | None = None) -> list[TokenEvent]:
+        """One scheduling step (see the module docstring); the events of every request it touched. With
+        ``early``, the events known before the decode forward (ended rows, newcomers' first tokens) go to it
+        at once instead, so that a newcomer's first token does not wait for the running rows' step."""
         self.stats.steps += 1
         for attention, cache in zip(self.model.attention_modules(), self._caches, strict=True):
             attention.kv_cache = cache
@@ -191,6 +193,9 @@ class ContinuousEngine:
         if self.prefill is not None:
             events += self._advance_prefill(full=not decoding)
         if decoding:
+            if early is not None and events:
+                early(events)
+                events = []
             events += self._decode(decoding)
         return events
 

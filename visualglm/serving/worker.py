@@ -43,7 +43,13 @@ from visualglm.checkpoint.load import release_freed_memory
 from visualglm.config import image_size
 from visualglm.families import FamilySpec, family_spec
 from visualglm.generation.chat import answer_stop_ids, build_prompt_ids, model_undecodable_ranges
-from visualglm.generation.continuous import ContinuousEngine, EngineRequest, kv_bytes_per_token, rows_for_budget
+from visualglm.generation.continuous import (
+    ContinuousEngine,
+    EngineRequest,
+    TokenEvent,
+    kv_bytes_per_token,
+    rows_for_budget,
+)
 from visualglm.generation.engine import GenerationParams, compiled_decode_for
 from visualglm.generation.sampling import SamplingParams
 from visualglm.image import ImageError, load_image, preprocess
@@ -295,6 +301,15 @@ class Worker:
         engine = self.engine = make_engine(self.model, self.engine_shape)
         outputs: dict[int, RowOutput] = {}
         stopping = False
+
+        def deliver(events: list[TokenEvent]) -> None:
+            for event in events:
+                output = outputs.get(event.id)
+                if output is not None:
+                    output.take(event)
+                    if event.reason is not None:
+                        output.reported = True  # the engine ended it itself
+
         try:
             while not (stopping and not outputs):
                 newcomers: list[tuple[EngineRequest, torch.Tensor | None]] = []
@@ -315,17 +330,12 @@ class Worker:
                 if self.channel is not None:
                     self.channel.send_step(self.engine_shape, newcomers, ended)
                 try:
-                    events = engine.step()
+                    # a newcomer's first token is sent before the running rows' decode forward
+                    deliver(engine.step(early=deliver))
                 except Exception:  # the batched forward failed: every row in the engine, never a trace
                     log.exception("generation failed")
                     engine = self.engine = self._reset_engine(outputs)
                     continue
-                for event in events:
-                    output = outputs.get(event.id)
-                    if output is not None:
-                        output.take(event)
-                        if event.reason is not None:
-                            output.reported = True  # the engine ended it itself
                 for key in [key for key, output in outputs.items() if output.done and output.reported]:
                     del outputs[key]
                     self.served += 1
