@@ -26,8 +26,8 @@ from visualglm.demo.translate import COLORS, SHAPES, describe
 EN_WORDS = {**{c: c for c in COLORS}, **{s: s for s in SHAPES}}
 ZH_WORDS = {**{v: k for k, v in COLORS.items()}, **{v: k for k, v in SHAPES.items()}}
 # Negation as written in each language (independent of the frames' own ``negated`` flag).
-EN_NEGATION = re.compile(r"\b(not|no)\b")
-ZH_NEGATION = re.compile(r"没有|不存在|不包含|不是|看不到")
+EN_NEGATION = re.compile(r"\b(not|no)\b|n't\b")
+ZH_NEGATION = re.compile(r"没有|不存在|不包含|不含|不是|看不到|找不到")
 
 
 def _key(text: str) -> str:

@@ -169,6 +169,10 @@ is {x} visible in the {pic}
 does {objn} look {pc} to you
 is that shape {pc}
 is there {x} right here
+is {obj} painted {pc}
+is {objn} {pc} in color
+is the color of {objn} {pc}
+has the shape been painted {pc}
 """
 _EN_YES_NO_NEG_TRAIN = """
 is there not {x}
@@ -180,6 +184,11 @@ is it not a {ps}
 does the {pic} not show {x}
 is {objn} not {pc}
 is {x} not visible in the {pic}
+isn't there {x}
+isn't it {pc}
+doesn't the {pic} show {x}
+is there not any {xb} here
+is it true that there is no {xb}
 """
 _EN_YES_NO_HELD_OUT = """
 do you see {x} in the {pic}
@@ -215,6 +224,17 @@ describe
 what does the {pic} look like
 what are we looking at
 look at the {pic} and describe it
+what is pictured here
+what's on the {pic}
+could you tell me what the {pic} shows
+describe the {pic} for me
+what do we have here
+what does the {pic} depict
+tell me what the {pic} contains
+summarize the {pic}
+describe what has been drawn
+tell me what is pictured in the {pic}
+what did someone draw in this {pic}
 """
 _EN_DESCRIBE_HELD_OUT = """
 what is drawn here
@@ -254,6 +274,7 @@ _ZH_COLOR_TRAIN = """
 你知道{obj}是什么颜色吗
 {obj}被画成什么颜色
 {obj}呈什么颜色
+你可以告诉我{obj}的颜色吗
 """
 _ZH_COLOR_HELD_OUT = """
 {pic}中的形状是什么颜色
@@ -316,6 +337,11 @@ _ZH_YES_NO_TRAIN = """
 这个图形是不是{ps}
 {obj}是不是{pc}的
 {inpic}画的是{x}吗
+{pic}里面有{x}吗
+你看得到{x}吗
+{obj}是{pc}的吧
+有没有{x}
+{obj}的颜色是不是{pc}
 """
 _ZH_YES_NO_NEG_TRAIN = """
 是不是没有{x}
@@ -324,6 +350,14 @@ _ZH_YES_NO_NEG_TRAIN = """
 {pic}是不是不包含{x}
 {inpic}没有{x}，对吗
 {objs}不是{ps}，对吗
+看不到{x}吗
+{inpic}并没有{x}，对不对
+{pic}不含{x}吗
+{inpic}找不到{x}，对吗
+{objs}不是{ps}，是吗
+{obj}不是{pc}的吧
+{inpic}看不到{x}，对吗
+{pic}中不存在{x}，是吗
 """
 _ZH_YES_NO_HELD_OUT = """
 {inpic}能看到{x}吗
@@ -356,6 +390,11 @@ _ZH_DESCRIBE_TRAIN = """
 你能说说图里有什么吗
 帮我描述一下这张图
 图里有哪些东西
+图上画了什么
+说说你看到的东西
+这张图里有什么内容
+讲讲这幅图
+这里画的是什么
 """
 _ZH_DESCRIBE_HELD_OUT = """
 这幅图里画的是什么

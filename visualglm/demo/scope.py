@@ -103,6 +103,46 @@ good night
 where is {city}
 what does "{phrase}" mean
 is {city} far from {city}
+what's new
+how is it going
+where are you from
+what is your favorite color
+do you like music
+can you hear me
+explain {noun} to me
+can you book a table for me
+write an essay about {topic}
+what is the square root of {n}
+how many days are in a year
+who invented the telephone
+what language do you speak
+do you dream
+are you happy
+how much does the shape cost
+what is the shape thinking
+how fast is the {s}
+does the shape smell nice
+what is behind the shape
+who lives here
+can you cook
+tell me a story
+what's happening
+what's the matter
+what is the purpose of {noun}
+what is the secret of happiness
+tell me about the culture of {country}
+what happened in {country} last year
+what should i cook tonight
+what should i wear today
+where should i go on holiday
+how old is the shape
+how long is the {s}
+what temperature is the shape
+is the shape alive
+what is the shape's name
+what does the {s} sound like
+who is your favorite singer
+what do you think about {noun}
 """
 _EN_HELD_OUT = """
 good afternoon
@@ -177,6 +217,35 @@ _ZH_TRAIN = """
 晚安
 {city}在哪里
 {city}离{city}远吗
+最近怎么样
+你从哪里来
+你最喜欢什么颜色
+你喜欢音乐吗
+你能听到我说话吗
+给我解释一下{noun}
+帮我订个餐厅
+写一篇关于{topic}的文章
+{n}的平方是多少
+一年有多少天
+电话是谁发明的
+你会做饭吗
+你开心吗
+你会做梦吗
+这个图形多少钱
+这个图形跑得快吗
+图形后面有什么
+给我讲个故事
+最近忙什么呢
+{noun}有什么用
+幸福的秘诀是什么
+给我讲讲{country}的文化
+今晚做什么菜好
+今天穿什么衣服好
+假期去哪里玩好
+这个图形几岁了
+这个图形是活的吗
+这个图形叫什么名字
+你觉得{noun}怎么样
 """
 _ZH_HELD_OUT = """
 下午好
