@@ -80,9 +80,10 @@ def _layer(seed: int) -> nn.Linear:
 
 
 def _cases(layers: list[nn.Linear]) -> list[tuple[str, list, int]]:
+    from visualglm.kernels import native
     from visualglm.kernels.amx_bf16 import AmxBF16Linear
     from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
-    from visualglm.quant.amx_int4 import AmxInt4Linear, AmxInt8Linear, amx_int4_available
+    from visualglm.quant.amx_int4 import AmxInt4Linear, AmxInt8Linear
     from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
 
     w_bf16 = [lin.weight.detach().to(torch.bfloat16) for lin in layers]
@@ -110,12 +111,12 @@ def _cases(layers: list[nn.Linear]) -> list[tuple[str, list, int]]:
 
     if onednn_bf16_available():
         cases.append(("bf16 oneDNN reordered (PackedBF16Linear)", bf16_modules(PackedBF16Linear), bf16_bytes))
-    if amx_int4_available():
+    if native.available():
         cases.append(("bf16 AMX tiles (AmxBF16Linear)", bf16_modules(AmxBF16Linear), bf16_bytes))
     if onednn_int8_available():
         cases.append(("int8 oneDNN, 3 exact planes (OneDNNInt8Linear)",
                       [OneDNNInt8Linear.from_int8(m, 3) for m in q8], int8_bytes))
-    if amx_int4_available():
+    if native.available():
         cases.append(("int8 AMX, 3 exact planes (AmxInt8Linear)", [AmxInt8Linear.from_int8(m) for m in q8],
                       int8_bytes))
         cases.append(("int4 g128 AMX, 3 exact planes (AmxInt4Linear)",

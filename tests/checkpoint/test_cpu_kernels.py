@@ -12,10 +12,11 @@ from torch import nn
 import visualglm
 from visualglm.checkpoint import cpu_kernels
 from visualglm.checkpoint.cpu_kernels import KernelPlan, apply_cpu_kernels, plan_cpu_kernels
+from visualglm.kernels import native
 from visualglm.kernels.amx_bf16 import AmxBF16Linear
 from visualglm.kernels.machine import CpuFacts
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
-from visualglm.quant.amx_int4 import AmxInt8Linear, amx_int4_available
+from visualglm.quant.amx_int4 import AmxInt8Linear
 from visualglm.quant.linear import Int8Linear
 from visualglm.quant.onednn_int8 import OneDNNInt8Linear, onednn_int8_available
 
@@ -73,7 +74,7 @@ def _logits(model: nn.Module, body: torch.Tensor) -> torch.Tensor:
     pytest.param("onednn", PackedBF16Linear,
                  marks=pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 linear here")),
     pytest.param("amx", AmxBF16Linear,
-                 marks=pytest.mark.skipif(not amx_int4_available(), reason="AMX kernels not built here")),
+                 marks=pytest.mark.skipif(not native.available(), reason="AMX kernels not built here")),
 ])
 def test_bf16_model_swaps_untied_linears_and_computes_the_same(linear16, kind) -> None:
     model = _tiny(torch.bfloat16)
@@ -115,7 +116,7 @@ def test_int8_model_on_onednn_matches_the_weight_only_kernel() -> None:
     assert (after - before).abs().max() <= 0.02 * before.abs().max()
 
 
-@pytest.mark.skipif(not amx_int4_available(), reason="the AMX kernel is not built here (or the CPU lacks AMX)")
+@pytest.mark.skipif(not native.available(), reason="the AMX kernel is not built here (or the CPU lacks AMX)")
 def test_int8_model_on_the_amx_kernel_matches_the_weight_only_kernel(tmp_path) -> None:
     model = _tiny(torch.bfloat16, quantize=8)
     ids = torch.randint(5, 100, (1, 6))

@@ -7,13 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from visualglm.kernels.amx_bf16 import AmxBF16Linear, amx_bf16_available, pack_bf16_tiles, unpack_bf16_tiles
+from visualglm.kernels import native
+from visualglm.kernels.amx_bf16 import AmxBF16Linear
+from visualglm.kernels.amx_tiles import pack_vnni_tiles, unpack_vnni_tiles
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
 
 KINDS = [
     pytest.param(PackedBF16Linear, marks=pytest.mark.skipif(not onednn_bf16_available(),
                                                             reason="no oneDNN bf16 linear in this build/CPU")),
-    pytest.param(AmxBF16Linear, marks=pytest.mark.skipif(not amx_bf16_available(),
+    pytest.param(AmxBF16Linear, marks=pytest.mark.skipif(not native.available(),
                                                          reason="AMX kernels not built or no AMX-BF16 here")),
 ]
 
@@ -31,9 +33,9 @@ def _pair(kind, bias: bool = True) -> tuple[nn.Linear, PackedBF16Linear]:
 
 def test_tile_layout_round_trips_and_puts_input_pairs_side_by_side() -> None:
     weight = torch.randn(48, 96).to(torch.bfloat16)
-    tiles = pack_bf16_tiles(weight)
+    tiles = pack_vnni_tiles(weight)
     assert tiles.shape == (3, 3, 16, 32)
-    assert torch.equal(unpack_bf16_tiles(tiles), weight)
+    assert torch.equal(unpack_vnni_tiles(tiles), weight)
     # tile (1, 2), row 5: inputs 64 + 10 and 64 + 11 of outputs 16..31, one pair after another
     assert torch.equal(tiles[1, 2, 5].view(16, 2), weight[16:32, 74:76])
 

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from visualglm.kernels import native
+from visualglm.kernels.amx_tiles import pack_vnni_tiles, unpack_vnni_tiles
 from visualglm.quant.amx_int4 import (
     AmxInt4Linear,
     AmxInt8Linear,
     fits,
-    pack_int8_tiles,
     pack_tiles,
-    unpack_int8_tiles,
     unpack_tiles,
 )
 from visualglm.quant.linear import Int4Linear, Int8Linear
@@ -36,8 +35,8 @@ def test_tile_layout_round_trips_and_puts_four_inputs_of_an_output_side_by_side(
 
 def test_int8_tile_layout_round_trips() -> None:
     weight = torch.randint(-127, 128, (32, 128), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
-    packed = pack_int8_tiles(weight)
-    assert packed.shape == (2, 2, 16, 64) and torch.equal(unpack_int8_tiles(packed), weight)
+    packed = pack_vnni_tiles(weight)
+    assert packed.shape == (2, 2, 16, 64) and torch.equal(unpack_vnni_tiles(packed), weight)
     assert int(packed[1, 1, 2, 7]) == int(weight[16 + 1, 64 + 8 + 3])  # output 7 // 4, input 4 * 2 + 7 % 4
 
 

@@ -40,13 +40,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from visualglm.kernels import native
 from visualglm.kernels.amx_bf16 import AmxBF16Linear
 from visualglm.kernels.amx_bf16 import fits as amx_bf16_fits
 from visualglm.kernels.cpu_bf16 import UpcastLinear, cpu_lacks_bf16_matmul
 from visualglm.kernels.machine import CpuFacts, cpu_facts
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear, onednn_bf16_available
 from visualglm.models.interface import Decoder
-from visualglm.quant.amx_int4 import AmxInt4Linear, AmxInt8Linear, amx_int4_available
+from visualglm.quant.amx_int4 import AmxInt4Linear, AmxInt8Linear
 from visualglm.quant.amx_int4 import fits as amx_int4_fits
 from visualglm.quant.amx_int4 import int8_fits as amx_int8_fits
 from visualglm.quant.linear import Int4Linear, Int8Linear, quantized_bits
@@ -83,7 +84,8 @@ class KernelPlan:
 
 @functools.cache
 def _available() -> tuple[bool, bool, bool]:
-    return onednn_bf16_available(), onednn_int8_available(), amx_int4_available()
+    """oneDNN's bf16 linear, oneDNN's int8 matmul, the optional AMX build (all its kernels)."""
+    return onednn_bf16_available(), onednn_int8_available(), native.available()
 
 
 def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = False,
@@ -96,8 +98,8 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
     if mode == "plain":
         return KernelPlan("plain", "plain", planes)
     facts = facts or cpu_facts()
-    bf16_ok, int8_ok, int4_ok = _available()
-    if facts.amx and facts.avx512_bf16 and facts.onednn and bf16_ok and int4_ok:  # (the same native build)
+    bf16_ok, int8_ok, amx_built = _available()
+    if facts.amx and amx_built and facts.avx512_bf16 and facts.onednn and bf16_ok:  # (oneDNN: shapes it lacks)
         linear16 = "amx"
     elif facts.avx512_bf16 and facts.onednn and bf16_ok:
         linear16 = "onednn"
@@ -106,9 +108,9 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
     else:
         linear16 = "plain"
     int8 = "onednn" if facts.amx and facts.onednn and int8_ok else "plain"
-    if facts.amx and int4_ok and planes == 3:  # the native kernel computes the exact planes only
+    if facts.amx and amx_built and planes == 3:  # the native kernel computes the exact planes only
         int8 = "amx"
-    int4 = "amx" if facts.amx and int4_ok else "plain"
+    int4 = "amx" if facts.amx and amx_built else "plain"
     return KernelPlan(linear16, int8, planes, "sdpa" if facts.amx else "matmul", int4)
 
 

@@ -15,35 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from visualglm.kernels import native
+from visualglm.kernels.amx_tiles import TILE_OUTPUTS, pack_vnni_tiles, tile_inputs, unpack_vnni_tiles
 from visualglm.kernels.onednn_bf16 import PackedBF16Linear
-
-TILE_OUTPUTS = 16  # outputs per tile
-TILE_INPUTS = 32  # inputs per tile (16 pairs)
-
-
-def amx_bf16_available() -> bool:
-    """True when the optional kernels are built for this PyTorch and this CPU (AMX-BF16) runs them."""
-    return native.load() is not None
 
 
 def fits(linear: torch.nn.Linear) -> bool:
     """Shapes the kernel takes: outputs a multiple of 16, inputs of 32."""
-    return linear.out_features % TILE_OUTPUTS == 0 and linear.in_features % TILE_INPUTS == 0
-
-
-def pack_bf16_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """bf16 ``[N, K]`` -> ``[N/16, K/32, 16, 32]``: tile (b, c) row j holds inputs 32c + 2j and 32c + 2j + 1 of
-    outputs 16b .. 16b + 15, side by side (``TDPBF16PS``'s B operand)."""
-    n, k = weight.shape
-    tiles = weight.reshape(n // TILE_OUTPUTS, TILE_OUTPUTS, k // TILE_INPUTS, 16, 2).permute(0, 2, 3, 1, 4)
-    return tiles.reshape(n // TILE_OUTPUTS, k // TILE_INPUTS, 16, 32).contiguous()
-
-
-def unpack_bf16_tiles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_bf16_tiles``."""
-    blocks, chunks = packed.shape[:2]
-    weight = packed.view(blocks, chunks, 16, TILE_OUTPUTS, 2).permute(0, 3, 1, 2, 4)
-    return weight.reshape(blocks * TILE_OUTPUTS, chunks * TILE_INPUTS)
+    return (linear.out_features % TILE_OUTPUTS == 0
+            and linear.in_features % tile_inputs(torch.bfloat16) == 0)
 
 
 class AmxBF16Linear(PackedBF16Linear):
@@ -52,10 +31,10 @@ class AmxBF16Linear(PackedBF16Linear):
 
     @staticmethod
     def _pack(weight: torch.Tensor) -> torch.Tensor:
-        return pack_bf16_tiles(weight)
+        return pack_vnni_tiles(weight)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        return unpack_bf16_tiles(self.packed).to(dtype)
+        return unpack_vnni_tiles(self.packed).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = native.load()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visualglm.kernels import native
+from visualglm.kernels.amx_tiles import pack_vnni_tiles, unpack_vnni_tiles
 from visualglm.quant.linear import Int4Linear, Int8Linear, check_int4_state
 from visualglm.quant.packing import pack_int4_plain, unpack_int4_plain
 from visualglm.quant.portable import PortableInt8State, PortableState, check_int8_state
@@ -26,11 +27,6 @@ TILE_ROWS = 16  # outputs per AMX tile: the kernel takes a multiple of this many
 CHUNK = 64  # inputs per AMX tile
 
 
-def amx_int4_available() -> bool:
-    """True when the kernel is built for this PyTorch and this CPU (and Linux) runs it."""
-    return native.load() is not None
-
-
 def fits(module: Int4Linear) -> bool:
     """Shapes the kernel takes: outputs a multiple of 16, groups a multiple of 64 inputs, on the CPU."""
     return (module.out_features % TILE_ROWS == 0 and module.group_size % CHUNK == 0
@@ -38,31 +34,16 @@ def fits(module: Int4Linear) -> bool:
 
 
 def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes ``[N, K]`` -> the kernel's layout ``[N/16, K/64, 16, 32]``: ``pack_int8_tiles``'s tiles of
+    """uint8 codes ``[N, K]`` -> the kernel's layout ``[N/16, K/64, 16, 32]``: ``pack_vnni_tiles``'s tiles of
     16 outputs x 64 inputs (row j holds inputs 4j..4j+3 of each output side by side, 64 columns), column c in
     the low nibble of byte c and column c + 32 in its high nibble."""
-    tiles = pack_int8_tiles(codes)
+    tiles = pack_vnni_tiles(codes)
     return (tiles[..., :32] | (tiles[..., 32:] << 4)).contiguous()
-
-
-def pack_int8_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """int8 (or uint8 codes) ``[N, K]`` -> the INT8 kernel's layout ``[N/16, K/64, 16, 64]`` (row j of a
-    tile: inputs 4j..4j+3 of each of 16 outputs, side by side)."""
-    n, k = weight.shape
-    tiles = weight.view(n // TILE_ROWS, TILE_ROWS, k // CHUNK, 16, 4).permute(0, 2, 3, 1, 4)
-    return tiles.reshape(n // TILE_ROWS, k // CHUNK, 16, 64).contiguous()
-
-
-def unpack_int8_tiles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_int8_tiles``."""
-    blocks, chunks = packed.shape[:2]
-    weight = packed.view(blocks, chunks, 16, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
-    return weight.reshape(blocks * TILE_ROWS, chunks * CHUNK)
 
 
 def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of ``pack_tiles``: ``[N/16, K/64, 16, 32]`` -> uint8 codes ``[N, K]``."""
-    return unpack_int8_tiles(torch.cat([packed & 15, packed >> 4], dim=-1))
+    return unpack_vnni_tiles(torch.cat([packed & 15, packed >> 4], dim=-1))
 
 
 def int8_fits(module: Int8Linear) -> bool:
@@ -82,7 +63,7 @@ class AmxInt8Linear(PortableInt8State, nn.Module):
         super().__init__()
         check_int8_state(weight, scale)
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", pack_int8_tiles(weight))
+        self.register_buffer("packed", pack_vnni_tiles(weight))
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -91,7 +72,7 @@ class AmxInt8Linear(PortableInt8State, nn.Module):
         return cls(module.weight, module.scale, module.bias)
 
     def int8_weight(self) -> torch.Tensor:
-        return unpack_int8_tiles(self.packed)
+        return unpack_vnni_tiles(self.packed)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.int8_weight().float() * self.scale[:, None]).to(dtype)
@@ -106,7 +87,7 @@ class AmxInt8Linear(PortableInt8State, nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _set_int8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
-        self.packed = pack_int8_tiles(weight)
+        self.packed = pack_vnni_tiles(weight)
         self.scale = scale.contiguous()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]

@@ -107,6 +107,11 @@ def load() -> ModuleType | None:
     return module
 
 
+def available() -> bool:
+    """True when the kernels are built for this PyTorch and this source, and this CPU (and Linux) runs them."""
+    return load() is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
