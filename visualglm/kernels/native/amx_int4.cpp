@@ -3,10 +3,12 @@
 //
 // The activations are split into int8 "planes" per row (x ~= s * (q1 + q2 / 254 + q3 / 254^2), the split of
 // visualglm.quant.onednn_int8.split_planes, computed with the same fp32 operations), so every product is an
-// int8 x uint4 dot product summed exactly in int32 by TDPBSUD (16 rows x 16 outputs x 64 inputs per
-// instruction); per group of inputs the sums are scaled in fp32 and the planes recombined. With three planes
-// the result equals the weight-only INT4 kernels' to fp32 rounding. The 4-bit codes are unpacked one 16 x 64
-// tile at a time into L1, so the weight is read from memory once per call whatever the number of rows.
+// int8 x uint4 (or int8) dot product summed exactly in int32 by TDPBSUD (TDPBSSD) (16 rows x 16 outputs x 64
+// inputs per instruction); a row's planes sit in adjacent tile rows and are recombined in fp32 per group of
+// inputs (INT4, then scaled by the group's scale) or once (INT8). With three planes the result equals the
+// weight-only kernels' to fp32 rounding. Each 4-bit group is unpacked into L1 just before its products, and a
+// group's sums are stored and scaled while the next group's products run (two sets of C tiles), so the weight
+// is read from memory once per call and 8 rows cost ~1.3x one row (benchmarks/quant_linear.py).
 //
 // Weight layout (made by visualglm/quant/amx_int4.py): uint8 [N / 16, K / 64, 16, 32]: for 16 outputs and 64
 // inputs, tile row j (inputs 4j .. 4j + 3 of each output, outputs side by side: the 64 bytes TDPBSUD takes as
@@ -29,6 +31,8 @@
 namespace {
 
 constexpr float kPlaneStep = 254.0f;
+// plane p's weight relative to plane 0 (x ~= s * sum_p q_p * kFactor[p])
+constexpr float kFactor[3] = {1.0f, 1.0f / kPlaneStep, 1.0f / (kPlaneStep * kPlaneStep)};
 
 // 64-byte aligned storage for unpacked tiles (aligned stores).
 struct AlignedBuffer {
@@ -42,26 +46,55 @@ struct AlignedBuffer {
 };
 constexpr int kRowTiles = 3;  // C tiles 0-2 (accumulators), A tiles 3-5 (activations), B tile 6 (codes)
 
-// fp32 rows [M, K] -> int8 planes [P * M, K] (plane p's rows are p * M .. p * M + M - 1) and their scales,
-// as split_planes computes them.
-void split_planes(const float* x, int64_t rows, int64_t k, int planes, int8_t* out, float* scales) {
+// fp32 rows [M, K] -> int8 planes [P * M, K] and their scales [P, M], as split_planes computes them. Plane p
+// of row m is plane row p * M + m, or m * P + p when ``interleaved`` (each row's planes side by side).
+void split_planes(const float* x, int64_t rows, int64_t k, int planes, int8_t* out, float* scales,
+                  bool interleaved = false) {
+  // AVX-512, 16 inputs at a time (k is a multiple of 64): the same IEEE operations as the scalar form
+  // (division, round half to even, subtraction, multiplication), so the same planes.
   std::vector<float> t(k);
+  const __m512 step = _mm512_set1_ps(kPlaneStep), top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
   for (int64_t m = 0; m < rows; ++m) {
     const float* row = x + m * k;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
+    const float amax = _mm512_reduce_max_ps(vmax);
     float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-    for (int64_t i = 0; i < k; ++i) t[i] = row[i] / scale;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < k; i += 16) _mm512_storeu_ps(t.data() + i, _mm512_div_ps(_mm512_loadu_ps(row + i), vscale));
     for (int p = 0; p < planes; ++p) {
-      int8_t* q = out + (p * rows + m) * k;
-      for (int64_t i = 0; i < k; ++i) {
-        float r = std::nearbyint(t[i]);  // round half to even, as torch.round
-        if (p == 0) r = std::min(127.0f, std::max(-127.0f, r));
-        q[i] = static_cast<int8_t>(r);
-        if (p + 1 < planes) t[i] = (t[i] - r) * kPlaneStep;
+      int8_t* q = out + (interleaved ? m * planes + p : p * rows + m) * k;
+      for (int64_t i = 0; i < k; i += 16) {
+        const __m512 v = _mm512_loadu_ps(t.data() + i);
+        __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // half to even
+        if (p == 0) r = _mm512_min_ps(top, _mm512_max_ps(bottom, r));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+        if (p + 1 < planes) _mm512_storeu_ps(t.data() + i, _mm512_mul_ps(_mm512_sub_ps(v, r), step));
       }
       scales[p * rows + m] = scale;
       scale = scale / kPlaneStep;
+    }
+  }
+}
+
+// xsum[m][grp] = sum over planes p of kFactor[p] * (the sum of plane p's int8 values in group grp), for planes
+// interleaved by row ([M, P, K]).
+void group_sums(const int8_t* q, int64_t rows, int planes, int64_t k, int64_t g, float* xsum) {
+  const __m512i ones = _mm512_set1_epi16(1);
+  const int64_t groups = k / g;
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      float total = 0.0f;
+      for (int p = 0; p < planes; ++p) {
+        const int8_t* v = q + (m * planes + p) * k + grp * g;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t i = 0; i < g; i += 32) {
+          const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i)));
+          acc = _mm512_add_epi32(acc, _mm512_madd_epi16(wide, ones));
+        }
+        total += static_cast<float>(_mm512_reduce_add_epi32(acc)) * kFactor[p];
+      }
+      xsum[m * groups + grp] = total;
     }
   }
 }
@@ -74,134 +107,169 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-void configure(const int* tile_rows, int tiles) {
-  TileConfig cfg;
-  for (int t = 0; t < tiles; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(tile_rows[t]);  // C: rows x 16 int32
-    cfg.colsb[t] = 64;
-    cfg.rows[kRowTiles + t] = static_cast<uint8_t>(tile_rows[t]);  // A: rows x 64 int8
-    cfg.colsb[kRowTiles + t] = 64;
-  }
-  cfg.rows[6] = 16;  // B: 16 rows of 64 uint8
-  cfg.colsb[6] = 64;
+// GCC's _tile_loadconfig tells the compiler that it reads 8 bytes of the 64, so stores to the rest could be
+// dropped as dead (they were: ldtilecfg faulted on a half-written config). The empty asm reads all 64.
+inline void load_config(const TileConfig& cfg) {
+  __asm__ volatile("" : : "m"(cfg));
   _tile_loadconfig(&cfg);
 }
 
-// One 16 x 64 tile of codes, packed (512 bytes) -> TDPBSUD's B layout (1024 bytes).
-inline void unpack_tile(const uint8_t* packed, uint8_t* tile) {
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int j = 0; j < 16; ++j) {
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + j * 32));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tile + j * 64), _mm256_and_si256(bytes, low));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tile + j * 64 + 32),
-                       _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low));
-  }
-}
-
-// One tile-row of A against weight tile 6: tile t += A rows 16t.. (64 inputs from ``a``) x B. The INT4
-// weights are unsigned codes 0..15 (signed x unsigned: TDPBSUD), the INT8 ones signed (TDPBSSD).
-template <bool kSignedWeights>
-inline void dot_tile_0() { if constexpr (kSignedWeights) _tile_dpbssd(0, 3, 6); else _tile_dpbsud(0, 3, 6); }
-template <bool kSignedWeights>
-inline void dot_tile_1() { if constexpr (kSignedWeights) _tile_dpbssd(1, 4, 6); else _tile_dpbsud(1, 4, 6); }
-template <bool kSignedWeights>
-inline void dot_tile_2() { if constexpr (kSignedWeights) _tile_dpbssd(2, 5, 6); else _tile_dpbsud(2, 5, 6); }
-
-template <int T, bool kSignedWeights = false>
-inline void dot_chunk(const int8_t* a, int64_t lda) {
-  // A tiles of this pass: rows 16t.. of the plane rows, 64 inputs from ``a``
-  _tile_loadd(3, a, lda);
-  dot_tile_0<kSignedWeights>();
-  if constexpr (T > 1) {
-    _tile_loadd(4, a + 16 * lda, lda);
-    dot_tile_1<kSignedWeights>();
-  }
-  if constexpr (T > 2) {
-    _tile_loadd(5, a + 32 * lda, lda);
-    dot_tile_2<kSignedWeights>();
-  }
-}
-
-template <int T>
-inline void zero_tiles() {
-  _tile_zero(0);
-  if constexpr (T > 1) _tile_zero(1);
-  if constexpr (T > 2) _tile_zero(2);
-}
-
-template <int T>
-inline void store_tiles(int32_t* c) {
-  _tile_stored(0, c, 64);
-  if constexpr (T > 1) _tile_stored(1, c + 16 * 16, 64);
-  if constexpr (T > 2) _tile_stored(2, c + 32 * 16, 64);
-}
-
-// The passes over plane rows: up to 48 rows (three tiles) each.
-struct Pass {
-  int64_t r0;
-  int rows;
-  int tiles;
+// Passes: up to 16 rows of x (48 plane rows, three tiles) each, every row's planes in one pass.
+struct RowPass {
+  int64_t m0;  // first row of x
+  int rows;    // rows of x
+  int tiles;   // row tiles of plane rows
 };
 
-std::vector<Pass> make_passes(int64_t rows) {
-  std::vector<Pass> passes;
-  for (int64_t r0 = 0; r0 < rows; r0 += 16 * kRowTiles) {
-    const int pass_rows = static_cast<int>(std::min<int64_t>(16 * kRowTiles, rows - r0));
-    passes.push_back({r0, pass_rows, (pass_rows + 15) / 16});
+std::vector<RowPass> make_row_passes(int64_t m, int planes) {
+  std::vector<RowPass> passes;
+  const int64_t per_pass = 16 * kRowTiles / planes;
+  for (int64_t m0 = 0; m0 < m; m0 += per_pass) {
+    const int rows = static_cast<int>(std::min<int64_t>(per_pass, m - m0));
+    passes.push_back({m0, rows, (rows * planes + 15) / 16});
   }
   return passes;
 }
 
-// Tile configurations are loaded only when the pass shape changes (a prefill's last pass is partial).
-struct Configured {
-  int rows = -1;
-  void ensure(const Pass& pass) {
-    if (pass.rows == rows) return;
-    int tile_rows[kRowTiles] = {0, 0, 0};
-    for (int t = 0; t < pass.tiles; ++t) tile_rows[t] = std::min(16, pass.rows - 16 * t);
-    configure(tile_rows, pass.tiles);
-    rows = pass.rows;
+// Tile layout of the INT4 and INT8 kernels, up to two row tiles (32 plane rows): A tiles 3-4 (plane rows), B tiles 6 and
+// 7 (codes of even and odd chunks: the next chunk's load does not wait for this one's products), C tiles 0-1
+// for even groups and 2, 5 for odd ones, so that a group's sums are stored and scaled while the next group's
+// products run. Three row tiles (prefill passes of 11-16 rows): C 0-2, A 3-5, B 6-7, one group at a time.
+void configure_tiles(int plane_rows, int tiles) {
+  TileConfig cfg;
+  auto set = [&](int tile, int rows) {
+    cfg.rows[tile] = static_cast<uint8_t>(rows);
+    cfg.colsb[tile] = 64;
+  };
+  for (int t = 0; t < tiles; ++t) {
+    const int r = std::min(16, plane_rows - 16 * t);
+    set(t, r);
+    set(kRowTiles + t, r);
+    if (tiles < 3) set(t == 0 ? 2 : 5, r);
   }
-};
+  set(6, 16);
+  set(7, 16);
+  load_config(cfg);
+}
 
-// INT4, one output block (16 outputs), one pass: the block's codes already unpacked into ``btiles``
-// (K / 64 tiles of 1024 bytes); ``sv``/``ov`` the block's scales and zero offsets per group ([groups, 16]).
-template <int T>
-void int4_block_pass(const int8_t* a0, const int32_t* xsum, int64_t k, int64_t g, const uint8_t* btiles,
-                     const float* sv, const float* ov, int rows, int32_t* ctile, float* facc) {
-  const int64_t groups = k / g, per_group = g / 64;
-  std::fill(facc, facc + rows * 16, 0.0f);
-  for (int64_t grp = 0; grp < groups; ++grp) {
-    zero_tiles<T>();
-    for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-      _tile_loadd(6, btiles + c * 1024, 64);
-      dot_chunk<T>(a0 + c * 64, k);
-    }
-    store_tiles<T>(ctile);
-    const __m512 s = _mm512_loadu_ps(sv + grp * 16), o = _mm512_loadu_ps(ov + grp * 16);
-    for (int r = 0; r < rows; ++r) {
-      __m512 acc = _mm512_loadu_ps(facc + r * 16);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ctile + r * 16)), s, acc);
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(xsum[r * groups + grp])), o, acc);
-      _mm512_storeu_ps(facc + r * 16, acc);
-    }
+// The codes of ``chunks`` consecutive 16 x 64 tiles, packed (512 bytes each) -> TDPBSUD's B layout (1024 bytes
+// each): two tile rows per 64-byte load, low nibbles to columns 0-31 and high nibbles to columns 32-63.
+inline void unpack_tiles(const uint8_t* packed, int64_t chunks, uint8_t* tiles) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t i = 0; i < chunks * 8; ++i) {
+    const __m512i bytes = _mm512_loadu_si512(packed + i * 64);
+    const __m512i lo = _mm512_and_si512(bytes, low);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+    _mm512_store_si512(tiles + i * 128, _mm512_shuffle_i64x2(lo, hi, 0x44));       // row 2i: lo[0:32] hi[0:32]
+    _mm512_store_si512(tiles + i * 128 + 64, _mm512_shuffle_i64x2(lo, hi, 0xEE));  // row 2i + 1
   }
 }
 
-// INT4 for output blocks [begin, end): each block's codes are unpacked once (into L2) and every pass of
-// plane rows reads them from there; part[r][n] (fp32, [R, N]) = sum over groups of scale * dot +
-// (zero - 8 scale) * sum(x in group).
-void int4_blocks(const int8_t* xq, const int32_t* xsum, int64_t k, int64_t g, int64_t n,
-                 const std::vector<Pass>& passes, const uint8_t* packed, const uint16_t* sz, float* part,
-                 int64_t begin, int64_t end) {
-  const int64_t chunks = k / 64, groups = k / g;
-  AlignedBuffer btiles(chunks * 1024);
-  std::vector<float> sv(groups * 16), ov(groups * 16), facc(16 * kRowTiles * 16);
-  alignas(64) int32_t ctile[kRowTiles * 16 * 16];
-  Configured configured;
+// The products of one group into C tiles C0 (row tile 0), C1 (row tile 1) and C2 (row tile 2), and their store
+// into ``c`` ([48, 16] int32). Tile numbers must be literals (the intrinsics paste them into the instruction),
+// hence a macro for the two sets.
+#define VISUALGLM_TILE_GROUP(SET, DOT, C0, C1, C2)                                                                \
+  template <int T>                                                                                            \
+  inline void group_dots_##SET(const int8_t* a, int64_t k, const uint8_t* b, int64_t per_group) {      \
+    _tile_zero(C0);                                                                                           \
+    if constexpr (T > 1) _tile_zero(C1);                                                                      \
+    if constexpr (T > 2) _tile_zero(C2);                                                                      \
+    for (int64_t i = 0; i < per_group; ++i, a += 64, b += 1024) {                                             \
+      _tile_loadd(3, a, k);                                                                                   \
+      if constexpr (T > 1) _tile_loadd(4, a + 16 * k, k);                                                     \
+      if constexpr (T > 2) _tile_loadd(5, a + 32 * k, k);                                                     \
+      if (i & 1) {                                                                                            \
+        _tile_loadd(7, b, 64);                                                                                \
+        DOT(C0, 3, 7);                                                                               \
+        if constexpr (T > 1) DOT(C1, 4, 7);                                                          \
+        if constexpr (T > 2) DOT(C2, 5, 7);                                                          \
+      } else {                                                                                                \
+        _tile_loadd(6, b, 64);                                                                                \
+        DOT(C0, 3, 6);                                                                               \
+        if constexpr (T > 1) DOT(C1, 4, 6);                                                          \
+        if constexpr (T > 2) DOT(C2, 5, 6);                                                          \
+      }                                                                                                       \
+    }                                                                                                         \
+  }                                                                                                           \
+  template <int T>                                                                                            \
+  inline void group_store_##SET(int32_t* c) {                                                            \
+    _tile_stored(C0, c, 64);                                                                                  \
+    if constexpr (T > 1) _tile_stored(C1, c + 16 * 16, 64);                                                   \
+    if constexpr (T > 2) _tile_stored(C2, c + 32 * 16, 64);                                                   \
+  }
+VISUALGLM_TILE_GROUP(u4_even, _tile_dpbsud, 0, 1, 2)  // INT4: unsigned codes 0..15 (TDPBSUD)
+VISUALGLM_TILE_GROUP(u4_odd, _tile_dpbsud, 2, 5, 0)
+VISUALGLM_TILE_GROUP(s8, _tile_dpbssd, 0, 1, 2)  // INT8: signed weights (TDPBSSD)
+#undef VISUALGLM_TILE_GROUP
+
+// acc [rows, 16] += scale * (the planes' int32 sums in ``c``, recombined in fp32) + (zero - 8 scale) * (the
+// planes' sums of x in the group, recombined: ``xsum`` [rows, groups]).
+inline void int4_scale_group(const int32_t* ctile, const float* xsum, int64_t groups, int64_t grp, int planes,
+                             const float* sv, const float* ov, int rows, float* acc) {
+  const __m512 s = _mm512_loadu_ps(sv + grp * 16), o = _mm512_loadu_ps(ov + grp * 16);
+  for (int r = 0; r < rows; ++r) {
+    const int32_t* c = ctile + r * planes * 16;
+    __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(c));
+    for (int p = 1; p < planes; ++p)
+      dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + p * 16)), _mm512_set1_ps(kFactor[p]), dot);
+    __m512 a = _mm512_fmadd_ps(dot, s, _mm512_loadu_ps(acc + r * 16));
+    a = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * groups + grp]), o, a);
+    _mm512_storeu_ps(acc + r * 16, a);
+  }
+}
+
+// One output block (16 outputs), one pass of x rows: acc [rows, 16] = the sum over groups of
+// int4_scale_group. ``tiles_of(grp)`` gives the group's unpacked codes (g / 64 tiles of 1024 bytes).
+// ``ctile``: two buffers of 48 x 16 int32.
+template <int T, typename TilesOf>
+void int4_block_pass(const int8_t* a0, const float* xsum, int64_t k, int64_t g, int planes,
+                     TilesOf tiles_of, const float* sv, const float* ov, int rows, int32_t* ctile, float* acc) {
+  const int64_t groups = k / g, per_group = g / 64;
+  int32_t* cbuf[2] = {ctile, ctile + kRowTiles * 16 * 16};
+  std::fill(acc, acc + rows * 16, 0.0f);
+  if constexpr (T == 3) {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      group_dots_u4_even<3>(a0 + grp * g, k, tiles_of(grp), per_group);
+      group_store_u4_even<3>(cbuf[0]);
+      int4_scale_group(cbuf[0], xsum, groups, grp, planes, sv, ov, rows, acc);
+    }
+  } else {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      // this group's products, then the last group's sums out of the other C tiles
+      if (grp & 1) {
+        group_dots_u4_odd<T>(a0 + grp * g, k, tiles_of(grp), per_group);
+        group_store_u4_even<T>(cbuf[0]);
+        int4_scale_group(cbuf[0], xsum, groups, grp - 1, planes, sv, ov, rows, acc);
+      } else {
+        group_dots_u4_even<T>(a0 + grp * g, k, tiles_of(grp), per_group);
+        if (grp > 0) {
+          group_store_u4_odd<T>(cbuf[1]);
+          int4_scale_group(cbuf[1], xsum, groups, grp - 1, planes, sv, ov, rows, acc);
+        }
+      }
+    }
+    const int64_t last = groups - 1;
+    if (last & 1) group_store_u4_odd<T>(cbuf[1]); else group_store_u4_even<T>(cbuf[0]);
+    int4_scale_group(cbuf[last & 1], xsum, groups, last, planes, sv, ov, rows, acc);
+  }
+}
+
+// INT4 for output blocks [begin, end): y[m][n] (fp32, [M, N]) = s_m * sum over groups of scale * dot +
+// (zero - 8 scale) * sum(x in group), with x's planes recombined (kFactor[p] = 254^-p). With one pass (up to
+// 16 rows, every decode step) each group's codes are unpacked just before use into a small buffer that stays
+// in L1; with more, the block's codes are unpacked once into L2 and every pass reads them from there.
+void int4_blocks(const int8_t* xq, const float* xsum, const float* row_scale, int64_t k, int64_t g, int64_t n,
+                 int planes, const std::vector<RowPass>& passes, const uint8_t* packed, const uint16_t* sz,
+                 float* y, int64_t begin, int64_t end) {
+  const int64_t chunks = k / 64, groups = k / g, per_group = g / 64;
+  const bool fused = passes.size() == 1;
+  AlignedBuffer btiles((fused ? 2 * per_group : chunks) * 1024);
+  std::vector<float> sv(groups * 16), ov(groups * 16), acc(16 * kRowTiles * 16);  // a pass: up to 48 rows
+  alignas(64) int32_t ctile[2 * kRowTiles * 16 * 16];
+  int configured = -1;
   for (int64_t b = begin; b < end; ++b) {
     const uint8_t* wb = packed + b * chunks * 512;
-    for (int64_t c = 0; c < chunks; ++c) unpack_tile(wb + c * 512, btiles.data() + c * 1024);
+    if (!fused) unpack_tiles(wb, chunks, btiles.data());
     for (int64_t grp = 0; grp < groups; ++grp) {
       // (scale, zero) pairs of the 16 outputs: bf16 pairs read as 16 uint32 (scale in the low half).
       const __m512i pairs = _mm512_loadu_si512(sz + (grp * n + b * 16) * 2);
@@ -210,18 +278,38 @@ void int4_blocks(const int8_t* xq, const int32_t* xsum, int64_t k, int64_t g, in
       _mm512_storeu_ps(sv.data() + grp * 16, s);
       _mm512_storeu_ps(ov.data() + grp * 16, _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z));  // zero - 8 scale
     }
-    for (const Pass& pass : passes) {
-      configured.ensure(pass);
-      const int8_t* a0 = xq + pass.r0 * k;
-      const int32_t* xs = xsum + pass.r0 * groups;
-      if (pass.tiles == 1)
-        int4_block_pass<1>(a0, xs, k, g, btiles.data(), sv.data(), ov.data(), pass.rows, ctile, facc.data());
-      else if (pass.tiles == 2)
-        int4_block_pass<2>(a0, xs, k, g, btiles.data(), sv.data(), ov.data(), pass.rows, ctile, facc.data());
-      else
-        int4_block_pass<3>(a0, xs, k, g, btiles.data(), sv.data(), ov.data(), pass.rows, ctile, facc.data());
+    uint8_t* buffer = btiles.data();
+    auto unpack_group = [&](int64_t grp) {
+      uint8_t* tiles = buffer + (grp & 1) * per_group * 1024;  // two buffers: a group never waits for the last
+      unpack_tiles(wb + grp * per_group * 512, per_group, tiles);
+      return static_cast<const uint8_t*>(tiles);
+    };
+    auto unpacked = [&](int64_t grp) { return static_cast<const uint8_t*>(buffer + grp * per_group * 1024); };
+    for (const RowPass& pass : passes) {
+      const int plane_rows = pass.rows * planes;
+      if (plane_rows != configured) {
+        configure_tiles(plane_rows, pass.tiles);
+        configured = plane_rows;
+      }
+      const int8_t* a0 = xq + pass.m0 * planes * k;
+      const float* xs = xsum + pass.m0 * groups;
+      const float* svp = sv.data();
+      const float* ovp = ov.data();
+#define VISUALGLM_INT4_PASS(T, TILES)                                                                          \
+  int4_block_pass<T>(a0, xs, k, g, planes, TILES, svp, ovp, pass.rows, ctile, acc.data())
+      if (fused) {
+        if (pass.tiles == 1) VISUALGLM_INT4_PASS(1, unpack_group);
+        else if (pass.tiles == 2) VISUALGLM_INT4_PASS(2, unpack_group);
+        else VISUALGLM_INT4_PASS(3, unpack_group);
+      } else {
+        if (pass.tiles == 1) VISUALGLM_INT4_PASS(1, unpacked);
+        else if (pass.tiles == 2) VISUALGLM_INT4_PASS(2, unpacked);
+        else VISUALGLM_INT4_PASS(3, unpacked);
+      }
+#undef VISUALGLM_INT4_PASS
       for (int r = 0; r < pass.rows; ++r)
-        std::memcpy(part + (pass.r0 + r) * n + b * 16, facc.data() + r * 16, 16 * sizeof(float));
+        _mm512_storeu_ps(y + (pass.m0 + r) * n + b * 16,
+                         _mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * 16), _mm512_set1_ps(row_scale[pass.m0 + r])));
     }
   }
   _tile_release();
@@ -249,61 +337,68 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
               scales_and_zeros.size(0) == k / g && scales_and_zeros.size(1) == n && scales_and_zeros.size(2) == 2,
               "scales_and_zeros must be a contiguous bf16 [K/g, N, 2]");
   auto xf = x.reshape({-1, k}).to(torch::kFloat32).contiguous();
-  const int64_t m = xf.size(0), rows = planes * m, groups = k / g;
-  auto q = torch::empty({rows, k}, torch::kInt8);
-  auto qscale = torch::empty({planes, m, 1}, torch::kFloat32);
+  const int64_t m = xf.size(0), groups = k / g;
+  // planes interleaved by row (row m's plane p is plane row m * planes + p), so a pass holds whole rows
+  auto q = torch::empty({m, planes, k}, torch::kInt8);
+  auto qscale = torch::empty({planes, m}, torch::kFloat32);
   split_planes(xf.data_ptr<float>(), m, k, static_cast<int>(planes), q.data_ptr<int8_t>(),
-               qscale.data_ptr<float>());
-  auto xsum = q.view({rows, groups, g}).sum(-1, /*keepdim=*/false, torch::kInt32).contiguous();
-  auto part = torch::empty({rows, n}, torch::kFloat32);
+               qscale.data_ptr<float>(), /*interleaved=*/true);
+  // each row's sums of x per group, its planes recombined in fp32 as the dot products are: [M, groups]
+  auto xsum = torch::empty({m, groups}, torch::kFloat32);
+  group_sums(q.data_ptr<int8_t>(), m, static_cast<int>(planes), k, g, xsum.data_ptr<float>());
+  auto y = torch::empty({m, n}, torch::kFloat32);
   const int8_t* q_p = q.data_ptr<int8_t>();
-  const int32_t* xs_p = xsum.data_ptr<int32_t>();
+  const float* xs_p = xsum.data_ptr<float>();
+  const float* rs_p = qscale.data_ptr<float>();  // plane 0's scales: one per row
   const uint8_t* w_p = packed.data_ptr<uint8_t>();
   const uint16_t* sz_p = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
-  float* part_p = part.data_ptr<float>();
-  const auto passes = make_passes(rows);
+  float* y_p = y.data_ptr<float>();
+  const auto passes = make_row_passes(m, static_cast<int>(planes));
   at::parallel_for(0, n / 16, 8, [&](int64_t begin, int64_t end) {
-    int4_blocks(q_p, xs_p, k, g, n, passes, w_p, sz_p, part_p, begin, end);
+    int4_blocks(q_p, xs_p, rs_p, k, g, n, static_cast<int>(planes), passes, w_p, sz_p, y_p, begin, end);
   });
-  // The planes recombined in plane order: part[0] * s0 + part[1] * s1 + part[2] * s2.
-  auto parts = part.view({planes, m, n});
-  auto y = parts[0] * qscale[0];
-  for (int64_t p = 1; p < planes; ++p) y.add_(parts[p] * qscale[p]);
   return y;
 }
 
 namespace {
 
-// INT8 for output blocks [begin, end): part[r][n] = scale[n] * (q_r . w_n), the int32 sum over all inputs
-// taken straight from the weight tiles (no unpacking, no groups). Every pass of plane rows reads the block's
-// weights (16 x K bytes) again, from L2 after the first.
-void int8_blocks(const int8_t* xq, int64_t k, int64_t n, const std::vector<Pass>& passes, const int8_t* packed,
-                 const float* scale, float* part, int64_t begin, int64_t end) {
+// INT8 for output blocks [begin, end): y[m][n] = s_m * scale[n] * (the planes' int32 sums q . w_n over all
+// inputs, recombined in fp32), the sums taken straight from the weight tiles (no unpacking, no groups). Every
+// pass reads the block's weights (16 x K bytes) again, from L2 after the first.
+void int8_blocks(const int8_t* xq, const float* row_scale, int64_t k, int64_t n, int planes,
+                 const std::vector<RowPass>& passes, const int8_t* packed, const float* scale, float* y,
+                 int64_t begin, int64_t end) {
   alignas(64) int32_t ctile[kRowTiles * 16 * 16];
   const int64_t chunks = k / 64;
-  Configured configured;
+  int configured = -1;
   for (int64_t b = begin; b < end; ++b) {
-    const int8_t* wb = packed + b * chunks * 1024;
+    const uint8_t* wb = reinterpret_cast<const uint8_t*>(packed + b * chunks * 1024);
     const __m512 sv = _mm512_loadu_ps(scale + b * 16);
-    for (const Pass& pass : passes) {
-      configured.ensure(pass);
-      const int8_t* a0 = xq + pass.r0 * k;
-      if (pass.tiles == 1) {
-        zero_tiles<1>();
-        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk<1, true>(a0 + c * 64, k); }
-        store_tiles<1>(ctile);
-      } else if (pass.tiles == 2) {
-        zero_tiles<2>();
-        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk<2, true>(a0 + c * 64, k); }
-        store_tiles<2>(ctile);
-      } else {
-        zero_tiles<3>();
-        for (int64_t c = 0; c < chunks; ++c) { _tile_loadd(6, wb + c * 1024, 64); dot_chunk<3, true>(a0 + c * 64, k); }
-        store_tiles<3>(ctile);
+    for (const RowPass& pass : passes) {
+      const int plane_rows = pass.rows * planes;
+      if (plane_rows != configured) {
+        configure_tiles(plane_rows, pass.tiles);
+        configured = plane_rows;
       }
-      for (int r = 0; r < pass.rows; ++r)
-        _mm512_storeu_ps(part + (pass.r0 + r) * n + b * 16,
-                         _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ctile + r * 16)), sv));
+      const int8_t* a0 = xq + pass.m0 * planes * k;
+      if (pass.tiles == 1) {
+        group_dots_s8<1>(a0, k, wb, chunks);
+        group_store_s8<1>(ctile);
+      } else if (pass.tiles == 2) {
+        group_dots_s8<2>(a0, k, wb, chunks);
+        group_store_s8<2>(ctile);
+      } else {
+        group_dots_s8<3>(a0, k, wb, chunks);
+        group_store_s8<3>(ctile);
+      }
+      for (int r = 0; r < pass.rows; ++r) {
+        const int32_t* c = ctile + r * planes * 16;
+        __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(c));
+        for (int p = 1; p < planes; ++p)
+          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + p * 16)), _mm512_set1_ps(kFactor[p]), dot);
+        _mm512_storeu_ps(y + (pass.m0 + r) * n + b * 16,
+                         _mm512_mul_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(row_scale[pass.m0 + r]))));
+      }
     }
   }
   _tile_release();
@@ -323,23 +418,21 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == n,
               "scale must be a contiguous fp32 [N]");
   auto xf = x.reshape({-1, k}).to(torch::kFloat32).contiguous();
-  const int64_t m = xf.size(0), rows = planes * m;
-  auto q = torch::empty({rows, k}, torch::kInt8);
-  auto qscale = torch::empty({planes, m, 1}, torch::kFloat32);
+  const int64_t m = xf.size(0);
+  auto q = torch::empty({m, planes, k}, torch::kInt8);  // planes interleaved by row, as int4_linear's
+  auto qscale = torch::empty({planes, m}, torch::kFloat32);
   split_planes(xf.data_ptr<float>(), m, k, static_cast<int>(planes), q.data_ptr<int8_t>(),
-               qscale.data_ptr<float>());
-  auto part = torch::empty({rows, n}, torch::kFloat32);
+               qscale.data_ptr<float>(), /*interleaved=*/true);
+  auto y = torch::empty({m, n}, torch::kFloat32);
   const int8_t* q_p = q.data_ptr<int8_t>();
+  const float* rs_p = qscale.data_ptr<float>();
   const int8_t* w_p = packed.data_ptr<int8_t>();
   const float* s_p = scale.data_ptr<float>();
-  float* part_p = part.data_ptr<float>();
-  const auto passes = make_passes(rows);
+  float* y_p = y.data_ptr<float>();
+  const auto passes = make_row_passes(m, static_cast<int>(planes));
   at::parallel_for(0, n / 16, 8, [&](int64_t begin, int64_t end) {
-    int8_blocks(q_p, k, n, passes, w_p, s_p, part_p, begin, end);
+    int8_blocks(q_p, rs_p, k, n, static_cast<int>(planes), passes, w_p, s_p, y_p, begin, end);
   });
-  auto parts = part.view({planes, m, n});
-  auto y = parts[0] * qscale[0];
-  for (int64_t p = 1; p < planes; ++p) y.add_(parts[p] * qscale[p]);
   return y;
 }
 
@@ -367,7 +460,7 @@ void configure_bf16(int rows) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  load_config(cfg);
 }
 
 // One pass: R row tiles (rows from ``a``, row stride lda) against B output blocks (weights ``w0``, ``w1``:
