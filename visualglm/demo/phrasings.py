@@ -358,9 +358,6 @@ _ZH_YES_NO_NEG_TRAIN = """
 {obj}不是{pc}的吧
 {inpic}看不到{x}，对吗
 {pic}中不存在{x}，是吗
-是不是找不到{x}
-{inpic}不存在{x}吧
-难道没有{x}吗
 """
 _ZH_YES_NO_HELD_OUT = """
 {inpic}能看到{x}吗

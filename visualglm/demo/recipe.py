@@ -48,9 +48,9 @@ class TrainRecipe:
     # all English, all Chinese or mixed turn by turn.
     turn_weights: tuple[float, ...] = (0.5, 0.2, 0.1, 0.1, 0.1)
     lang_mode_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)  # en, zh, mixed
-    easyvqa_weight: float = 0.32
-    phrasing_weight: float = 0.51
-    oos_weight: float = 0.17
+    easyvqa_weight: float = 0.33
+    phrasing_weight: float = 0.52
+    oos_weight: float = 0.15
     # grammar questions by type: color, shape, yes/no (which needs the question's probe matched against the
     # image, and negations read: the slowest to learn), describe
     qtype_weights: tuple[float, float, float, float] = (0.2, 0.2, 0.4, 0.2)
