@@ -114,6 +114,12 @@ inline void load_config(const TileConfig& cfg) {
   _tile_loadconfig(&cfg);
 }
 
+// Ask for ``bytes`` from ``p`` on into L1 (harmless past the end of the weight: prefetches do not fault).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
 // Passes: up to 16 rows of x (48 plane rows, three tiles) each, every row's planes in one pass.
 struct RowPass {
   int64_t m0;  // first row of x
@@ -169,12 +175,13 @@ inline void unpack_tiles(const uint8_t* packed, int64_t chunks, uint8_t* tiles) 
 // into ``c`` ([48, 16] int32). Tile numbers must be literals (the intrinsics paste them into the instruction),
 // hence a macro for the two sets.
 #define VISUALGLM_TILE_GROUP(SET, DOT, C0, C1, C2)                                                                \
-  template <int T>                                                                                            \
+  template <int T, bool kPrefetch = false>                                                                    \
   inline void group_dots_##SET(const int8_t* a, int64_t k, const uint8_t* b, int64_t per_group) {      \
     _tile_zero(C0);                                                                                           \
     if constexpr (T > 1) _tile_zero(C1);                                                                      \
     if constexpr (T > 2) _tile_zero(C2);                                                                      \
     for (int64_t i = 0; i < per_group; ++i, a += 64, b += 1024) {                                             \
+      if constexpr (kPrefetch) prefetch(b + 4 * 1024, 1024);  /* weights straight from memory (INT8) */      \
       _tile_loadd(3, a, k);                                                                                   \
       if constexpr (T > 1) _tile_loadd(4, a + 16 * k, k);                                                     \
       if constexpr (T > 2) _tile_loadd(5, a + 32 * k, k);                                                     \
@@ -282,6 +289,8 @@ void int4_blocks(const int8_t* xq, const float* xsum, const float* row_scale, in
     auto unpack_group = [&](int64_t grp) {
       uint8_t* tiles = buffer + (grp & 1) * per_group * 1024;  // two buffers: a group never waits for the last
       unpack_tiles(wb + grp * per_group * 512, per_group, tiles);
+      prefetch(wb + (grp + 4) * per_group * 512, per_group * 512);  // codes 4 groups ahead: memory is busy
+                                                                      // while this group's products run
       return static_cast<const uint8_t*>(tiles);
     };
     auto unpacked = [&](int64_t grp) { return static_cast<const uint8_t*>(buffer + grp * per_group * 1024); };
@@ -382,13 +391,13 @@ void int8_blocks(const int8_t* xq, const float* row_scale, int64_t k, int64_t n,
       }
       const int8_t* a0 = xq + pass.m0 * planes * k;
       if (pass.tiles == 1) {
-        group_dots_s8<1>(a0, k, wb, chunks);
+        group_dots_s8<1, true>(a0, k, wb, chunks);
         group_store_s8<1>(ctile);
       } else if (pass.tiles == 2) {
-        group_dots_s8<2>(a0, k, wb, chunks);
+        group_dots_s8<2, true>(a0, k, wb, chunks);
         group_store_s8<2>(ctile);
       } else {
-        group_dots_s8<3>(a0, k, wb, chunks);
+        group_dots_s8<3, true>(a0, k, wb, chunks);
         group_store_s8<3>(ctile);
       }
       for (int r = 0; r < pass.rows; ++r) {
