@@ -44,7 +44,7 @@ struct AlignedBuffer {
   }
   uint8_t* data() { return data_; }
 };
-constexpr int kRowTiles = 3;  // C tiles 0-2 (accumulators), A tiles 3-5 (activations), B tile 6 (codes)
+constexpr int kRowTiles = 3;  // row tiles per pass at most (48 plane rows); the tile roles: configure_tiles
 
 // fp32 rows [M, K] -> int8 planes [P * M, K] and their scales [P, M], as split_planes computes them. Plane p
 // of row m is plane row p * M + m, or m * P + p when ``interleaved`` (each row's planes side by side).
@@ -158,6 +158,26 @@ void configure_tiles(int plane_rows, int tiles) {
   load_config(cfg);
 }
 
+// Loads the tile configuration of a pass when its plane rows differ from the last pass's (a prefill's last
+// pass is partial; every other pass has the same shape).
+struct PassTiles {
+  int plane_rows = -1;
+  void ensure(const RowPass& pass, int planes) {
+    if (pass.rows * planes == plane_rows) return;
+    plane_rows = pass.rows * planes;
+    configure_tiles(plane_rows, pass.tiles);
+  }
+};
+
+// One row's planes' int32 sums (``planes`` adjacent rows of 16 in ``c``) recombined in fp32:
+// sum_p kFactor[p] * c[p].
+inline __m512 recombine_planes(const int32_t* c, int planes) {
+  __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(c));
+  for (int p = 1; p < planes; ++p)
+    dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + p * 16)), _mm512_set1_ps(kFactor[p]), dot);
+  return dot;
+}
+
 // The codes of ``chunks`` consecutive 16 x 64 tiles, packed (512 bytes each) -> TDPBSUD's B layout (1024 bytes
 // each): two tile rows per 64-byte load, low nibbles to columns 0-31 and high nibbles to columns 32-63.
 inline void unpack_tiles(const uint8_t* packed, int64_t chunks, uint8_t* tiles) {
@@ -215,10 +235,7 @@ inline void int4_scale_group(const int32_t* ctile, const float* xsum, int64_t gr
                              const float* sv, const float* ov, int rows, float* acc) {
   const __m512 s = _mm512_loadu_ps(sv + grp * 16), o = _mm512_loadu_ps(ov + grp * 16);
   for (int r = 0; r < rows; ++r) {
-    const int32_t* c = ctile + r * planes * 16;
-    __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(c));
-    for (int p = 1; p < planes; ++p)
-      dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + p * 16)), _mm512_set1_ps(kFactor[p]), dot);
+    const __m512 dot = recombine_planes(ctile + r * planes * 16, planes);
     __m512 a = _mm512_fmadd_ps(dot, s, _mm512_loadu_ps(acc + r * 16));
     a = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * groups + grp]), o, a);
     _mm512_storeu_ps(acc + r * 16, a);
@@ -273,7 +290,7 @@ void int4_blocks(const int8_t* xq, const float* xsum, const float* row_scale, in
   AlignedBuffer btiles((fused ? 2 * per_group : chunks) * 1024);
   std::vector<float> sv(groups * 16), ov(groups * 16), acc(16 * kRowTiles * 16);  // a pass: up to 48 rows
   alignas(64) int32_t ctile[2 * kRowTiles * 16 * 16];
-  int configured = -1;
+  PassTiles pass_tiles;
   for (int64_t b = begin; b < end; ++b) {
     const uint8_t* wb = packed + b * chunks * 512;
     if (!fused) unpack_tiles(wb, chunks, btiles.data());
@@ -295,11 +312,7 @@ void int4_blocks(const int8_t* xq, const float* xsum, const float* row_scale, in
     };
     auto unpacked = [&](int64_t grp) { return static_cast<const uint8_t*>(buffer + grp * per_group * 1024); };
     for (const RowPass& pass : passes) {
-      const int plane_rows = pass.rows * planes;
-      if (plane_rows != configured) {
-        configure_tiles(plane_rows, pass.tiles);
-        configured = plane_rows;
-      }
+      pass_tiles.ensure(pass, planes);
       const int8_t* a0 = xq + pass.m0 * planes * k;
       const float* xs = xsum + pass.m0 * groups;
       const float* svp = sv.data();
@@ -379,16 +392,12 @@ void int8_blocks(const int8_t* xq, const float* row_scale, int64_t k, int64_t n,
                  int64_t begin, int64_t end) {
   alignas(64) int32_t ctile[kRowTiles * 16 * 16];
   const int64_t chunks = k / 64;
-  int configured = -1;
+  PassTiles pass_tiles;
   for (int64_t b = begin; b < end; ++b) {
     const uint8_t* wb = reinterpret_cast<const uint8_t*>(packed + b * chunks * 1024);
     const __m512 sv = _mm512_loadu_ps(scale + b * 16);
     for (const RowPass& pass : passes) {
-      const int plane_rows = pass.rows * planes;
-      if (plane_rows != configured) {
-        configure_tiles(plane_rows, pass.tiles);
-        configured = plane_rows;
-      }
+      pass_tiles.ensure(pass, planes);
       const int8_t* a0 = xq + pass.m0 * planes * k;
       if (pass.tiles == 1) {
         group_dots_s8<1, true>(a0, k, wb, chunks);
@@ -400,14 +409,10 @@ void int8_blocks(const int8_t* xq, const float* row_scale, int64_t k, int64_t n,
         group_dots_s8<3, true>(a0, k, wb, chunks);
         group_store_s8<3>(ctile);
       }
-      for (int r = 0; r < pass.rows; ++r) {
-        const int32_t* c = ctile + r * planes * 16;
-        __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(c));
-        for (int p = 1; p < planes; ++p)
-          dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + p * 16)), _mm512_set1_ps(kFactor[p]), dot);
+      for (int r = 0; r < pass.rows; ++r)
         _mm512_storeu_ps(y + (pass.m0 + r) * n + b * 16,
-                         _mm512_mul_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(row_scale[pass.m0 + r]))));
-      }
+                         _mm512_mul_ps(recombine_planes(ctile + r * planes * 16, planes),
+                                       _mm512_mul_ps(sv, _mm512_set1_ps(row_scale[pass.m0 + r]))));
     }
   }
   _tile_release();
