@@ -17,19 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from visualglm.kernels import native
-from visualglm.kernels.amx_tiles import pack_vnni_tiles, unpack_vnni_tiles
+from visualglm.kernels.amx_tiles import TILE_OUTPUTS, pack_vnni_tiles, tile_inputs, unpack_vnni_tiles
 from visualglm.quant.linear import Int4Linear, Int8Linear, check_int4_state
 from visualglm.quant.packing import pack_int4_plain, unpack_int4_plain
 from visualglm.quant.portable import PortableInt8State, PortableState, check_int8_state
 
 PLANES = 3
-TILE_ROWS = 16  # outputs per AMX tile: the kernel takes a multiple of this many
-CHUNK = 64  # inputs per AMX tile
+CHUNK = tile_inputs(torch.int8)  # inputs per AMX tile of int8 weights or 4-bit codes (64)
 
 
 def fits(module: Int4Linear) -> bool:
     """Shapes the kernel takes: outputs a multiple of 16, groups a multiple of 64 inputs, on the CPU."""
-    return (module.out_features % TILE_ROWS == 0 and module.group_size % CHUNK == 0
+    return (module.out_features % TILE_OUTPUTS == 0 and module.group_size % CHUNK == 0
             and module.in_features % module.group_size == 0 and module.qweight.device.type == "cpu")
 
 
@@ -48,7 +47,7 @@ def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
 
 def int8_fits(module: Int8Linear) -> bool:
     """Shapes the INT8 kernel takes: outputs a multiple of 16, inputs of 64, on the CPU."""
-    return (module.out_features % TILE_ROWS == 0 and module.in_features % CHUNK == 0
+    return (module.out_features % TILE_OUTPUTS == 0 and module.in_features % CHUNK == 0
             and module.weight.device.type == "cpu")
 
 

@@ -303,32 +303,26 @@ void int4_blocks(const int8_t* xq, const float* xsum, const float* row_scale, in
       _mm512_storeu_ps(ov.data() + grp * 16, _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z));  // zero - 8 scale
     }
     uint8_t* buffer = btiles.data();
-    auto unpack_group = [&](int64_t grp) {
-      uint8_t* tiles = buffer + (grp & 1) * per_group * 1024;  // two buffers: a group never waits for the last
+    // A group's unpacked codes. One pass: unpacked now into one of two small buffers (a group never waits for
+    // the last), the codes 4 groups ahead prefetched while this group's products run. More passes: the
+    // block's codes unpacked once above.
+    auto tiles_of = [&](int64_t grp) -> const uint8_t* {
+      if (!fused) return buffer + grp * per_group * 1024;
+      uint8_t* tiles = buffer + (grp & 1) * per_group * 1024;
       unpack_tiles(wb + grp * per_group * 512, per_group, tiles);
-      prefetch(wb + (grp + 4) * per_group * 512, per_group * 512);  // codes 4 groups ahead: memory is busy
-                                                                      // while this group's products run
-      return static_cast<const uint8_t*>(tiles);
+      prefetch(wb + (grp + 4) * per_group * 512, per_group * 512);
+      return tiles;
     };
-    auto unpacked = [&](int64_t grp) { return static_cast<const uint8_t*>(buffer + grp * per_group * 1024); };
     for (const RowPass& pass : passes) {
       pass_tiles.ensure(pass, planes);
       const int8_t* a0 = xq + pass.m0 * planes * k;
       const float* xs = xsum + pass.m0 * groups;
-      const float* svp = sv.data();
-      const float* ovp = ov.data();
-#define VISUALGLM_INT4_PASS(T, TILES)                                                                          \
-  int4_block_pass<T>(a0, xs, k, g, planes, TILES, svp, ovp, pass.rows, ctile, acc.data())
-      if (fused) {
-        if (pass.tiles == 1) VISUALGLM_INT4_PASS(1, unpack_group);
-        else if (pass.tiles == 2) VISUALGLM_INT4_PASS(2, unpack_group);
-        else VISUALGLM_INT4_PASS(3, unpack_group);
-      } else {
-        if (pass.tiles == 1) VISUALGLM_INT4_PASS(1, unpacked);
-        else if (pass.tiles == 2) VISUALGLM_INT4_PASS(2, unpacked);
-        else VISUALGLM_INT4_PASS(3, unpacked);
-      }
-#undef VISUALGLM_INT4_PASS
+      if (pass.tiles == 1)
+        int4_block_pass<1>(a0, xs, k, g, planes, tiles_of, sv.data(), ov.data(), pass.rows, ctile, acc.data());
+      else if (pass.tiles == 2)
+        int4_block_pass<2>(a0, xs, k, g, planes, tiles_of, sv.data(), ov.data(), pass.rows, ctile, acc.data());
+      else
+        int4_block_pass<3>(a0, xs, k, g, planes, tiles_of, sv.data(), ov.data(), pass.rows, ctile, acc.data());
       for (int r = 0; r < pass.rows; ++r)
         _mm512_storeu_ps(y + (pass.m0 + r) * n + b * 16,
                          _mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * 16), _mm512_set1_ps(row_scale[pass.m0 + r])));
