@@ -97,6 +97,7 @@ def test_requests_arriving_at_random_steps_answer_as_alone(text_model, seed: int
             assert tokens[request.id] == want, request.id
             assert reasons[request.id] == ("length" if len(want) == request.params.max_new_tokens else "stop")
     assert engine.stats.largest_batch >= 3 and not engine.has_work() and engine.running == 0
+    assert engine.stats.joined_steps > 0  # prefill stages ran inside decode forwards too
 
 
 def test_seeded_sampling_ignores_what_runs_beside_it(text_model) -> None:
@@ -348,7 +349,9 @@ def test_text_and_image_requests_prefilled_as_one_group_answer_as_alone(visual, 
 def test_early_events_come_before_the_decode_forward_and_change_nothing(text_model) -> None:
     rng = random.Random(11)
     requests = _text_requests(6, rng)
-    engine = ContinuousEngine(text_model, max_rows=3, context=96, prefill_chunk=64)
+    # A budget of 2 tokens' worth per step: the newcomers' prefills run in pieces of layers, before the decode
+    # forward (a prefill of whole layers runs inside it, and its first tokens come with the decode step's).
+    engine = ContinuousEngine(text_model, max_rows=3, context=96, prefill_chunk=2)
     tokens = {r.id: [] for r in requests}
     early_firsts = []  # requests whose first token came early
     decode_steps_at_start = 0

@@ -23,6 +23,12 @@ One call to :meth:`ContinuousEngine.step` does, in order:
 4. **decodes** one token for every running row in one forward over cache rows ``[0, highest used + 1)``
    (free slots in that range compute a token nobody reads, cheaper than moving a row's cache).
 
+A prefill stage of whole layers runs *inside* the decode forward: at each layer it crosses, its tokens and
+the decode rows go through the linear layers as one matrix (``layers.advance_passes``), so a step reads the
+weights once, not once for the decode rows and again for the prompt. On a CPU, where a decode step is the
+time to read the weights, that is most of what a step carrying a short prompt's prefill costs extra.
+Pieces of a layer (long prompts) run before the decode forward, as do prefills with nothing decoding.
+
 Finished, ended and failed rows free their slot at once; their cached tokens stay there for reuse until a
 newcomer needs the slot. The engine is deterministic in its inputs: under tensor parallelism every rank
 makes the same ``submit``/``end``/``step`` calls and so runs the same schedule.
@@ -40,7 +46,7 @@ from torch import nn
 
 from visualglm.generation.engine import GenerationParams
 from visualglm.generation.sampling import make_generator, next_tokens
-from visualglm.models.layers import last_positions, run_stages
+from visualglm.models.layers import LayerPass, advance_passes, last_positions, run_stages
 
 
 @dataclass
@@ -81,6 +87,7 @@ class EngineStats:
     prefills: int = 0
     prefill_tokens: int = 0  # tokens actually computed by prefills
     reused_tokens: int = 0  # prompt tokens taken from cached slots instead
+    joined_steps: int = 0  # decode steps that carried a stage of a prefill in the same forward
     largest_batch: int = 0
 
 
@@ -112,7 +119,8 @@ class _Prefill:
         self.per_step = per_step  # layers of work per step beside decoding rows (a fraction: pieces of layers)
         self.token_chunk = token_chunk  # tokens per piece of a layer (None: whole layers)
         self.target = 0.0  # layers done by the end of this step
-        self.stages = None
+        self.stages = None  # run alone: the model's stage generator
+        self.layer_pass: LayerPass | None = None  # run beside decode steps: the forward in progress
         self.dropped: set[int] = set()
 
 
@@ -182,22 +190,31 @@ class ContinuousEngine:
     @torch.inference_mode()
     def step(self, early: Callable[[list[TokenEvent]], None] | None = None) -> list[TokenEvent]:
         """One scheduling step (see the module docstring); the events of every request it touched. With
-        ``early``, the events known before the decode forward (ended rows, newcomers' first tokens) go to it
-        at once instead, so that a newcomer's first token does not wait for the running rows' step."""
+        ``early``, the events known before the decode forward (ended rows, the first tokens of newcomers
+        whose prefill ran before it) go to it at once instead, so that those first tokens do not wait for
+        the running rows' step. A prefill run inside the decode forward gives its first tokens with it."""
         self.stats.steps += 1
         for attention, cache in zip(self.model.attention_modules(), self._caches, strict=True):
             attention.kv_cache = cache
         events = self._apply_ends()
         self._admit()
         decoding = [row for row in self.rows if row is not None and row.last is not None]
-        if self.prefill is not None:
+        joint = self.prefill if decoding and self._joins(self.prefill) else None
+        if self.prefill is not None and joint is None:
             events += self._advance_prefill(full=not decoding)
         if decoding:
             if early is not None and events:
                 early(events)
                 events = []
-            events += self._decode(decoding)
+            events += self._decode(decoding, joint)
         return events
+
+    def _joins(self, prefill: _Prefill | None) -> bool:
+        """Whether ``prefill``'s stage of this step runs inside the decode forward, sharing its weight reads
+        (whole layers only; not with a compiled decode, whose shapes are fixed, nor under tensor parallelism,
+        whose reductions run on the attention modules' own calls)."""
+        return (prefill is not None and prefill.token_chunk is None and prefill.stages is None
+                and self.compiled is None and getattr(self.model, "tensor_parallel", None) is None)
 
     def _apply_ends(self) -> list[TokenEvent]:
         if not self._ended:
@@ -377,7 +394,11 @@ class ContinuousEngine:
         to this step's share of layers (all that is left when ``full``); the newcomers' first tokens once
         the last layer is done."""
         prefill = self.prefill
-        if full and prefill.stages is None:
+        if full and prefill.stages is None and prefill.layer_pass is not None:  # begun beside decode steps
+            advance_passes(self.model.decoder_blocks(), [prefill.layer_pass], [self.num_layers])
+            hidden = self.model.final_norm(last_positions(prefill.layer_pass.x, 1))
+            logits = self.model.output_logits(hidden)[:, -1].float()
+        elif full and prefill.stages is None:
             inputs = dict(prefill.inputs)
             logits = self.model(inputs.pop("input_ids"), inputs.pop("position_ids"), inputs.pop("attention_mask"),
                                 **inputs, logits_to_keep=1)[:, -1].float()
@@ -393,6 +414,12 @@ class ContinuousEngine:
                 if done >= prefill.target:
                     return []
             logits = self.model.output_logits(last_positions(hidden, 1))[:, -1].float()
+        return self._prefill_done(logits)
+
+    def _prefill_done(self, logits: torch.Tensor) -> list[TokenEvent]:
+        """The waiting prefill is through every layer: its rows' first tokens from ``logits`` ``[rows, vocab]``
+        (one row per newcomer, in order); they join the decode batch."""
+        prefill = self.prefill
         self.prefill = None
         events = []
         for index, row in enumerate(prefill.rows):
@@ -404,7 +431,10 @@ class ContinuousEngine:
 
     # -- decoding ------------------------------------------------------------------------------------------
 
-    def _decode(self, decoding: list[_Row]) -> list[TokenEvent]:
+    def _decode(self, decoding: list[_Row], joint: _Prefill | None = None) -> list[TokenEvent]:
+        """One token for every decoding row. With ``joint`` (the waiting prefill), this step's stage of the
+        prefill runs in the same forward: the layers both cross run once over the decode rows' and the
+        prompt's tokens together, so their weights are read once (a separate stage would read them again)."""
         model = self.model
         static = self.compiled is not None
         high = max(row.slot for row in decoding) + 1
@@ -427,9 +457,23 @@ class ContinuousEngine:
         forward = self.compiled if static else model
         if static:  # CUDA graphs reuse their output buffers at the next replay (the logits are read below)
             torch.compiler.cudagraph_mark_step_begin()
-        logits = forward(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
-                         cache_rows=slice(0, high))[:, -1].float()
         events = []
+        if joint is None:
+            logits = forward(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
+                             cache_rows=slice(0, high))[:, -1].float()
+        else:
+            step = model.start_pass(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
+                                    cache_rows=slice(0, high))
+            if joint.layer_pass is None:
+                joint.layer_pass = model.start_pass(**joint.inputs)
+            self.stats.joined_steps += 1
+            joint.target += joint.per_step
+            stop = min(self.num_layers, math.ceil(joint.target))
+            advance_passes(model.decoder_blocks(), [step, joint.layer_pass], [self.num_layers, stop])
+            logits = model.output_logits(model.final_norm(step.x))[:, -1].float()
+            if joint.layer_pass.next >= self.num_layers:
+                hidden = model.final_norm(last_positions(joint.layer_pass.x, 1))
+                events += self._prefill_done(model.output_logits(hidden)[:, -1].float())
         for row in decoding:
             row.length += 1
             events.append(self._choose(row, logits[row.slot:row.slot + 1]))

@@ -26,11 +26,13 @@ from torch import nn
 from visualglm.config import ChatGLMConfig
 from visualglm.models.kv_cache import CachedAttentionModel, KVCache
 from visualglm.models.layers import (
+    LayerPass,
     apply_rotary_halves,
     attention,
     attention_span,
     chunked_layer,
     common_prefix_length,
+    joint,
     last_positions,
     rotary_cos_sin,
     rotary_inv_freq,
@@ -63,19 +65,30 @@ class ChatGLMAttention(nn.Module):
         ``[0, kv_length)``; without one they attend to the T tokens themselves. ``extra_kv`` keys and
         values, when set, are placed before those and visible to every query.
         """
-        q, k, v = self.project(x, cos, sin)
+        return self.dense(self.mix(self.query_key_value(x), cos, sin, bias, cache_positions, kv_length, cache_rows))
+
+    def mix(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
+            cache_positions: torch.Tensor | None, kv_length: int,
+            cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` between its two linear layers: the heads ``[B, T, hidden]`` (before ``dense``) of the
+        fused projection ``qkv`` ``[B, T, 3 * hidden]``; the other arguments as in ``forward``."""
+        q, k, v = self.split_heads(qkv, cos, sin)
         if cache_positions is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
             k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
-        return self.attend(q, k, v, bias)
+        return self.heads(q, k, v, bias)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries and keys and the values of x ``[B, T, hidden]``: each ``[B, heads, T, head_dim]``."""
-        batch, length, _ = x.shape
-        qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3 * self.head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
+        return self.split_heads(self.query_key_value(x), cos, sin)
+
+    def split_heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``project`` after the linear layer: qkv ``[B, T, 3 * hidden]`` cut per head and rotated."""
+        batch, length, _ = qkv.shape
+        q, k, v = qkv.view(batch, length, self.num_heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
         q = apply_rotary_halves(q, cos, sin, chunks=2).transpose(1, 2)
         k = apply_rotary_halves(k, cos, sin, chunks=2).transpose(1, 2)
         return q, k, v.transpose(1, 2)
@@ -83,6 +96,10 @@ class ChatGLMAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The output ``[B, T, hidden]`` of queries ``[B, heads, T, head_dim]`` over keys/values
         ``[B, heads, S, head_dim]`` (``extra_kv`` placed before them), bias ``[B, 1, T, S]`` or None."""
+        return self.dense(self.heads(q, k, v, bias))
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``attend`` before ``dense``: the heads' outputs side by side, ``[B, T, hidden]``."""
         batch, _, length, _ = q.shape
         if self.extra_kv is not None:
             extra_k, extra_v = self.extra_kv(batch)
@@ -91,7 +108,7 @@ class ChatGLMAttention(nn.Module):
             if bias is not None:
                 bias = F.pad(bias, (extra_k.shape[2], 0))  # 0 = visible
         out = attention(q, k, v, bias, self.single_query)  # [B, H, T, D]
-        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 class ChatGLMMLP(nn.Module):
@@ -130,6 +147,21 @@ class GLMBlock(nn.Module):
         x = attn_in * self.alpha + self.attention(attn_in, cos, sin, bias, cache_positions, kv_length, cache_rows)
         mlp_in = self.post_attention_layernorm(x)
         return mlp_in * self.alpha + self.mlp(mlp_in)
+
+    def forward_joint(self, parts: Sequence[tuple[torch.Tensor, tuple]]) -> list[torch.Tensor]:
+        """``forward`` for several groups of tokens, each ``(x [B_i, T_i, hidden], the rest of forward's
+        arguments)``: the linear layers run once over every group's tokens (see ``layers.joint``),
+        attention group by group. The outputs ``[B_i, T_i, hidden]``, in order. Several groups bypass the
+        attention module's own call (and so its hooks: tensor parallelism's reduction runs one group at a
+        time)."""
+        if len(parts) == 1:
+            return [self(parts[0][0], *parts[0][1])]
+        attn_in = [self.input_layernorm(x) for x, _ in parts]
+        qkv = joint(self.attention.query_key_value, attn_in)
+        heads = [self.attention.mix(qkv_i, *args) for qkv_i, (_, args) in zip(qkv, parts, strict=True)]
+        x = [a * self.alpha + out for a, out in zip(attn_in, joint(self.attention.dense, heads), strict=True)]
+        mlp_in = [self.post_attention_layernorm(x_i) for x_i in x]
+        return [m * self.alpha + out for m, out in zip(mlp_in, joint(self.mlp, mlp_in), strict=True)]
 
     def write_keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_positions: torch.Tensor,
                    cache_rows: slice | torch.Tensor | None) -> torch.Tensor:
@@ -272,6 +304,37 @@ class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
         engine steps, with other rows' decode steps in between, exactly (see ``run_stages``). With
         ``token_chunk`` (and a KV cache) a prompt longer than that is cut inside each layer too, into pieces
         of that many tokens (see ``chunked_layer``; the yields are then fractions of layers)."""
+        layer_pass = self.start_pass(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds,
+                                     cache_rows)
+        x, (cos, sin, bias, cache_positions, kv_length, cache_rows) = layer_pass.x, layer_pass.args
+        length = x.shape[1]
+        chunked = token_chunk is not None and token_chunk < length
+        if chunked and cache_positions is None:
+            raise ValueError("token_chunk needs a KV cache (cache_positions)")
+        for done, block in enumerate(self.transformer.layers):
+            if not chunked:
+                x = block(x, cos, sin, bias, cache_positions, kv_length, cache_rows)
+                yield done + 1
+                continue
+
+            def write_keys(start: int, end: int, x=x, block=block) -> torch.Tensor:
+                return block.write_keys(x[:, start:end], cos[:, start:end], sin[:, start:end],
+                                        cache_positions[..., start:end], cache_rows)
+
+            def finish(start: int, end: int, queries: torch.Tensor, x=x, block=block) -> torch.Tensor:
+                return block.finish(x[:, start:end], queries, None if bias is None else bias[:, :, start:end],
+                                    kv_length, cache_rows)
+
+            x = yield from chunked_layer(length, token_chunk, write_keys, finish, done)
+        return self.final_norm(x)
+
+    def start_pass(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
+                   inputs_embeds: torch.Tensor | None = None,
+                   cache_rows: slice | torch.Tensor | None = None) -> LayerPass:
+        """A forward (arguments as in ``forward``) standing before block 0: the embeddings and the attention
+        arguments every block takes. Run it with ``layers.advance_passes`` over ``decoder_blocks()``, then
+        ``final_norm``."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -291,25 +354,15 @@ class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
         cos, sin = rotary_cos_sin(position_ids, inv_freq, x.dtype)  # [B, 2, T, head_dim / 2]
         cos = torch.cat((cos[:, 0], cos[:, 1]), dim=-1).unsqueeze(2)  # [B, T, 1, head_dim]
         sin = torch.cat((sin[:, 0], sin[:, 1]), dim=-1).unsqueeze(2)
-        chunked = token_chunk is not None and token_chunk < length
-        if chunked and cache_positions is None:
-            raise ValueError("token_chunk needs a KV cache (cache_positions)")
-        for done, block in enumerate(self.transformer.layers):
-            if not chunked:
-                x = block(x, cos, sin, bias, cache_positions, kv_length, cache_rows)
-                yield done + 1
-                continue
+        return LayerPass(x, (cos, sin, bias, cache_positions, kv_length, cache_rows))
 
-            def write_keys(start: int, end: int, x=x, block=block) -> torch.Tensor:
-                return block.write_keys(x[:, start:end], cos[:, start:end], sin[:, start:end],
-                                        cache_positions[..., start:end], cache_rows)
+    def decoder_blocks(self) -> nn.ModuleList:
+        """The blocks in order; each has ``forward_joint`` (see ``layers.advance_passes``)."""
+        return self.transformer.layers
 
-            def finish(start: int, end: int, queries: torch.Tensor, x=x, block=block) -> torch.Tensor:
-                return block.finish(x[:, start:end], queries, None if bias is None else bias[:, :, start:end],
-                                    kv_length, cache_rows)
-
-            x = yield from chunked_layer(length, token_chunk, write_keys, finish, done)
-        return self.transformer.final_layernorm(x)
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm of the last block's output ``[B, T, hidden]``."""
+        return self.transformer.final_layernorm(hidden)
 
 
 def chatglm_prompt_inputs(input_ids: torch.Tensor, config: ChatGLMConfig,

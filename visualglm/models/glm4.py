@@ -22,10 +22,12 @@ from torch import nn
 
 from visualglm.models.kv_cache import CachedAttentionModel, KVCache
 from visualglm.models.layers import (
+    LayerPass,
     attention_gqa,
     attention_span,
     chunked_layer,
     common_prefix_length,
+    joint,
     last_positions,
     run_stages,
 )
@@ -133,17 +135,29 @@ class GLM4Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor | None,
                 cache_positions: torch.Tensor | None, kv_length: int, causal: bool,
                 cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self.project(x, rope)
+        return self.dense(self.mix(self.query_key_value(x), rope, bias, cache_positions, kv_length, causal,
+                                   cache_rows))
+
+    def mix(self, qkv: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor | None,
+            cache_positions: torch.Tensor | None, kv_length: int, causal: bool,
+            cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` between its two linear layers: the heads ``[B, T, heads * D]`` (before ``dense``) of the
+        projection ``qkv`` ``[B, T, (heads + 2 * kv_heads) * D]``."""
+        q, k, v = self.split_heads(qkv, rope)
         if cache_positions is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
             k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
-        return self.attend(q, k, v, bias, causal)
+        return self.heads_output(q, k, v, bias, causal)
 
     def project(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries ``[B, heads, T, D]``, rotated keys and values ``[B, kv_heads, T, D]`` of x."""
-        batch, length, _ = x.shape
-        q, k, v = self.query_key_value(x).split(
+        return self.split_heads(self.query_key_value(x), rope)
+
+    def split_heads(self, qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``project`` after the linear layer."""
+        batch, length, _ = qkv.shape
+        q, k, v = qkv.split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         q = apply_glm4_rope(q.view(batch, length, self.heads, self.head_dim), rope).transpose(1, 2)
         k = apply_glm4_rope(k.view(batch, length, self.kv_heads, self.head_dim), rope).transpose(1, 2)
@@ -152,9 +166,14 @@ class GLM4Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                causal: bool = False) -> torch.Tensor:
         """The output ``[B, T, hidden]`` of queries ``[B, heads, T, D]`` over keys/values ``[B, kv_heads, S, D]``."""
+        return self.dense(self.heads_output(q, k, v, bias, causal))
+
+    def heads_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     causal: bool = False) -> torch.Tensor:
+        """``attend`` before ``dense``: the heads' outputs side by side, ``[B, T, heads * D]``."""
         batch, _, length, _ = q.shape
         out = attention_gqa(q, k, v, bias, causal=causal, single_query=self.single_query)
-        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 class SwiGLU(nn.Module):
@@ -180,6 +199,17 @@ class GLM4Block(nn.Module):
         x = x + self.self_attention(self.input_layernorm(x), rope, bias, cache_positions, kv_length, causal,
                                     cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_joint(self, parts: Sequence[tuple[torch.Tensor, tuple]]) -> list[torch.Tensor]:
+        """``forward`` for several groups of tokens at once (see ``GLMBlock.forward_joint``)."""
+        if len(parts) == 1:
+            return [self(parts[0][0], *parts[0][1])]
+        attention = self.self_attention
+        qkv = joint(attention.query_key_value, [self.input_layernorm(x) for x, _ in parts])
+        heads = [attention.mix(qkv_i, *args) for qkv_i, (_, args) in zip(qkv, parts, strict=True)]
+        x = [x_i + out for (x_i, _), out in zip(parts, joint(attention.dense, heads), strict=True)]
+        return [x_i + out for x_i, out in zip(x, joint(self.mlp, [self.post_attention_layernorm(y) for y in x]),
+                                              strict=True)]
 
     def write_keys(self, x: torch.Tensor, rope: torch.Tensor, cache_positions: torch.Tensor,
                    cache_rows: slice | torch.Tensor | None) -> torch.Tensor:
@@ -282,23 +312,13 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
                             inputs_embeds=None, cache_rows=None, token_chunk: int | None = None) -> Iterator[float]:
         """``hidden_states`` one layer at a time, or pieces of layers with ``token_chunk`` (see
         ChatGLMForCausalLM.hidden_state_stages)."""
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids or inputs_embeds")
-            inputs_embeds = self.embed(input_ids)
-        x = inputs_embeds
+        layer_pass = self.start_pass(input_ids, position_ids, attention_mask, cache_positions, inputs_embeds,
+                                     cache_rows)
+        x, (rope, bias, cache_positions, kv_length, causal, cache_rows) = layer_pass.x, layer_pass.args
         length = x.shape[1]
-        if position_ids is None:
-            if cache_positions is not None or input_ids is None:
-                raise ValueError("position_ids are required with a KV cache or inputs_embeds")
-            position_ids, attention_mask = glm4_prompt_inputs(input_ids, self.config)
-        # Without an explicit mask a prompt is plainly causal and a decode step sees every written slot.
-        causal = attention_mask is None and length > 1
-        kv_length, bias = attention_span(attention_mask, cache_positions, length, x.dtype)
-        rope = glm4_rope_table(position_ids[:, 0], self.config.kv_channels // 2, 10000.0 * self.config.rope_ratio,
-                               x.dtype)
+        masked = bias is not None
         chunked = token_chunk is not None and token_chunk < length
-        if chunked and (cache_positions is None or attention_mask is None):
+        if chunked and (cache_positions is None or not masked):
             raise ValueError("token_chunk needs a KV cache (cache_positions) and an attention_mask")
         for done, block in enumerate(self.transformer.encoder.layers):
             if not chunked:
@@ -314,7 +334,33 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
                 return block.finish(x[:, start:end], queries, bias[:, :, start:end], kv_length, cache_rows)
 
             x = yield from chunked_layer(length, token_chunk, write_keys, finish, done)
-        return self.transformer.encoder.final_layernorm(x)
+        return self.final_norm(x)
+
+    def start_pass(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,
+                   inputs_embeds=None, cache_rows=None) -> LayerPass:
+        """A forward standing before block 0 (see ChatGLMForCausalLM.start_pass)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids)
+        x = inputs_embeds
+        length = x.shape[1]
+        if position_ids is None:
+            if cache_positions is not None or input_ids is None:
+                raise ValueError("position_ids are required with a KV cache or inputs_embeds")
+            position_ids, attention_mask = glm4_prompt_inputs(input_ids, self.config)
+        # Without an explicit mask a prompt is plainly causal and a decode step sees every written slot.
+        causal = attention_mask is None and length > 1
+        kv_length, bias = attention_span(attention_mask, cache_positions, length, x.dtype)
+        rope = glm4_rope_table(position_ids[:, 0], self.config.kv_channels // 2, 10000.0 * self.config.rope_ratio,
+                               x.dtype)
+        return LayerPass(x, (rope, bias, cache_positions, kv_length, causal, cache_rows))
+
+    def decoder_blocks(self) -> nn.ModuleList:
+        return self.transformer.encoder.layers
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.transformer.encoder.final_layernorm(hidden)
 
 
 def glm4_prompt_inputs(input_ids: torch.Tensor, config: GLM4TextConfig, num_pad: Sequence[int] | None = None

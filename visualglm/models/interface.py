@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from visualglm.models.layers import LayerPass
+
 
 @runtime_checkable
 class Decoder(Protocol):
@@ -63,6 +65,18 @@ class Decoder(Protocol):
                             token_chunk: int | None = None) -> Iterator[float]:
         """The same computation cut between layers, and with ``token_chunk`` inside them: yields the layers
         done (a float) after each piece and returns the final hidden states."""
+
+    def start_pass(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, cache_positions: torch.Tensor | None = None,
+                   inputs_embeds: torch.Tensor | None = None, cache_rows: Any = None) -> LayerPass:
+        """The same computation as a pass through the blocks that other passes may join at a block (see
+        ``layers.advance_passes``): standing before block 0."""
+
+    def decoder_blocks(self) -> nn.ModuleList:
+        """The blocks in order, each with ``forward_joint``."""
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm of the last block's output: ``hidden_states``' result."""
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` of hidden states ``[B, T, hidden]``."""

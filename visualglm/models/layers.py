@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +198,44 @@ def chunked_layer(length: int, chunk: int, write_keys: Callable[[int, int], torc
         outputs.append(finish(start, end, query))
         yield done + 1 if end == length else done + KEYS_SHARE + (1 - KEYS_SHARE) * end / length
     return torch.cat(outputs, dim=1)
+
+
+def joint(module: Callable[[torch.Tensor], torch.Tensor], xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A token-wise module (a linear layer, an MLP) applied to several groups of tokens in one call, so that
+    its weights are read from memory once for all of them: the groups' tokens are concatenated and the
+    output split again. xs: each ``[B_i, T_i, in]``; returns each ``[B_i, T_i, out]``. One group: the module
+    on it as it is."""
+    if len(xs) == 1:
+        return [module(xs[0])]
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+    out = module(flat)
+    sizes = [x.shape[0] * x.shape[1] for x in xs]
+    return [part.view(*x.shape[:-1], part.shape[-1]) for part, x in zip(out.split(sizes), xs, strict=True)]
+
+
+@dataclass
+class LayerPass:
+    """A forward through a decoder's blocks in progress: the hidden states ``x`` ``[B, T, hidden]`` entering
+    block ``next`` and ``args``, the attention arguments every block takes after x (positions, mask, cache
+    slots and rows: the model's layout). Several passes at the same block run it together
+    (:func:`advance_passes`)."""
+
+    x: torch.Tensor
+    args: tuple
+    next: int = 0
+
+
+def advance_passes(blocks: Sequence, passes: Sequence[LayerPass], stops: Sequence[int]) -> None:
+    """Run each pass through the blocks up to block ``stops[i]`` (exclusive). Passes standing at the same
+    block run it together, one ``forward_joint`` call: the block's weights are read once for all of their
+    tokens. A decode step and a stage of a newcomer's prefill so share the weights of the layers both cross."""
+    for layer in range(min(p.next for p in passes), max(stops)):
+        group = [p for p, stop in zip(passes, stops, strict=True) if p.next == layer < stop]
+        if not group:
+            continue
+        outputs = blocks[layer].forward_joint([(p.x, p.args) for p in group])
+        for p, out in zip(group, outputs, strict=True):
+            p.x, p.next = out, layer + 1
 
 
 def run_stages(stages: Iterator[int]) -> torch.Tensor:
