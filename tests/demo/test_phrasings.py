@@ -140,3 +140,16 @@ def test_held_out_phrasings_are_new_sentences_of_words_training_shows(lang) -> N
     held = set().union(*(words(form) for frame in all_frames("held-out") if frame.lang == lang
                          for form in expand(frame)))
     assert held <= train, sorted(held - train)
+
+
+def test_out_of_scope_everyday_words_leave_out_the_held_out_inputs_words() -> None:
+    from visualglm.demo.scope import _EN_SLOTS, _ZH_SLOTS
+
+    held_en = " ".join(HELD_OUT_INPUTS["en"]).split()
+    assert not set(_EN_SLOTS["word"]) & set(held_en)
+    for word in _ZH_SLOTS["word"]:
+        assert not any(word in text for text in HELD_OUT_INPUTS["zh"]), word
+    colours_and_shapes = ("red", "green", "blue", "black", "gray", "yellow", "teal", "brown", "circle", "rectangle",
+                          "triangle", "红", "绿", "蓝", "黑", "灰", "黄", "青", "棕", "圆", "方", "角")
+    for word in (*_EN_SLOTS["word"], *_ZH_SLOTS["word"]):
+        assert not any(c in word for c in colours_and_shapes), word

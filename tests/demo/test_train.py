@@ -50,3 +50,23 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
     assert rates[-1] == pytest.approx(0.05, abs=0.01)
+
+
+def test_the_qformer_is_held_for_its_first_steps_only(tmp_path) -> None:
+    """Stage 2 leaves the Q-Former as stage 1 left it for ``qformer_hold_steps`` steps, then trains it too."""
+    import visualglm
+    from visualglm.demo.train import train
+
+    def run(name: str, steps: int, hold: int) -> dict[str, torch.Tensor]:
+        recipe = TrainRecipe(vision_steps=2, steps=steps, qformer_hold_steps=hold, images_per_step=4,
+                             questions_per_image=1, warmup_steps=1)
+        model = visualglm.load(train(tmp_path / name, recipe, progress=False, log=lambda *_: None), progress=False)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    one_held, two_held, one_trained = run("a", 1, 1), run("b", 2, 2), run("c", 2, 1)
+    qformer = [n for n in one_held if n.startswith("image_encoder.qformer.")]
+    assert qformer
+    assert all(torch.equal(one_held[n], two_held[n]) for n in qformer)  # the second held step left it alone
+    assert not all(torch.equal(one_held[n], one_trained[n]) for n in qformer)  # once released, it learns
+    words = "transformer.word_embeddings.weight"
+    assert not torch.equal(one_held[words], two_held[words])  # while the language model learnt

@@ -133,6 +133,9 @@ and what shape is it
 what sort of figure is {objs}
 what shape are we looking at
 tell me the shape you see here
+what is the outline of {objs}
+what contour does {objs} have
+which figure has been sketched
 """
 _EN_SHAPE_HELD_OUT = """
 which shape do you see
@@ -235,6 +238,12 @@ summarize the {pic}
 describe what has been drawn
 tell me what is pictured in the {pic}
 what did someone draw in this {pic}
+what is sketched in the {pic}
+what has been painted here
+what is displayed on the {pic}
+what's depicted here
+tell me what is printed on the {pic}
+what is illustrated in this {pic}
 """
 _EN_DESCRIBE_HELD_OUT = """
 what is drawn here
@@ -358,6 +367,9 @@ _ZH_YES_NO_NEG_TRAIN = """
 {obj}不是{pc}的吧
 {inpic}看不到{x}，对吗
 {pic}中不存在{x}，是吗
+是不是找不到{x}
+{inpic}不存在{x}吧
+难道没有{x}吗
 """
 _ZH_YES_NO_HELD_OUT = """
 {inpic}能看到{x}吗

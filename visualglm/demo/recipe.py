@@ -34,9 +34,10 @@ class TrainRecipe:
     vision_steps: int = 600
     vision_learning_rate: float = 2e-3
     # Stage 2: the Q-Former, projection and language model on the questions (the vision tower frozen).
-    steps: int = 3400
+    steps: int = 3000
     freeze_vision: bool = True
     freeze_encoder: bool = False  # the Q-Former and projection too
+    qformer_hold_steps: int = 300  # the Q-Former's learning rate is 0 for these first steps (train.py says why)
     images_per_step: int = 64  # each image is encoded once per step ...
     questions_per_image: int = 2  # ... and asked this many questions (each the last turn of a conversation)
     learning_rate: float = 2e-3
@@ -48,9 +49,9 @@ class TrainRecipe:
     # all English, all Chinese or mixed turn by turn.
     turn_weights: tuple[float, ...] = (0.5, 0.2, 0.1, 0.1, 0.1)
     lang_mode_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)  # en, zh, mixed
-    easyvqa_weight: float = 0.33
-    phrasing_weight: float = 0.52
-    oos_weight: float = 0.15
+    easyvqa_weight: float = 0.32
+    phrasing_weight: float = 0.51
+    oos_weight: float = 0.17
     # grammar questions by type: color, shape, yes/no (which needs the question's probe matched against the
     # image, and negations read: the slowest to learn), describe
     qtype_weights: tuple[float, float, float, float] = (0.2, 0.2, 0.4, 0.2)

@@ -143,6 +143,16 @@ what is the shape's name
 what does the {s} sound like
 who is your favorite singer
 what do you think about {noun}
+i need a new {word}
+where can i buy the {word}
+my {word} is broken
+i lost my {word}
+how much does the {word} cost
+i want the {word}
+{word}
+{word} please
+how do i clean my {word}
+recommend a good {word}
 """
 _EN_HELD_OUT = """
 good afternoon
@@ -246,6 +256,18 @@ _ZH_TRAIN = """
 这个图形是活的吗
 这个图形叫什么名字
 你觉得{noun}怎么样
+{word}是什么
+我需要一个新的{word}
+哪里可以买到{word}
+我的{word}坏了
+我的{word}丢了
+{word}多少钱
+跟我说说{word}
+我想要{word}
+{word}
+请给我{word}
+怎么清洗{word}
+推荐一个好的{word}
 """
 _ZH_HELD_OUT = """
 下午好
@@ -285,6 +307,18 @@ _EN_SLOTS = {
     "task": ("cook rice", "learn english", "fix my bike", "lose weight", "find a job", "open this file",
              "call my mother", "make a cake", "plan a trip"),
     "feeling": ("sad", "happy", "tired", "bored", "hungry"),
+    # everyday things (no colour or shape words, none of the held-out inputs' words): many different words, so
+    # that what marks an input as out of scope is not a short list of topics
+    "word": tuple("""
+        umbrella bicycle guitar kitchen window garden mountain river teacher doctor hospital airport train
+        ticket wallet passport keyboard printer camera battery charger sofa pillow blanket jacket shoes
+        socks bottle cup spoon knife sandwich cheese chocolate banana lemon carrot potato bread soup salad
+        tea juice milk sugar hammer ladder candle mirror clock watch necklace piano violin drum movie song
+        novel newspaper magazine email password website game puzzle kite boat truck bus taxi road bridge
+        castle museum library school office market bank hotel restaurant beach island forest desert volcano
+        rainbow cloud storm snow winter summer holiday birthday wedding party gift dog horse rabbit tiger
+        lion monkey bird fish spider flower tree rose
+    """.split()),
 }
 _ZH_SLOTS = {
     "country": ("法国", "日本", "中国", "巴西", "加拿大", "意大利", "埃及", "德国"),
@@ -298,6 +332,14 @@ _ZH_SLOTS = {
     "thing": ("太阳", "汽车", "地球", "大象", "黄金", "这座城市", "我的手机"),
     "task": ("做饭", "学英语", "修自行车", "减肥", "找工作", "打开这个文件", "给妈妈打电话", "做蛋糕", "安排旅行"),
     "feeling": ("难过", "开心", "累", "无聊", "饿"),
+    "word": tuple("""
+        雨伞 自行车 吉他 厨房 窗户 花园 高山 河流 老师 医生 医院 机场 火车 车票 钱包 护照 键盘 打印机 相机
+        电池 充电器 沙发 枕头 被子 夹克 鞋子 袜子 瓶子 杯子 勺子 小刀 三明治 奶酪 巧克力 香蕉 柠檬 胡萝卜
+        土豆 米饭 面包 汤 沙拉 茶 果汁 牛奶 糖 盐 锤子 梯子 蜡烛 镜子 闹钟 手表 项链 钢琴 小提琴 鼓 电影
+        歌曲 小说 报纸 杂志 邮件 密码 网站 游戏 拼图 风筝 轮船 卡车 公交车 出租车 马路 桥 城堡 博物馆
+        图书馆 学校 办公室 市场 银行 酒店 餐厅 海滩 岛屿 森林 沙漠 火山 彩虹 云 暴风雨 雪 冬天 夏天 假期
+        生日 婚礼 聚会 礼物 狗 马 兔子 老虎 狮子 猴子 鸟 鱼 蜘蛛 花 树 玫瑰
+    """.split()),
 }
 _SLOT = re.compile(r"\{(\w+)\}")
 

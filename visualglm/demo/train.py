@@ -243,11 +243,16 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
     if recipe.freeze_encoder:
         model.image_encoder.requires_grad_(False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.dim() >= 2]
-    no_decay = [p for n, p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=recipe.learning_rate,
-                                  betas=(0.9, 0.98))
+    # The Q-Former is held (learning rate 0) for the first qformer_hold_steps: stage 1 taught it colour and
+    # shape, and the language model's first, still meaningless gradients would otherwise wash that out
+    # before the language model learns to read it (runs without the hold sometimes never learnt colours).
+    groups = []
+    for held in (False, True):
+        members = [(n, p) for n, p in trainable if n.startswith("image_encoder.qformer.") == held]
+        groups += [{"params": [p for _, p in members if p.dim() >= 2], "weight_decay": recipe.weight_decay,
+                    "held": held},
+                   {"params": [p for _, p in members if p.dim() < 2], "weight_decay": 0.0, "held": held}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.learning_rate, betas=(0.9, 0.98))
     mix = TurnMix(easyvqa=recipe.easyvqa_weight, phrasing=recipe.phrasing_weight, oos=recipe.oos_weight,
                   filler=recipe.filler, qtype_weights=recipe.qtype_weights)
     lengths = range(1, len(recipe.turn_weights) + 1)
@@ -269,7 +274,7 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
         rows = torch.tensor(chosen)
         images = augment(pixels[rows], boxes[rows], rng, recipe.max_shift)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe)
+            group["lr"] = 0.0 if group["held"] and step < recipe.qformer_hold_steps else lr_at(step, recipe)
         loss = step_loss(model, batch, model.image_encoder(images), config.pad_token_id, recipe.length_buckets)
         _step(optimizer, loss, [p for _, p in trainable], recipe.grad_clip, losses)
         _report(bar, log, losses, step, recipe.steps, "step")
