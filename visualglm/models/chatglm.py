@@ -32,6 +32,7 @@ from visualglm.models.layers import (
     attention_span,
     chunked_layer,
     common_prefix_length,
+    embeddings_of,
     joint,
     last_positions,
     rotary_cos_sin,
@@ -335,11 +336,7 @@ class ChatGLMForCausalLM(CachedAttentionModel, nn.Module):
         """A forward (arguments as in ``forward``) standing before block 0: the embeddings and the attention
         arguments every block takes. Run it with ``layers.advance_passes`` over ``decoder_blocks()``, then
         ``final_norm``."""
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids or inputs_embeds")
-            inputs_embeds = self.embed(input_ids)
-        x = inputs_embeds
+        x = embeddings_of(self.embed, input_ids, inputs_embeds)
         length = x.shape[1]
         if position_ids is None or (attention_mask is None and cache_positions is None):
             if cache_positions is not None or input_ids is None:

@@ -27,6 +27,7 @@ from visualglm.models.layers import (
     attention_span,
     chunked_layer,
     common_prefix_length,
+    embeddings_of,
     joint,
     last_positions,
     run_stages,
@@ -339,11 +340,7 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
     def start_pass(self, input_ids=None, position_ids=None, attention_mask=None, cache_positions=None,
                    inputs_embeds=None, cache_rows=None) -> LayerPass:
         """A forward standing before block 0 (see ChatGLMForCausalLM.start_pass)."""
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids or inputs_embeds")
-            inputs_embeds = self.embed(input_ids)
-        x = inputs_embeds
+        x = embeddings_of(self.embed, input_ids, inputs_embeds)
         length = x.shape[1]
         if position_ids is None:
             if cache_positions is not None or input_ids is None:

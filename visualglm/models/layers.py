@@ -213,6 +213,16 @@ def joint(module: Callable[[torch.Tensor], torch.Tensor], xs: Sequence[torch.Ten
     return [part.view(*x.shape[:-1], part.shape[-1]) for part, x in zip(out.split(sizes), xs, strict=True)]
 
 
+def embeddings_of(embed: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor | None,
+                  inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """A forward's input ``[B, T, hidden]``: ``inputs_embeds`` when given, else ``embed(input_ids)``."""
+    if inputs_embeds is not None:
+        return inputs_embeds
+    if input_ids is None:
+        raise ValueError("pass input_ids or inputs_embeds")
+    return embed(input_ids)
+
+
 @dataclass
 class LayerPass:
     """A forward through a decoder's blocks in progress: the hidden states ``x`` ``[B, T, hidden]`` entering
