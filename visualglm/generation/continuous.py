@@ -132,10 +132,11 @@ class ContinuousEngine:
     much more than a decode step; a prompt of up to ``prefill_chunk`` tokens is prefilled in one step.
     With nothing else running a prompt is prefilled at once. ``compiled``: a compiled forward
     (``torch.compile`` of the model) for the decode steps, which then keep fixed shapes: the cache rows in
-    use rounded up to a bucket (``decode_bucket``), a mask over the whole context."""
+    use rounded up to a bucket (``decode_bucket``), a mask over the whole context. ``join_prefill=False`` runs
+    every prefill stage as a forward of its own (for comparison; see the module docstring)."""
 
     def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 32,
-                 pad_id: int | None = None, compiled: Callable | None = None) -> None:
+                 pad_id: int | None = None, compiled: Callable | None = None, join_prefill: bool = True) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         self.model = model
@@ -144,6 +145,7 @@ class ContinuousEngine:
         self.prefill_chunk = max(1, prefill_chunk)
         self.pad_id = model.config.pad_token_id if pad_id is None else pad_id
         self.compiled = compiled
+        self.join_prefill = join_prefill
         self.device = next(model.parameters()).device
         self.num_layers = len(model.attention_modules())
         model.setup_kv_cache(max_rows, self.context)
@@ -213,7 +215,7 @@ class ContinuousEngine:
         """Whether ``prefill``'s stage of this step runs inside the decode forward, sharing its weight reads
         (whole layers only; not with a compiled decode, whose shapes are fixed, nor under tensor parallelism,
         whose reductions run on the attention modules' own calls)."""
-        return (prefill is not None and prefill.token_chunk is None and prefill.stages is None
+        return (self.join_prefill and prefill is not None and prefill.token_chunk is None and prefill.stages is None
                 and self.compiled is None and getattr(self.model, "tensor_parallel", None) is None)
 
     def _apply_ends(self) -> list[TokenEvent]:
