@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import visualglm
+from benchmarks.serve_load import MID_SHAPE
 from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.engine import GenerationParams
@@ -77,8 +78,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as work:
-        path = write_tiny_random_checkpoint(Path(work) / "mid", hidden_size=1024, num_layers=12,
-                                            num_attention_heads=16, inner_hidden_size=4096)
+        path = write_tiny_random_checkpoint(Path(work) / "mid", **MID_SHAPE)  # serve_load's mid model
         model = visualglm.load(str(path), dtype=torch.bfloat16, progress=False)
         print(f"random ChatGLM 151M, bf16, {torch.get_num_threads()} threads")
         for join in (True, False):

@@ -42,6 +42,7 @@ from visualglm import load_tokenizer
 from visualglm.demo import resolve_model
 
 WORDS = ("red", "green", "blue", "circle", "square", "shape", "colour", "image", "small", "large", "left", "right")
+MID_SHAPE = dict(hidden_size=1024, num_layers=12, num_attention_heads=16, inner_hidden_size=4096)  # 151M
 PROMPTS = (16, 128, 512)  # prompt tokens (of the model's tokenizer, template included roughly)
 ANSWERS = (16, 64, 192)  # tokens
 
@@ -276,8 +277,7 @@ def main() -> int:
         elif name == "mid":
             from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
 
-            path = write_tiny_random_checkpoint(work / "mid", hidden_size=1024, num_layers=12,
-                                                num_attention_heads=16, inner_hidden_size=4096)
+            path = write_tiny_random_checkpoint(work / "mid", **MID_SHAPE)
             visible_tokens_only(path)
             models["random ChatGLM 151M, bf16"] = ["--model", str(path), "--dtype", "bfloat16"]
         elif name == "wide":

@@ -145,7 +145,10 @@ class ContinuousEngine:
         self.prefill_chunk = max(1, prefill_chunk)
         self.pad_id = model.config.pad_token_id if pad_id is None else pad_id
         self.compiled = compiled
-        self.join_prefill = join_prefill
+        # Whole-layer prefill stages run inside the decode forward, except with a compiled decode (fixed shapes)
+        # or under tensor parallelism (its reductions run on the attention modules' own calls, which a joined
+        # block bypasses).
+        self.join_prefill = join_prefill and compiled is None and getattr(model, "tensor_parallel", None) is None
         self.device = next(model.parameters()).device
         self.num_layers = len(model.attention_modules())
         model.setup_kv_cache(max_rows, self.context)
@@ -213,10 +216,9 @@ class ContinuousEngine:
 
     def _joins(self, prefill: _Prefill | None) -> bool:
         """Whether ``prefill``'s stage of this step runs inside the decode forward, sharing its weight reads
-        (whole layers only; not with a compiled decode, whose shapes are fixed, nor under tensor parallelism,
-        whose reductions run on the attention modules' own calls)."""
-        return (self.join_prefill and prefill is not None and prefill.token_chunk is None and prefill.stages is None
-                and self.compiled is None and getattr(self.model, "tensor_parallel", None) is None)
+        (whole layers only)."""
+        return (self.join_prefill and prefill is not None and prefill.token_chunk is None
+                and prefill.stages is None)
 
     def _apply_ends(self) -> list[TokenEvent]:
         if not self._ended:
@@ -392,31 +394,30 @@ class ContinuousEngine:
         self.prefill = _Prefill([row for row, *_ in parts], inputs, per_step, token_chunk)
 
     def _advance_prefill(self, full: bool) -> list[TokenEvent]:
-        """Run the waiting prefill: whole (one forward) when ``full`` and not started yet, else its pieces up
-        to this step's share of layers (all that is left when ``full``); the newcomers' first tokens once
+        """Run the waiting prefill: when ``full``, all it has left (whole layers: one pass through the blocks,
+        begun or not), else its pieces up to this step's share of layers; the newcomers' first tokens once
         the last layer is done."""
         prefill = self.prefill
-        if full and prefill.stages is None and prefill.layer_pass is not None:  # begun beside decode steps
+        if full and prefill.stages is None:  # the rest in one go (all of it, or what steps beside decoding left)
+            if prefill.layer_pass is None:
+                prefill.layer_pass = self.model.start_pass(**prefill.inputs)
             advance_passes(self.model.decoder_blocks(), [prefill.layer_pass], [self.num_layers])
-            hidden = self.model.final_norm(last_positions(prefill.layer_pass.x, 1))
-            logits = self.model.output_logits(hidden)[:, -1].float()
-        elif full and prefill.stages is None:
-            inputs = dict(prefill.inputs)
-            logits = self.model(inputs.pop("input_ids"), inputs.pop("position_ids"), inputs.pop("attention_mask"),
-                                **inputs, logits_to_keep=1)[:, -1].float()
-        else:
-            if prefill.stages is None:
-                prefill.stages = self.model.hidden_state_stages(**prefill.inputs, token_chunk=prefill.token_chunk)
-            prefill.target = math.inf if full else prefill.target + prefill.per_step
-            while True:
-                done = next(prefill.stages)
-                if done >= self.num_layers:  # the last layer: take the final norm now
-                    hidden = run_stages(prefill.stages)
-                    break
-                if done >= prefill.target:
-                    return []
-            logits = self.model.output_logits(last_positions(hidden, 1))[:, -1].float()
-        return self._prefill_done(logits)
+            return self._prefill_done(self._last_logits(prefill.layer_pass))
+        if prefill.stages is None:
+            prefill.stages = self.model.hidden_state_stages(**prefill.inputs, token_chunk=prefill.token_chunk)
+        prefill.target = math.inf if full else prefill.target + prefill.per_step
+        while True:
+            done = next(prefill.stages)
+            if done >= self.num_layers:  # the last layer: take the final norm now
+                hidden = run_stages(prefill.stages)
+                break
+            if done >= prefill.target:
+                return []
+        return self._prefill_done(self.model.output_logits(last_positions(hidden, 1))[:, -1].float())
+
+    def _last_logits(self, layer_pass: LayerPass) -> torch.Tensor:
+        """Float logits ``[B, vocab]`` of the last position of a pass through every block."""
+        return self.model.output_logits(self.model.final_norm(last_positions(layer_pass.x, 1)))[:, -1].float()
 
     def _prefill_done(self, logits: torch.Tensor) -> list[TokenEvent]:
         """The waiting prefill is through every layer: its rows' first tokens from ``logits`` ``[rows, vocab]``
@@ -460,22 +461,21 @@ class ContinuousEngine:
         if static:  # CUDA graphs reuse their output buffers at the next replay (the logits are read below)
             torch.compiler.cudagraph_mark_step_begin()
         events = []
+        inputs = (tokens.to(self.device), positions, mask)
+        cache = dict(cache_positions=slots.to(self.device), cache_rows=slice(0, high))
         if joint is None:
-            logits = forward(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
-                             cache_rows=slice(0, high))[:, -1].float()
+            logits = forward(*inputs, **cache)[:, -1].float()
         else:
-            step = model.start_pass(tokens.to(self.device), positions, mask, cache_positions=slots.to(self.device),
-                                    cache_rows=slice(0, high))
+            step = model.start_pass(*inputs, **cache)
             if joint.layer_pass is None:
                 joint.layer_pass = model.start_pass(**joint.inputs)
             self.stats.joined_steps += 1
             joint.target += joint.per_step
             stop = min(self.num_layers, math.ceil(joint.target))
             advance_passes(model.decoder_blocks(), [step, joint.layer_pass], [self.num_layers, stop])
-            logits = model.output_logits(model.final_norm(step.x))[:, -1].float()
+            logits = self._last_logits(step)
             if joint.layer_pass.next >= self.num_layers:
-                hidden = model.final_norm(last_positions(joint.layer_pass.x, 1))
-                events += self._prefill_done(model.output_logits(hidden)[:, -1].float())
+                events += self._prefill_done(self._last_logits(joint.layer_pass))
         for row in decoding:
             row.length += 1
             events.append(self._choose(row, logits[row.slot:row.slot + 1]))

@@ -317,9 +317,8 @@ class GLM4ForCausalLM(CachedAttentionModel, nn.Module):
                                      cache_rows)
         x, (rope, bias, cache_positions, kv_length, causal, cache_rows) = layer_pass.x, layer_pass.args
         length = x.shape[1]
-        masked = bias is not None
         chunked = token_chunk is not None and token_chunk < length
-        if chunked and (cache_positions is None or not masked):
+        if chunked and (cache_positions is None or bias is None):
             raise ValueError("token_chunk needs a KV cache (cache_positions) and an attention_mask")
         for done, block in enumerate(self.transformer.encoder.layers):
             if not chunked:
