@@ -127,13 +127,15 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, t
                                 "1", "--max-length", "200000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
     output: list[str] = []
+    errors: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
     reader.start()
+    threading.Thread(target=lambda: errors.extend(iter(process.stderr.readline, "")), daemon=True).start()
 
     def wait_until(condition, what: str) -> str:  # poll what the chat printed so far
         deadline = time.monotonic() + 60
         while not condition(text := "".join(output)):
-            assert time.monotonic() < deadline, f"{what}: {text!r}"
+            assert time.monotonic() < deadline, f"{what}: {text!r}; stderr: {''.join(errors)!r}"
             time.sleep(0.05)
         return text
 
@@ -161,7 +163,7 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, t
         out = "".join(output)
     finally:
         process.kill()
-    assert process.returncode == 0, process.stderr.read()
+    assert process.returncode == 0, "".join(errors)
     assert interrupted == 2 and out.count("[interrupted]") == 2, out
 
 

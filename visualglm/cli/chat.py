@@ -23,6 +23,7 @@ from visualglm.cli.options import (
 )
 
 WELCOME = "VisualGLM chat. Type your message; 'clear' starts over, 'image PATH' sets an image, 'stop' exits."
+CTRL_C_HINT = "(type 'stop' or press Ctrl-D to leave)"
 IMAGE_PROMPT = "\n请输入图像路径或URL（回车进入纯文本对话）/ image path or URL (Enter: text only): "
 
 
@@ -55,7 +56,7 @@ def _read_line(prompt: str) -> str:
         print()
         raise _Leave from None
     except KeyboardInterrupt:
-        print("\n(type 'stop' or press Ctrl-D to leave)")
+        print(f"\n{CTRL_C_HINT}")
         return ""
     if line.strip() == "stop":
         raise _Leave
@@ -98,6 +99,29 @@ def _answer(session, query: str) -> None:
     print(flush=True)
 
 
+def _turn(session, query: str) -> None:
+    """Act on one line typed at the prompt: a command or a question."""
+    command = query.strip()
+    if not command:
+        return
+    if command == "clear":
+        if session.multimodal:
+            session.reset()
+            _choose_image(session)
+        else:
+            session.clear_history()
+        print(WELCOME)
+    elif command.startswith("image "):
+        try:
+            set_session_image(session, command[len("image "):].strip())
+            session.clear_history()
+            print("(image loaded; new conversation)")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+    else:
+        _answer(session, query)
+
+
 def run(args: argparse.Namespace) -> int:
     if (status := relaunch_for_tp(args)) is not None:
         return status
@@ -107,25 +131,9 @@ def run(args: argparse.Namespace) -> int:
         if session.multimodal and not args.image:
             _choose_image(session)
         while True:
-            query = _read("\n用户: ")
-            command = query.strip()
-            if not command:
-                continue
-            if command == "clear":
-                if session.multimodal:
-                    session.reset()
-                    _choose_image(session)
-                else:
-                    session.clear_history()
-                print(WELCOME)
-            elif command.startswith("image "):
-                try:
-                    set_session_image(session, command[len("image "):].strip())
-                    session.clear_history()
-                    print("(image loaded; new conversation)")
-                except ValueError as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-            else:
-                _answer(session, query)
+            try:
+                _turn(session, _read("\n用户: "))
+            except KeyboardInterrupt:  # a Ctrl-C that lands after an answer ends, before the prompt reads
+                print(f"\n{CTRL_C_HINT}")
     except _Leave:
         return 0
