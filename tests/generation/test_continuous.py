@@ -303,6 +303,25 @@ def test_group_budget_follows_the_decode_batch_and_the_chunk(text_model) -> None
     assert len(first) == (16 * layers) // len(ids) >= 1 and len(engine.waiting) == 8 - len(first)
 
 
+@pytest.mark.parametrize("prompt, steps", [(16, 1), (17, 3)])
+def test_a_group_of_up_to_two_shares_is_prefilled_in_one_step(text_model, prompt: int, steps: int) -> None:
+    # prefill_chunk 8: 16 new tokens run whole in the step after admission; 17 at 8 tokens' worth a step.
+    runner = EngineRequest("runner", [7, 8, GMASK, SOP], GenerationParams(max_new_tokens=40, sampling=GREEDY))
+    newcomer = EngineRequest("new", [9 + i for i in range(prompt - 2)] + [GMASK, SOP],
+                             GenerationParams(max_new_tokens=2, sampling=GREEDY))
+    engine = ContinuousEngine(text_model, max_rows=2, context=96, prefill_chunk=8)
+    engine.submit(runner)
+    engine.step()  # the runner decodes from now on
+    engine.submit(newcomer)
+    taken, first = 0, []
+    while not first:
+        taken += 1
+        first = [e.token for e in engine.step() if e.id == "new" and e.token is not None]
+    assert taken == steps
+    tokens, _ = _drain(engine)
+    assert first + tokens["new"] == _alone(text_model, newcomer)
+
+
 def test_a_row_ended_while_its_group_prefills_leaves_the_others_exact(text_model) -> None:
     rng = random.Random(4)
     long = [EngineRequest(f"long{i}", [rng.randrange(10, 900) for _ in range(60)] + [GMASK, SOP],

@@ -29,7 +29,7 @@ LIMIT_FLAGS: tuple[LimitFlag, ...] = (
     LimitFlag("kv_cache_gib", "--kv-cache-gib", float, "GiB of KV cache: rows of the whole context that fit it, at "
               "most --max-batch (default: half the memory free at start-up)", 0.001),
     LimitFlag("prefill_chunk", "--prefill-chunk", int, "prompt tokens' worth of prefill per step while other rows "
-              "decode; a longer prompt is spread over several steps, in pieces of layers (exact)"),
+              "decode; a prompt of more than twice that is spread over several steps, in pieces of layers (exact)"),
     LimitFlag("max_new_tokens", "--max-new-tokens", int, "answer tokens one request may ask for"),
     LimitFlag("max_prompt_tokens", "--max-prompt-tokens", int, "prompt tokens one request may send "
               "(default: the model's context)"),

@@ -18,8 +18,10 @@ One call to :meth:`ContinuousEngine.step` does, in order:
    when one layer of it costs more than a step may carry (exact: the same computation, paused between
    pieces; a piece writes the keys/values of some tokens or lets some tokens attend to all of them, so
    ChatGLM-6B's prompts, which attend both ways, can be cut too), so that running rows keep getting
-   tokens at about the pace of a decode step; when its last layer is done each newcomer's first token is
-   chosen and it joins the decode batch;
+   tokens at about the pace of a decode step. A short group (up to twice a step's share) is prefilled in
+   one step all the same: its first tokens come a step or more sooner, and such steps are few, while a
+   long prompt's many steps set the pace every running stream feels. When its last layer is done each
+   newcomer's first token is chosen and it joins the decode batch;
 4. **decodes** one token for every running row in one forward over cache rows ``[0, highest used + 1)``
    (free slots in that range compute a token nobody reads, cheaper than moving a row's cache).
 
@@ -129,7 +131,8 @@ class ContinuousEngine:
     positions (default: the model's) are allocated at once. ``prefill_chunk`` tokens: while other rows
     decode, a step carries about that many prompt tokens' worth of prefill through the whole model
     (``prefill_chunk * num_layers`` token-layers: whole layers, or pieces of one), so that no step costs
-    much more than a decode step; a prompt of up to ``prefill_chunk`` tokens is prefilled in one step.
+    much more than a decode step; a group of up to ``2 * prefill_chunk`` new tokens is prefilled in one
+    step.
     With nothing else running a prompt is prefilled at once. ``compiled``: a compiled forward
     (``torch.compile`` of the model) for the decode steps, which then keep fixed shapes: the cache rows in
     use rounded up to a bucket (``decode_bucket``), a mask over the whole context. ``join_prefill=False`` runs
@@ -347,11 +350,12 @@ class ContinuousEngine:
         # About prefill_chunk tokens through the whole model per step (prefill_chunk * num_layers token-layers):
         # a step that carries a piece then costs about a decode step more when prefill_chunk is the machine's
         # FLOPs per byte of bandwidth. Less than a layer per step: the layers are cut into token pieces of
-        # half a step's work, so that a step overshoots its share by a quarter at most.
+        # half a step's work, so that a step overshoots its share by a quarter at most. A group of up to two
+        # shares runs whole: see the module docstring.
         width = max(ids.shape[1] - start for _, start, ids, *_ in parts)
         work = width * len(parts)  # padded tokens: what the matmuls compute
         budget = self.prefill_chunk * self.num_layers
-        per_step = budget / work
+        per_step = self.num_layers if work <= 2 * self.prefill_chunk else budget / work
         token_chunk = None if per_step >= 1 else max(16, math.ceil(budget / 2))
         if len(parts) == 1:
             row, start, ids, positions, mask, embeds = parts[0]
