@@ -121,8 +121,8 @@ class _Prefill:
         self.per_step = per_step  # layers of work per step beside decoding rows (a fraction: pieces of layers)
         self.token_chunk = token_chunk  # tokens per piece of a layer (None: whole layers)
         self.target = 0.0  # layers done by the end of this step
-        self.stages = None  # run alone: the model's stage generator
-        self.layer_pass: LayerPass | None = None  # run beside decode steps: the forward in progress
+        self.stages = None  # pieces of layers: the model's stage generator
+        self.layer_pass: LayerPass | None = None  # whole layers: the pass through the blocks in progress
         self.dropped: set[int] = set()
 
 
@@ -220,8 +220,7 @@ class ContinuousEngine:
     def _joins(self, prefill: _Prefill | None) -> bool:
         """Whether ``prefill``'s stage of this step runs inside the decode forward, sharing its weight reads
         (whole layers only)."""
-        return (self.join_prefill and prefill is not None and prefill.token_chunk is None
-                and prefill.stages is None)
+        return self.join_prefill and prefill is not None and prefill.token_chunk is None
 
     def _apply_ends(self) -> list[TokenEvent]:
         if not self._ended:
@@ -398,15 +397,14 @@ class ContinuousEngine:
         self.prefill = _Prefill([row for row, *_ in parts], inputs, per_step, token_chunk)
 
     def _advance_prefill(self, full: bool) -> list[TokenEvent]:
-        """Run the waiting prefill: when ``full``, all it has left (whole layers: one pass through the blocks,
-        begun or not), else its pieces up to this step's share of layers; the newcomers' first tokens once
-        the last layer is done."""
+        """Run the waiting prefill on its own: when ``full``, all it has left, else this step's share of
+        layers; the newcomers' first tokens once the last layer is done. Whole layers go as a pass through the
+        blocks (as inside a decode forward), pieces of layers through the model's stage generator (a
+        prefill not begun that may run whole runs as one pass all the same)."""
         prefill = self.prefill
-        if full and prefill.stages is None:  # the rest in one go (all of it, or what steps beside decoding left)
-            if prefill.layer_pass is None:
-                prefill.layer_pass = self.model.start_pass(**prefill.inputs)
-            advance_passes(self.model.decoder_blocks(), [prefill.layer_pass], [self.num_layers])
-            return self._prefill_done(self._last_logits(prefill.layer_pass))
+        if prefill.token_chunk is None or (full and prefill.stages is None):
+            advance_passes(self.model.decoder_blocks(), [self._pass_of(prefill)], [self._pass_stop(prefill, full)])
+            return self._pass_events(prefill)
         if prefill.stages is None:
             prefill.stages = self.model.hidden_state_stages(**prefill.inputs, token_chunk=prefill.token_chunk)
         prefill.target = math.inf if full else prefill.target + prefill.per_step
@@ -417,11 +415,34 @@ class ContinuousEngine:
                 break
             if done >= prefill.target:
                 return []
-        return self._prefill_done(self.model.output_logits(last_positions(hidden, 1))[:, -1].float())
+        return self._prefill_done(self._logits(hidden))
+
+    def _pass_of(self, prefill: _Prefill) -> LayerPass:
+        """``prefill``'s pass through the blocks, started before block 0 the first time."""
+        if prefill.layer_pass is None:
+            prefill.layer_pass = self.model.start_pass(**prefill.inputs)
+        return prefill.layer_pass
+
+    def _pass_stop(self, prefill: _Prefill, full: bool) -> int:
+        """The block ``prefill``'s pass stops before this step: the end when ``full``, else one more share."""
+        if full:
+            return self.num_layers
+        prefill.target += prefill.per_step
+        return min(self.num_layers, math.ceil(prefill.target))
+
+    def _pass_events(self, prefill: _Prefill) -> list[TokenEvent]:
+        """The newcomers' first tokens once ``prefill``'s pass is through every block (none before)."""
+        if prefill.layer_pass.next < self.num_layers:
+            return []
+        return self._prefill_done(self._last_logits(prefill.layer_pass))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float logits ``[B, vocab]`` of the last position of final hidden states ``[B, T, hidden]``."""
+        return self.model.output_logits(last_positions(hidden, 1))[:, -1].float()
 
     def _last_logits(self, layer_pass: LayerPass) -> torch.Tensor:
-        """Float logits ``[B, vocab]`` of the last position of a pass through every block."""
-        return self.model.output_logits(self.model.final_norm(last_positions(layer_pass.x, 1)))[:, -1].float()
+        """``_logits`` of a pass through every block (its final norm taken on the last position only)."""
+        return self._logits(self.model.final_norm(last_positions(layer_pass.x, 1)))
 
     def _prefill_done(self, logits: torch.Tensor) -> list[TokenEvent]:
         """The waiting prefill is through every layer: its rows' first tokens from ``logits`` ``[rows, vocab]``
@@ -471,15 +492,11 @@ class ContinuousEngine:
             logits = forward(*inputs, **cache)[:, -1].float()
         else:
             step = model.start_pass(*inputs, **cache)
-            if joint.layer_pass is None:
-                joint.layer_pass = model.start_pass(**joint.inputs)
             self.stats.joined_steps += 1
-            joint.target += joint.per_step
-            stop = min(self.num_layers, math.ceil(joint.target))
-            advance_passes(model.decoder_blocks(), [step, joint.layer_pass], [self.num_layers, stop])
+            advance_passes(model.decoder_blocks(), [step, self._pass_of(joint)],
+                           [self.num_layers, self._pass_stop(joint, full=False)])
             logits = self._last_logits(step)
-            if joint.layer_pass.next >= self.num_layers:
-                events += self._prefill_done(self._last_logits(joint.layer_pass))
+            events += self._pass_events(joint)
         for row in decoding:
             row.length += 1
             events.append(self._choose(row, logits[row.slot:row.slot + 1]))

@@ -78,7 +78,7 @@ class ChatGLMAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
             k, v = self.kv_cache.update(cache_positions, k, v, kv_length, cache_rows)
-        return self.heads(q, k, v, bias)
+        return self.heads_output(q, k, v, bias)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,9 +97,10 @@ class ChatGLMAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The output ``[B, T, hidden]`` of queries ``[B, heads, T, head_dim]`` over keys/values
         ``[B, heads, S, head_dim]`` (``extra_kv`` placed before them), bias ``[B, 1, T, S]`` or None."""
-        return self.dense(self.heads(q, k, v, bias))
+        return self.dense(self.heads_output(q, k, v, bias))
 
-    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def heads_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
         """``attend`` before ``dense``: the heads' outputs side by side, ``[B, T, hidden]``."""
         batch, _, length, _ = q.shape
         if self.extra_kv is not None:
