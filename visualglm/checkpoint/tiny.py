@@ -1,4 +1,5 @@
-"""A tiny random ChatGLM-6B-architecture checkpoint with its own tokenizer, for offline demos and tests."""
+"""Tiny random checkpoints of the three families with their own tokenizers, for offline demos, tests and
+benchmarks."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch
 
 from visualglm.checkpoint.io import build_model
 from visualglm.checkpoint.save import save_checkpoint
-from visualglm.config import ChatGLMConfig, get_config
+from visualglm.config import ChatGLMConfig, GLM4VConfig, get_config
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
-from visualglm.tokenizers.tiny import train_chatglm_sentencepiece
+from visualglm.tokenizers.glm4 import SPECIAL_TOKENS, GLM4Tokenizer
+from visualglm.tokenizers.tiny import train_chatglm_sentencepiece, write_glm4_ranks
 
 
 def init_random_weights(model: torch.nn.Module, weight_scale: float = 2.0, seed: int = 0,
@@ -35,15 +37,18 @@ def init_random_weights(model: torch.nn.Module, weight_scale: float = 2.0, seed:
 
 def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_scale: float = 2.0,
                                  family: str = ChatGLMConfig.family, **sizes: int) -> Path:
-    """Write config.json + model.safetensors + ice_text.model (official layout) to ``directory``.
+    """Write config.json + model.safetensors + the tokenizer file (official layout) to ``directory``.
 
-    ``family`` "chatglm" or "visualglm" (adds a tiny EVA ViT + Q-Former at 224 px). The config's special
-    ids are the tokenizer's, as in the real checkpoint. Weights are random with
-    ``weight_scale / sqrt(fan_in)`` std so that the network's output depends visibly on its input.
+    ``family`` "chatglm", "visualglm" (adds a tiny EVA ViT + Q-Former at 224 px), both with ice_text.model,
+    or "glm4v" (see ``write_tiny_random_glm4v``). The config's special ids are the tokenizer's, as in the
+    real checkpoint. Weights are random with ``weight_scale / sqrt(fan_in)`` std so that the network's
+    output depends visibly on its input.
     ``sizes`` override the tiny config's language-model sizes (``hidden_size``, ``num_layers``, ...), e.g.
     for a mid-size model whose compute per step matters in a benchmark.
     """
     directory = Path(directory)
+    if family == GLM4VConfig.family:
+        return write_tiny_random_glm4v(directory, seed, weight_scale, **sizes)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file = train_chatglm_sentencepiece(Path(tmp))
         vocab = ChatGLMTokenizer(vocab_file)
@@ -58,4 +63,27 @@ def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_sc
         init_random_weights(model, weight_scale, seed)
         save_checkpoint(model, directory)
         (directory / "ice_text.model").write_bytes(vocab_file.read_bytes())
+    return directory
+
+
+def write_tiny_random_glm4v(directory: str | Path, seed: int = 0, weight_scale: float = 2.0, **sizes: int) -> Path:
+    """Write config.json + model.safetensors + tokenizer.model (GLM-4V-9B's layout) to ``directory``: the
+    ``glm-4v-tiny`` config with ``sizes`` over it, a small byte-level vocabulary (``write_glm4_ranks``) whose
+    14 special tokens follow its last rank, and the config's special ids (EOS, pad, image markers) set to
+    them, as in the real checkpoint."""
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = write_glm4_ranks(tmp).read_bytes()
+        tokenizer = GLM4Tokenizer.from_pretrained(tmp)
+    special = dict(zip(SPECIAL_TOKENS, range(tokenizer.num_regular_tokens, tokenizer.vocab_size), strict=True))
+    vocab = -(-tokenizer.vocab_size // 64) * 64  # the embedding table padded to a multiple of 64
+    config = dataclasses.replace(
+        get_config("glm-4v-tiny"), padded_vocab_size=vocab, vocab_size=vocab,
+        eos_token_id=[special["<|endoftext|>"], special["<|user|>"], special["<|observation|>"]],
+        pad_token_id=special["<|endoftext|>"], boi_token_id=special["<|begin_of_image|>"],
+        eoi_token_id=special["<|end_of_image|>"], extra={}, **sizes)
+    model = build_model(config, device="cpu")
+    init_random_weights(model, weight_scale, seed)
+    save_checkpoint(model, directory)
+    (directory / "tokenizer.model").write_bytes(ranks)
     return directory

@@ -52,3 +52,35 @@ def train_chatglm_sentencepiece(directory: str | Path, corpus: Iterable[str] | N
     )
     corpus_file.unlink()
     return directory / f"{name}.model"
+
+
+def write_glm4_ranks(directory: str | Path, corpus: Iterable[str] | None = None, *, words: int = 200,
+                     name: str = "tokenizer.model") -> Path:
+    """Write a small GLM-4-style tiktoken ranks file (``<base64 of the token bytes> <rank>`` a line) for
+    ``corpus`` lines; returns its path.
+
+    Ranks 0..255 are the single bytes (a byte-level BPE needs all of them); then, for the ``words`` most
+    frequent words (each also with a leading space, as the pre-tokeniser cuts them; a word outside ASCII
+    counts as its characters, since Chinese text has no spaces), every prefix of two or
+    more bytes, shorter ones first, so that tiktoken's merges can build each word from its bytes. The 14
+    special tokens are not in the file: the tokenizer gives them the ids right after the last rank.
+    """
+    import base64
+    from collections import Counter
+
+    lines = list(corpus if corpus is not None else sample_corpus())
+    counts = Counter(piece for line in lines for word in line.split()
+                     for piece in ([word] if word.isascii() else list(word)))
+    tokens: list[bytes] = [bytes([b]) for b in range(256)]
+    seen = set(tokens)
+    for word, _ in counts.most_common(words):
+        for form in (word.encode(), f" {word}".encode()):
+            for end in range(2, len(form) + 1):
+                if form[:end] not in seen:
+                    seen.add(form[:end])
+                    tokens.append(form[:end])
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)),
+                    encoding="ascii")
+    return path
