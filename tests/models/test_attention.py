@@ -86,9 +86,9 @@ def test_strided_cache_rows_give_the_same_answer_with_both_kernels() -> None:
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_rows_of_very_different_lengths_attend_row_by_row_to_the_same_answer(kv_heads: int) -> None:
+def test_rows_of_very_different_lengths_attend_row_by_row_to_the_same_answer(kv_heads: int, monkeypatch) -> None:
     """A continuous batch: each row sees its own number of slots (one row left-padded), the batch spans the
-    longest. The fused kernel then runs row by row over each row's own slots (see RAGGED_SHARE)."""
+    longest. The fused kernel then runs row by row over each row's own slots (see RAGGED_MIN_SAVED_BYTES)."""
     gen = torch.Generator().manual_seed(11)
     slots, ends = 60, [60, 5, 12, 30]
     q = torch.randn(4, 4, 1, 16, generator=gen)
@@ -99,13 +99,30 @@ def test_rows_of_very_different_lengths_attend_row_by_row_to_the_same_answer(kv_
         allowed[row, ..., :end] = True
     allowed[2, ..., :4] = False  # left padding inside the row
     bias = torch.zeros(allowed.shape).masked_fill_(~allowed, MASK_FILL)
-    assert sum(ends) < layers.RAGGED_SHARE * 4 * slots  # the row-by-row case
     want = _reference(q, k, v, bias)
-    got = attention_gqa(q, k, v, bias, single_query="sdpa") if kv_heads != 4 else \
-        attention(q, k, v, bias, single_query="sdpa")
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    calls = []
+    sdpa = layers.F.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", counted)
+    for min_saved, kernel_calls in ((16, 4), (1 << 20, 1)):  # row by row, or (too little saved) padded
+        monkeypatch.setattr(layers, "RAGGED_MIN_SAVED_BYTES", min_saved)
+        calls.clear()
+        bias = bias.clone()  # a new forward's bias (one bias is read-only once attended with)
+        got = attention_gqa(q, k, v, bias, single_query="sdpa") if kv_heads != 4 else \
+            attention(q, k, v, bias, single_query="sdpa")
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        assert len(calls) == kernel_calls
     # A row that sees nothing (a free slot of the batch, whose output nobody reads) does not disturb the rest.
+    monkeypatch.setattr(layers, "RAGGED_MIN_SAVED_BYTES", 16)
+    bias = bias.clone()
     bias[3] = MASK_FILL
     got = attention(q, k.repeat_interleave(4 // kv_heads, 1), v.repeat_interleave(4 // kv_heads, 1), bias,
                     single_query="sdpa")
+    torch.testing.assert_close(got[:3].double(), want[:3], atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # as the engine runs it: inference tensors
+        got = attention_gqa(q, k, v, bias.clone(), single_query="sdpa")
     torch.testing.assert_close(got[:3].double(), want[:3], atol=1e-5, rtol=1e-5)

@@ -158,10 +158,11 @@ class GLM4Attention(nn.Module):
     def split_heads(self, qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``project`` after the linear layer."""
         batch, length, _ = qkv.shape
-        q, k, v = qkv.split(
-            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
-        q = apply_glm4_rope(q.view(batch, length, self.heads, self.head_dim), rope).transpose(1, 2)
-        k = apply_glm4_rope(k.view(batch, length, self.kv_heads, self.head_dim), rope).transpose(1, 2)
+        qk, v = qkv.split([(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        # Queries and keys sit side by side in the projection and turn by the same table: one rotation for
+        # both halves the small ops of a decode step's rotary embedding.
+        qk = apply_glm4_rope(qk.view(batch, length, self.heads + self.kv_heads, self.head_dim), rope)
+        q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)
         return q, k, v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
