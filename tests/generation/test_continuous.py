@@ -110,6 +110,43 @@ def test_seeded_sampling_ignores_what_runs_beside_it(text_model) -> None:
         assert tokens[request.id] == _alone(text_model, request)
 
 
+def test_rows_sharing_a_repetition_penalty_are_sampled_as_one_batch_and_answer_as_alone(text_model) -> None:
+    # Equal settings, their own seeds: one processed batch per step, each row's penalty from its own tokens.
+    rng = random.Random(6)
+    sampled = SamplingParams(temperature=0.8, top_p=0.8, repetition_penalty=1.3)
+    requests = [EngineRequest(i, r.ids, GenerationParams(max_new_tokens=10, sampling=sampled), seed=7 + i)
+                for i, r in enumerate(_text_requests(6, rng))]
+    engine = ContinuousEngine(text_model, max_rows=4, context=96)
+    tokens, _ = _run(engine, requests, rng)
+    assert engine.stats.largest_batch >= 3
+    for request in requests:
+        assert tokens[request.id] == _alone(text_model, request)
+
+
+def test_an_error_in_one_row_of_a_sampled_batch_ends_that_row_only(text_model, monkeypatch) -> None:
+    from visualglm.generation import continuous
+    from visualglm.generation.sampling import SamplingError
+
+    def failing(logits, token_ids, params, generators, valid=None):  # the row seeded 666 has bad scores
+        if any(g.initial_seed() == 666 for g in generators):
+            raise SamplingError("row 0: NaN scores")
+        return next_tokens(logits, token_ids, params, generators, valid)
+
+    next_tokens = continuous.next_tokens
+    monkeypatch.setattr(continuous, "next_tokens", failing)
+    params = GenerationParams(max_new_tokens=6, sampling=SamplingParams(temperature=0.9))
+    ok = EngineRequest("ok", [30, 31, GMASK, SOP], params, seed=1)
+    bad = EngineRequest("bad", [40, 41, GMASK, SOP], params, seed=666)
+    engine = ContinuousEngine(text_model, max_rows=2, context=96)
+    engine.submit(ok)
+    events = engine.step()
+    engine.submit(bad)
+    while engine.has_work():
+        events += engine.step()
+    assert [e.reason for e in events if e.id == "bad" and e.reason] == ["error"]
+    assert [e.token for e in events if e.id == "ok" and e.token is not None] == _alone(text_model, ok)
+
+
 def test_a_long_prompt_prefilled_in_stages_is_exact_and_lets_the_others_decode(text_model) -> None:
     long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
                          GenerationParams(max_new_tokens=4, sampling=GREEDY))

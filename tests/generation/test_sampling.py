@@ -477,3 +477,14 @@ def test_plus_inf_scores_pick_among_the_inf_tokens_and_nan_rows_raise():
         next_tokens(torch.tensor([[0.0, 1.0], [NAN, 0.0]]), None, SamplingParams(do_sample=False), None)
     with pytest.raises(SamplingError, match="no token left"):
         next_tokens(torch.zeros(1, 4), None, SamplingParams(banned_ranges=((0, 4),)), make_generator(0))
+
+
+def test_a_generator_per_row_draws_each_row_as_alone() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
+    together = next_tokens(logits, None, params, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    alone = [int(next_tokens(logits[i:i + 1], None, params, torch.Generator().manual_seed(s))[0])
+             for i, s in enumerate((1, 2, 3))]
+    assert together.tolist() == alone
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        next_tokens(logits, None, params, [torch.Generator(), torch.Generator()])

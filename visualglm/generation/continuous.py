@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from visualglm.generation.engine import GenerationParams
-from visualglm.generation.sampling import make_generator, next_tokens
+from visualglm.generation.sampling import SamplingParams, make_generator, next_tokens
 from visualglm.models.layers import LayerPass, advance_passes, last_positions, run_stages
 
 
@@ -449,13 +449,11 @@ class ContinuousEngine:
         (one row per newcomer, in order); they join the decode batch."""
         prefill = self.prefill
         self.prefill = None
-        events = []
-        for index, row in enumerate(prefill.rows):
-            if row.slot in prefill.dropped:
-                continue
+        kept = [index for index, row in enumerate(prefill.rows) if row.slot not in prefill.dropped]
+        rows = [prefill.rows[index] for index in kept]
+        for row in rows:
             row.length = row.tokens.shape[1]
-            events.append(self._choose(row, logits[index:index + 1]))
-        return events
+        return self._choose(rows, logits[kept])
 
     # -- decoding ------------------------------------------------------------------------------------------
 
@@ -499,17 +497,44 @@ class ContinuousEngine:
             events += self._pass_events(joint)
         for row in decoding:
             row.length += 1
-            events.append(self._choose(row, logits[row.slot:row.slot + 1]))
-        return events
+        return events + self._choose(decoding, logits[[row.slot for row in decoding]])
 
-    def _choose(self, row: _Row, logits: torch.Tensor) -> TokenEvent:
-        """Pick ``row``'s next token from ``logits`` ``[1, vocab]``; ends the row when it is done."""
-        request = row.request
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
+        """Pick each row's next token from its ``logits`` row (``[len(rows), vocab]``); ends the rows that
+        are done. Rows with the same sampling settings are processed as one batch, each drawing from its
+        own generator: the same tokens as one row at a time, without a chain of small ops per row."""
+        groups: dict[SamplingParams, list[int]] = {}
+        for index, row in enumerate(rows):  # a seed lives in the row's generator, not in the processing
+            groups.setdefault(row.sampling.replace(seed=None), []).append(index)
+        picks: dict[int, int | Exception] = {}
+        for params, members in groups.items():
+            picks.update(zip(members, self._pick([rows[i] for i in members], logits[members], params),
+                             strict=True))
+        return [self._settle(row, picks[index]) for index, row in enumerate(rows)]
+
+    @staticmethod
+    def _pick(rows: list[_Row], logits: torch.Tensor, params: SamplingParams) -> list[int | Exception]:
+        """The next token of each of ``rows`` (equal ``params``), or the error that row's scores raised."""
         try:
-            token = int(next_tokens(logits, row.tokens.to(logits.device), row.sampling, row.generator)[0])
-        except Exception as exc:  # confined to this row (NaN scores, ...): it ends, the others go on
+            token_ids, valid = None, None
+            if params.repetition_penalty != 1.0:  # the rows' own tokens, right-padded to one length
+                token_ids = torch.nn.utils.rnn.pad_sequence([row.tokens[0] for row in rows], batch_first=True)
+                lengths = torch.tensor([row.tokens.shape[1] for row in rows])
+                valid = torch.arange(token_ids.shape[1]) < lengths[:, None]
+                token_ids, valid = token_ids.to(logits.device), valid.to(logits.device)
+            return next_tokens(logits, token_ids, params, [row.generator for row in rows], valid).tolist()
+        except Exception as exc:  # NaN scores, ...: confined to the row that has them
+            if len(rows) == 1:
+                return [exc]
+            return [ContinuousEngine._pick([row], logits[i:i + 1], params)[0] for i, row in enumerate(rows)]
+
+    def _settle(self, row: _Row, pick: int | Exception) -> TokenEvent:
+        """Record ``row``'s new token (or its error); ends the row when it is done."""
+        request = row.request
+        if isinstance(pick, Exception):  # this row ends, the others go on
             self._free(row)
-            return TokenEvent(request.id, None, "error", exc)
+            return TokenEvent(request.id, None, "error", pick)
+        token = pick
         if token in row.stops:
             self._free(row)
             return TokenEvent(request.id, None, "stop")

@@ -27,6 +27,7 @@ Note: the reference never passes ``top_k`` to ``generate()``, so HF's implicit d
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -370,12 +371,14 @@ def next_tokens(
     logits: torch.Tensor,
     token_ids: torch.Tensor | None,
     params: SamplingParams,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of every row, ``LongTensor[B]``: :func:`process_logits`, then argmax (greedy) or
     ``torch.multinomial(softmax(scores), 1, generator=generator)``. ``generator`` must live on the logits'
-    device (see :func:`make_generator`); greedy decoding does not use it.
+    device (see :func:`make_generator`); greedy decoding does not use it. A sequence of B generators draws
+    each row from its own (rows of requests with their own seeds, processed as one batch): row i then gets
+    the token it would get alone with generator i.
 
     Scores of ``+inf`` (a model output the invalid-score guard let through) are the limit of a
     distribution: the row picks among its ``+inf`` tokens only. A row that has NaN scores, or no token left
@@ -385,7 +388,12 @@ def next_tokens(
     if not params.do_sample:
         return scores.argmax(dim=-1)
     probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+    return torch.cat([torch.multinomial(probs[i:i + 1], num_samples=1, generator=g).squeeze(1)
+                      for i, g in enumerate(generator)])
 
 
 class SamplingError(ValueError):
