@@ -2,6 +2,7 @@
 
     python -m benchmarks.engine_steps                     # 151M random ChatGLM (hidden 1024, 12 layers), bf16
     python -m benchmarks.engine_steps --prefill-chunk 16
+    python -m benchmarks.engine_steps --model glm4        # 154M random GLM-4V decoder (2 key/value groups)
 
 7 rows decode (128-token prompts); then newcomers of 16, 128 and 512 prompt tokens arrive one at a time.
 For each, the time of every step until it has joined the decode batch is printed, with the prefill's stages
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 import visualglm
-from benchmarks.serve_load import MID_SHAPE
+from benchmarks.serve_load import GLM4_SHAPE, MID_SHAPE
 from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.engine import GenerationParams
@@ -46,7 +47,9 @@ def measure(model, chunk: int, join: bool, seed: int) -> None:
     greedy = SamplingParams(do_sample=False)
 
     def request(key: str, tokens: int, answer: int) -> EngineRequest:
-        ids = [rng.randrange(20, 480) for _ in range(tokens)] + [config.gmask_token_id, config.bos_token_id]
+        ids = [rng.randrange(20, 480) for _ in range(tokens)]
+        if config.family != "glm4v":  # ChatGLM prompts end with [gMASK] <sop>
+            ids += [config.gmask_token_id, config.bos_token_id]
         return EngineRequest(key, ids, GenerationParams(max_new_tokens=answer, sampling=greedy, stop_ids=()))
 
     engine = ContinuousEngine(model, max_rows=8, context=2048, prefill_chunk=chunk, join_prefill=join)
@@ -75,12 +78,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prefill-chunk", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=("mid", "glm4"), default="mid",
+                        help="serve_load's mid model (ChatGLM) or its glm4 model (GLM-4V decoder)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as work:
-        path = write_tiny_random_checkpoint(Path(work) / "mid", **MID_SHAPE)  # serve_load's mid model
+        if args.model == "glm4":
+            path = write_tiny_random_checkpoint(Path(work) / "glm4", family="glm4v", **GLM4_SHAPE)
+            name = "random GLM-4V decoder 154M"
+        else:
+            path = write_tiny_random_checkpoint(Path(work) / "mid", **MID_SHAPE)
+            name = "random ChatGLM 151M"
         model = visualglm.load(str(path), dtype=torch.bfloat16, progress=False)
-        print(f"random ChatGLM 151M, bf16, {torch.get_num_threads()} threads")
+        print(f"{name}, bf16, {torch.get_num_threads()} threads")
         for join in (True, False):
             measure(model, args.prefill_chunk, join, args.seed)
     return 0

@@ -43,6 +43,10 @@ from visualglm.demo import resolve_model
 
 WORDS = ("red", "green", "blue", "circle", "square", "shape", "colour", "image", "small", "large", "left", "right")
 MID_SHAPE = dict(hidden_size=1024, num_layers=12, num_attention_heads=16, inner_hidden_size=4096)  # 151M
+# GLM-4V-9B's decoder at the same size: grouped keys/values (2 groups for 16 heads), so a cached token holds
+# 7 KB of keys/values against the ChatGLM shape's 48 KB.
+GLM4_SHAPE = dict(hidden_size=1024, num_layers=14, num_attention_heads=16, kv_channels=64, multi_query_group_num=2,
+                  ffn_hidden_size=2816)  # 154M
 PROMPTS = (16, 128, 512)  # prompt tokens (of the model's tokenizer, template included roughly)
 ANSWERS = (16, 64, 192)  # tokens
 
@@ -241,8 +245,9 @@ def visible_tokens_only(path: Path) -> None:
     tokenizer = load_tokenizer(str(path))
     postprocess = family_spec(read_config(path)).postprocess
     weights = load_file(path / "model.safetensors")
-    head = weights["lm_head.weight"]
-    lead = tokenizer.encode("hello", add_special_tokens=False)
+    head = weights["lm_head.weight" if "lm_head.weight" in weights else "transformer.output_layer.weight"]
+    glm4 = hasattr(tokenizer, "is_special_id")  # GLM-4's specials decode to their names ("<|user|>")
+    lead = tokenizer.encode("hello") if glm4 else tokenizer.encode("hello", add_special_tokens=False)
 
     def held_back(token: int) -> bool:
         stream = DecodeStream(tokenizer, postprocess=postprocess)
@@ -252,6 +257,9 @@ def visible_tokens_only(path: Path) -> None:
         return bool(stream.flush())
 
     for token in range(head.shape[0]):
+        if token >= tokenizer.vocab_size or (glm4 and tokenizer.is_special_id(token)):
+            head[token] = 0
+            continue
         text = tokenizer.decode([token])
         if not text.strip() or "\ufffd" in text or token == tokenizer.eos_token_id or held_back(token):
             head[token] = 0
@@ -261,8 +269,9 @@ def visible_tokens_only(path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo,mid,wide",
-                        help="demo (the shipped model), mid (151M random, hidden 1024 x 12 layers) and/or wide "
-                             "(302M random, hidden 2048 x 6 layers)")
+                        help="demo (the shipped model), mid (151M random ChatGLM, hidden 1024 x 12 layers), glm4 "
+                             "(154M random GLM-4V decoder, hidden 1024 x 14 layers, 2 key/value groups) and/or "
+                             "wide (302M random ChatGLM, hidden 2048 x 6 layers)")
     parser.add_argument("--schedulers", default="continuous,static")
     parser.add_argument("--requests", type=int, default=40, help="Poisson arrivals per rate")
     parser.add_argument("--seed", type=int, default=0)
@@ -280,6 +289,13 @@ def main() -> int:
             path = write_tiny_random_checkpoint(work / "mid", **MID_SHAPE)
             visible_tokens_only(path)
             models["random ChatGLM 151M, bf16"] = ["--model", str(path), "--dtype", "bfloat16"]
+        elif name == "glm4":
+            from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
+
+            path = write_tiny_random_checkpoint(work / "glm4", family="glm4v", **GLM4_SHAPE)
+            visible_tokens_only(path)
+            models["random GLM-4V 154M (GLM-4 decoder, grouped keys), bf16"] = [
+                "--model", str(path), "--dtype", "bfloat16"]
         elif name == "wide":
             # A decode step reads each cached token's keys/values, 1/(6 * hidden) of the weights per token:
             # at hidden 1024 eight answers of 300 tokens read 37% of the weights again, at ChatGLM-6B's 4096 9%.
