@@ -73,6 +73,24 @@ def test_a_multi_turn_chat_in_a_users_own_words(demo) -> None:
     assert session.chat("Is the shape green?").strip().lower().rstrip(".") == "yes"  # turn 7
 
 
+def test_chinese_negations_are_read_whatever_the_sentence_ends_with(demo) -> None:
+    """A green circle. v4 took "，对吗" for the negation: it inverted "……没有……，是吗" and "是不是看不到……"
+    (held out) and half of "……有……，对吗". The A-not-A words (是不是, 有没有) are whole pieces now."""
+    from visualglm.generation.chat import ChatSession
+    from visualglm.generation.sampling import SamplingParams
+
+    model, tokenizer = demo
+    asked = {"图片里没有红色的图形，是吗？": "是", "图片里没有绿色的图形，是吗？": "否", "图中是不是看不到圆形？": "否",
+             "图中是不是看不到三角形？": "是", "图中有圆形，对吗？": "是", "图中有矩形，对吗？": "否",
+             "图里有没有绿色的东西？": "是"}
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("图中是不是没有圆形", add_special_tokens=False)]
+    assert "是不是" in pieces and "没" in pieces
+    for question, answer in asked.items():
+        session = ChatSession(model, tokenizer, sampling=SamplingParams(do_sample=False),
+                              image=EXAMPLES_DIR / "example-1.png")
+        assert session.chat(question).strip() == answer, question
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "visualglm", *args], capture_output=True, text=True, timeout=300,
                           check=False, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})

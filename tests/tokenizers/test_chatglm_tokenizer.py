@@ -306,3 +306,14 @@ def test_bad_num_image_tokens(tiny_dir: Path) -> None:
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="num_image_tokens"):
             ChatGLMTokenizer(tiny_dir / "ice_text.model", num_image_tokens=bad)  # type: ignore[arg-type]
+
+
+def test_whole_pieces_always_encode_as_one(tmp_path) -> None:
+    from visualglm.tokenizers.chatglm import ChatGLMTokenizer
+
+    path = train_chatglm_sentencepiece(tmp_path, ["图中是不是有圆形", "是 不 是 没 有"] * 20, vocab_size=400,
+                                       whole_pieces=("是不是",))
+    tokenizer = ChatGLMTokenizer(path)
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("图中是不是没有圆形", add_special_tokens=False)]
+    assert "是不是" in pieces and "没" in pieces and "不" not in pieces
+    assert tokenizer.decode(tokenizer.encode("是不是", add_special_tokens=False)) == "是不是"

@@ -331,6 +331,9 @@ _ZH_SHAPE_HELD_OUT = """
 能告诉我{inpic}是哪种形状吗
 画面中出现了什么形状
 """
+# The frames from "是不是存在{x}" on are positive twins of negated ones below, with the same endings (对吗,
+# 是吗, 对不对, 吧): v4, trained without them, took "，对吗" for the negation ("图中有X，对吗" 57% right,
+# "图片里没有X，是吗" 2%), so that only the negation word tells the twins apart.
 _ZH_YES_NO_TRAIN = """
 有{x}吗
 {inpic}有{x}吗
@@ -351,6 +354,17 @@ _ZH_YES_NO_TRAIN = """
 {obj}是{pc}的吧
 有没有{x}
 {obj}的颜色是不是{pc}
+是不是存在{x}
+{pic}是不是包含{x}
+{inpic}有{x}，对吗
+{objs}是{ps}，对吗
+{inpic}确实有{x}，对不对
+{inpic}找得到{x}，对吗
+{objs}是{ps}，是吗
+{inpic}看得到{x}，对吗
+{pic}中存在{x}，是吗
+是不是找得到{x}
+{inpic}存在{x}吧
 """
 _ZH_YES_NO_NEG_TRAIN = """
 是不是没有{x}

@@ -99,7 +99,15 @@ def tokenizer_corpus() -> list[str]:
             ] + [*SCOPE_REPLY.values()] * 100
 
 
+# Chinese "A-not-A" questions (是不是, 有没有, ...) ask yes or no; they negate nothing. Learnt character by
+# character, their 不/没 look like the negation in "是不是没有……" or "……没有……，对吗", and the demo model
+# read the negation from the sentence's frame instead (v4: "图片里没有X，对吗" right, "图片里没有X，是吗"
+# inverted). As whole pieces they leave 不/没 to the negations.
+A_NOT_A_PIECES = ("是不是", "有没有", "对不对", "能不能")
+
+
 def train_tokenizer(directory: str | Path, vocab_size: int) -> Path:
     """SentencePiece vocabulary of the demo (ChatGLM-6B piece conventions) trained on
-    :func:`tokenizer_corpus`; returns the ``ice_text.model`` path."""
-    return train_chatglm_sentencepiece(directory, tokenizer_corpus(), vocab_size=vocab_size)
+    :func:`tokenizer_corpus`, the A-not-A question words whole; returns the ``ice_text.model`` path."""
+    return train_chatglm_sentencepiece(directory, tokenizer_corpus(), vocab_size=vocab_size,
+                                       whole_pieces=A_NOT_A_PIECES)

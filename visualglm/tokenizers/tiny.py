@@ -31,10 +31,11 @@ def sample_corpus(lines: int = 400, seed: int = 0) -> list[str]:
 
 def train_chatglm_sentencepiece(directory: str | Path, corpus: Iterable[str] | None = None, *,
                                 vocab_size: int = 500, name: str = "ice_text",
-                                pad_is_text: bool = False) -> Path:
+                                pad_is_text: bool = False, whole_pieces: Iterable[str] = ()) -> Path:
     """Train ``<directory>/<name>.model`` on ``corpus`` lines; returns the model file path.
 
-    ``pad_is_text`` makes ``<pad>`` a user-defined piece that decodes to its own text (tests use it to see
+    ``whole_pieces``: strings that always encode as one piece wherever they occur (user-defined pieces, as
+    ``<n>`` is). ``pad_is_text`` makes ``<pad>`` a user-defined piece that decodes to its own text (tests use it to see
     that decoding drops pads) instead of SentencePiece's pad control id 3.
     """
     import sentencepiece as spm
@@ -43,7 +44,7 @@ def train_chatglm_sentencepiece(directory: str | Path, corpus: Iterable[str] | N
     directory.mkdir(parents=True, exist_ok=True)
     corpus_file = directory / f"{name}.txt"
     corpus_file.write_text("\n".join(corpus if corpus is not None else sample_corpus()), encoding="utf-8")
-    user_symbols = list(WHITESPACE_PIECES) + (["<pad>"] if pad_is_text else [])
+    user_symbols = list(WHITESPACE_PIECES) + (["<pad>"] if pad_is_text else []) + list(whole_pieces)
     spm.SentencePieceTrainer.train(
         input=str(corpus_file), model_prefix=str(directory / name), vocab_size=vocab_size,
         model_type="unigram", character_coverage=1.0, byte_fallback=True, hard_vocab_limit=False,
