@@ -13,7 +13,7 @@ from visualglm.checkpoint.io import build_model
 from visualglm.checkpoint.save import save_checkpoint
 from visualglm.config import ChatGLMConfig, GLM4VConfig, get_config
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
-from visualglm.tokenizers.glm4 import SPECIAL_TOKENS, GLM4Tokenizer
+from visualglm.tokenizers.glm4 import GLM4Tokenizer
 from visualglm.tokenizers.tiny import train_chatglm_sentencepiece, write_glm4_ranks
 
 
@@ -59,11 +59,7 @@ def write_tiny_random_checkpoint(directory: str | Path, seed: int = 0, weight_sc
             # Untied: with random tied weights the residual stream makes the model echo its last input
             # token (<sop>, a control piece that decodes to nothing) forever.
             tie_word_embeddings=False, **sizes)
-        model = build_model(config, device="cpu")
-        init_random_weights(model, weight_scale, seed)
-        save_checkpoint(model, directory)
-        (directory / "ice_text.model").write_bytes(vocab_file.read_bytes())
-    return directory
+        return _save_random(config, directory, seed, weight_scale, {"ice_text.model": vocab_file.read_bytes()})
 
 
 def write_tiny_random_glm4v(directory: str | Path, seed: int = 0, weight_scale: float = 2.0, **sizes: int) -> Path:
@@ -75,15 +71,20 @@ def write_tiny_random_glm4v(directory: str | Path, seed: int = 0, weight_scale: 
     with tempfile.TemporaryDirectory() as tmp:
         ranks = write_glm4_ranks(tmp).read_bytes()
         tokenizer = GLM4Tokenizer.from_pretrained(tmp)
-    special = dict(zip(SPECIAL_TOKENS, range(tokenizer.num_regular_tokens, tokenizer.vocab_size), strict=True))
     vocab = -(-tokenizer.vocab_size // 64) * 64  # the embedding table padded to a multiple of 64
     config = dataclasses.replace(
         get_config("glm-4v-tiny"), padded_vocab_size=vocab, vocab_size=vocab,
-        eos_token_id=[special["<|endoftext|>"], special["<|user|>"], special["<|observation|>"]],
-        pad_token_id=special["<|endoftext|>"], boi_token_id=special["<|begin_of_image|>"],
-        eoi_token_id=special["<|end_of_image|>"], extra={}, **sizes)
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.user_token_id, tokenizer.observation_token_id],
+        pad_token_id=tokenizer.eos_token_id, boi_token_id=tokenizer.boi_token_id,
+        eoi_token_id=tokenizer.eoi_token_id, extra={}, **sizes)
+    return _save_random(config, directory, seed, weight_scale, {"tokenizer.model": ranks})
+
+
+def _save_random(config, directory: Path, seed: int, weight_scale: float, tokenizer_files: dict[str, bytes]) -> Path:
+    """Build ``config``'s model with random weights, save it to ``directory`` with ``tokenizer_files``."""
     model = build_model(config, device="cpu")
     init_random_weights(model, weight_scale, seed)
     save_checkpoint(model, directory)
-    (directory / "tokenizer.model").write_bytes(ranks)
+    for name, data in tokenizer_files.items():
+        (directory / name).write_bytes(data)
     return directory

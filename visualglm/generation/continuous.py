@@ -102,6 +102,8 @@ class _Row:
         self.budget = budget
         self.generator = generator
         self.sampling = request.params.sampling.validate()
+        # Rows whose processing is the same pick their tokens as one batch; a seed lives in the generator.
+        self.batch_key = self.sampling.replace(seed=None)
         self.stops = frozenset(request.params.stop_ids)
         self.tokens = torch.tensor([request.ids], dtype=torch.long)  # [1, T]: prompt + answer
         self.produced = 0
@@ -504,8 +506,8 @@ class ContinuousEngine:
         are done. Rows with the same sampling settings are processed as one batch, each drawing from its
         own generator: the same tokens as one row at a time, without a chain of small ops per row."""
         groups: dict[SamplingParams, list[int]] = {}
-        for index, row in enumerate(rows):  # a seed lives in the row's generator, not in the processing
-            groups.setdefault(row.sampling.replace(seed=None), []).append(index)
+        for index, row in enumerate(rows):
+            groups.setdefault(row.batch_key, []).append(index)
         picks: dict[int, int | Exception] = {}
         for params, members in groups.items():
             picks.update(zip(members, self._pick([rows[i] for i in members], logits[members], params),
