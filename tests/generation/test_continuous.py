@@ -431,3 +431,47 @@ def test_early_events_come_before_the_decode_forward_and_change_nothing(text_mod
     assert len(early_firsts) >= 3  # newcomers that joined running rows got their first token early
     for request in requests:
         assert tokens[request.id] == _alone(text_model, request)
+
+
+def test_a_long_causal_prompt_is_prefilled_in_token_chunks_inside_decode_steps(glm4v) -> None:
+    from PIL import Image
+
+    model, tokenizer = glm4v
+    runner_ids, _ = build_prompt_ids(model, tokenizer, "hi", [], image=False)
+    runner = EngineRequest("runner", runner_ids, GenerationParams(max_new_tokens=60, sampling=GREEDY))
+    image = preprocess(Image.new("RGB", (20, 20), (200, 30, 60)), model.config.vision_config.image_size)
+    with torch.inference_mode():
+        embeds = model.encode_images(image)
+    ids, start = build_prompt_ids(model, tokenizer, "tell me a long story about this " * 3, [], image=True)
+    long = EngineRequest("long", ids, GenerationParams(max_new_tokens=5, sampling=GREEDY), image_start=start,
+                         image_embeds=embeds, image_key="red")
+    chunk = 6
+    assert len(ids) > 2 * chunk
+    engine = ContinuousEngine(model, max_rows=2, prefill_chunk=chunk)
+    engine.submit(runner)
+    engine.step()  # the runner decodes from now on
+    engine.submit(long)
+    joined_before, steps, first = engine.stats.joined_steps, 0, []
+    while not first:
+        steps += 1
+        first = [e.token for e in engine.step() if e.id == "long" and e.token is not None]
+    # One chunk of prefill_chunk tokens a step, each inside the runner's decode forward.
+    assert steps == -(-len(ids) // chunk)
+    assert engine.stats.joined_steps - joined_before == steps
+    tokens, _ = _drain(engine)
+    assert first + tokens["long"] == _alone(model, long)
+
+
+def test_a_causal_prompt_ended_between_its_token_chunks_frees_its_slot(glm4v) -> None:
+    model, tokenizer = glm4v
+    runner_ids, _ = build_prompt_ids(model, tokenizer, "hi", [], image=False)
+    runner = EngineRequest("runner", runner_ids, GenerationParams(max_new_tokens=30, sampling=GREEDY))
+    ids, _ = build_prompt_ids(model, tokenizer, "a long question " * 6, [], image=False)
+    engine = ContinuousEngine(model, max_rows=2, prefill_chunk=4)
+    engine.submit(runner)
+    first = [e.token for e in engine.step()]
+    engine.submit(EngineRequest("long", ids, GenerationParams(max_new_tokens=5, sampling=GREEDY)))
+    tokens, reasons = _drain(engine, end_at_step={"long": 2})
+    assert reasons["long"] == "ended" and tokens.get("long", []) == []
+    assert first + tokens["runner"] == _alone(model, runner)
+    assert engine.prefill is None and engine.running == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import visualglm
-from visualglm.models.layers import advance_passes, joint
+from visualglm.models.layers import advance_passes, flatten_groups, unflatten_groups
 
 from ..conftest import random_chatglm
 
@@ -66,10 +66,12 @@ def test_glm4v_decode_and_prefill_passes_share_blocks_exactly(glm4v_checkpoint) 
         _check(model, torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[5 + 11 * i % 300 for i in range(15)]]))
 
 
-def test_joint_splits_each_group_back_to_its_shape() -> None:
+def test_flattened_groups_split_back_to_their_shapes() -> None:
     linear = torch.nn.Linear(4, 3)
     xs = [torch.randn(2, 1, 4), torch.randn(1, 5, 4)]
-    outs = joint(linear, xs)
+    flat, shapes = flatten_groups(xs)
+    assert flat.shape == (7, 4)
+    outs = unflatten_groups(linear(flat), shapes)
     assert [o.shape for o in outs] == [(2, 1, 3), (1, 5, 3)]
     for out, x in zip(outs, xs, strict=True):
         torch.testing.assert_close(out, linear(x))

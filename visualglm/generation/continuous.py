@@ -14,20 +14,23 @@ One call to :meth:`ContinuousEngine.step` does, in order:
    identical context), or else the slot of a running row it shares a prefix with, copied, or else a cold
    one; its prompt then only prefills what is new;
 3. **prefills** the newcomers admitted together as one group (left-padded to one length, up to a budget of
-   new tokens): a long group is spread over several steps, a few layers at a time, or pieces of a layer
-   when one layer of it costs more than a step may carry (exact: the same computation, paused between
-   pieces; a piece writes the keys/values of some tokens or lets some tokens attend to all of them, so
-   ChatGLM-6B's prompts, which attend both ways, can be cut too), so that running rows keep getting
-   tokens at about the pace of a decode step. A short group (up to twice a step's share) is prefilled in
+   new tokens): a long group is spread over several steps, so that running rows keep getting tokens at
+   about the pace of a decode step. A lone prompt whose tokens attend causally (GLM-4V) is cut between
+   tokens: ``prefill_chunk`` tokens a step, each chunk a whole forward that writes its keys/values and
+   attends to the slots before it. Others go a few layers at a time, or pieces of a layer when one layer
+   of them costs more than a step may carry (exact: the same computation, paused between pieces; a piece
+   writes the keys/values of some tokens or lets some tokens attend to all of them, so ChatGLM-6B's
+   prompts, which attend both ways, can be cut too). A short group (up to twice a step's share) is prefilled in
    one step all the same: its first tokens come a step or more sooner, and such steps are few, while a
    long prompt's many steps set the pace every running stream feels. When its last layer is done each
    newcomer's first token is chosen and it joins the decode batch;
 4. **decodes** one token for every running row in one forward over cache rows ``[0, highest used + 1)``
    (free slots in that range compute a token nobody reads, cheaper than moving a row's cache).
 
-A prefill stage of whole layers runs *inside* the decode forward: at each layer it crosses, its tokens and
-the decode rows go through the linear layers as one matrix (``layers.advance_passes``), so a step reads the
-weights once, not once for the decode rows and again for the prompt. On a CPU, where a decode step is the
+A prefill stage of whole layers (a token chunk included) runs *inside* the decode forward: at each layer it
+crosses, its tokens and the decode rows go through the norms, the linear layers and the residuals as one
+matrix, only attention apart (``layers.advance_passes``), so a step reads the weights once, not once for the
+decode rows and again for the prompt, and runs one set of small ops. On a CPU, where a decode step is the
 time to read the weights, that is most of what a step carrying a short prompt's prefill costs extra.
 Pieces of a layer (long prompts) run before the decode forward, as do prefills with nothing decoding.
 
@@ -126,6 +129,16 @@ class _Prefill:
         self.stages = None  # pieces of layers: the model's stage generator
         self.layer_pass: LayerPass | None = None  # whole layers: the pass through the blocks in progress
         self.dropped: set[int] = set()
+        # A causal prompt's later token chunks (the model's arguments for each), run after ``inputs`` in turn,
+        # each a pass through every layer (see ``ContinuousEngine._token_chunks``).
+        self.later: deque[dict] = deque()
+
+    def next_chunk(self) -> bool:
+        """Move on to the next token chunk (True), or False when the last one is done."""
+        if not self.later:
+            return False
+        self.inputs, self.layer_pass, self.target = self.later.popleft(), None, 0.0
+        return True
 
 
 class ContinuousEngine:
@@ -360,12 +373,12 @@ class ContinuousEngine:
         token_chunk = None if per_step >= 1 else max(16, math.ceil(budget / 2))
         if len(parts) == 1:
             row, start, ids, positions, mask, embeds = parts[0]
-            length = ids.shape[1]
-            inputs = dict(input_ids=ids[:, start:] if embeds is None else None, position_ids=positions[..., start:],
-                          attention_mask=mask[:, :, start:, :],
-                          cache_positions=torch.arange(start, length, device=self.device),
-                          inputs_embeds=None if embeds is None else embeds[:, start:],
-                          cache_rows=slice(row.slot, row.slot + 1))
+            chunks = self._token_chunks(row, start, ids, positions, mask, embeds, work)
+            if len(chunks) > 1:  # whole forwards, one a step
+                per_step, token_chunk = self.num_layers, None
+            self.prefill = _Prefill([row], chunks.popleft(), per_step, token_chunk)
+            self.prefill.later = chunks
+            return
         else:
             kv_length = max(ids.shape[1] for _, _, ids, *_ in parts)
             count, axes = len(parts), parts[0][3].shape[1]
@@ -398,6 +411,30 @@ class ContinuousEngine:
                           cache_rows=slots)
         self.prefill = _Prefill([row for row, *_ in parts], inputs, per_step, token_chunk)
 
+    def _token_chunks(self, row: _Row, start: int, ids: torch.Tensor, positions: torch.Tensor,
+                      mask: torch.Tensor, embeds: torch.Tensor | None, work: int) -> deque[dict]:
+        """The model's arguments for one row's new tokens ``[start, length)``: one forward, or, for a prompt
+        longer than two shares whose tokens attend causally (GLM-4V: each token sees only those before it),
+        consecutive chunks of ``prefill_chunk`` tokens, each a whole forward that writes its keys/values and
+        attends to the slots before it: the same computation as one forward, cut between tokens. Each chunk
+        then runs inside a decode step's forward (one weight read for both) where pieces of layers could
+        not. A prompt that attends both ways (ChatGLM-6B's context) is one forward, staged by layers."""
+        length = ids.shape[1]
+        size = length - start
+        new = mask[0, 0, start:, :]
+        causal = torch.equal(new, torch.ones_like(new).tril(start))
+        if work > 2 * self.prefill_chunk and causal:
+            size = self.prefill_chunk
+        chunks: deque[dict] = deque()
+        for begin in range(start, length, size):
+            end = min(begin + size, length)
+            chunks.append(dict(input_ids=ids[:, begin:end] if embeds is None else None,
+                               position_ids=positions[..., begin:end], attention_mask=mask[:, :, begin:end, :end],
+                               cache_positions=torch.arange(begin, end, device=self.device),
+                               inputs_embeds=None if embeds is None else embeds[:, begin:end],
+                               cache_rows=slice(row.slot, row.slot + 1)))
+        return chunks
+
     def _advance_prefill(self, full: bool) -> list[TokenEvent]:
         """Run the waiting prefill on its own: when ``full``, all it has left, else this step's share of
         layers; the newcomers' first tokens once the last layer is done. Whole layers go as a pass through the
@@ -405,8 +442,12 @@ class ContinuousEngine:
         prefill not begun that may run whole runs as one pass all the same)."""
         prefill = self.prefill
         if prefill.token_chunk is None or (full and prefill.stages is None):
-            advance_passes(self.model.decoder_blocks(), [self._pass_of(prefill)], [self._pass_stop(prefill, full)])
-            return self._pass_events(prefill)
+            while True:  # with ``full``, every token chunk in turn
+                advance_passes(self.model.decoder_blocks(), [self._pass_of(prefill)],
+                               [self._pass_stop(prefill, full)])
+                events = self._pass_events(prefill)
+                if events or not full or self.prefill is None:
+                    return events
         if prefill.stages is None:
             prefill.stages = self.model.hidden_state_stages(**prefill.inputs, token_chunk=prefill.token_chunk)
         prefill.target = math.inf if full else prefill.target + prefill.per_step
@@ -433,8 +474,9 @@ class ContinuousEngine:
         return min(self.num_layers, math.ceil(prefill.target))
 
     def _pass_events(self, prefill: _Prefill) -> list[TokenEvent]:
-        """The newcomers' first tokens once ``prefill``'s pass is through every block (none before)."""
-        if prefill.layer_pass.next < self.num_layers:
+        """The newcomers' first tokens once ``prefill``'s pass is through every block (none before), the
+        last token chunk's pass when there are several (an earlier one moves the prefill on to the next)."""
+        if prefill.layer_pass.next < self.num_layers or prefill.next_chunk():
             return []
         return self._prefill_done(self._last_logits(prefill.layer_pass))
 

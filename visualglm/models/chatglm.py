@@ -33,11 +33,12 @@ from visualglm.models.layers import (
     chunked_layer,
     common_prefix_length,
     embeddings_of,
-    joint,
+    flatten_groups,
     last_positions,
     rotary_cos_sin,
     rotary_inv_freq,
     run_stages,
+    unflatten_groups,
 )
 
 
@@ -152,18 +153,20 @@ class GLMBlock(nn.Module):
 
     def forward_joint(self, parts: Sequence[tuple[torch.Tensor, tuple]]) -> list[torch.Tensor]:
         """``forward`` for several groups of tokens, each ``(x [B_i, T_i, hidden], the rest of forward's
-        arguments)``: the linear layers run once over every group's tokens (see ``layers.joint``),
+        arguments)``: everything but attention (the norms, the linear layers, the residuals) runs once on
+        every group's tokens as one matrix (``layers.flatten_groups``), so each weight is read once;
         attention group by group. The outputs ``[B_i, T_i, hidden]``, in order. Several groups bypass the
         attention module's own call (and so its hooks: tensor parallelism's reduction runs one group at a
         time)."""
         if len(parts) == 1:
             return [self(parts[0][0], *parts[0][1])]
-        attn_in = [self.input_layernorm(x) for x, _ in parts]
-        qkv = joint(self.attention.query_key_value, attn_in)
+        flat, shapes = flatten_groups([x for x, _ in parts])
+        attn_in = self.input_layernorm(flat)
+        qkv = unflatten_groups(self.attention.query_key_value(attn_in), shapes)
         heads = [self.attention.mix(qkv_i, *args) for qkv_i, (_, args) in zip(qkv, parts, strict=True)]
-        x = [a * self.alpha + out for a, out in zip(attn_in, joint(self.attention.dense, heads), strict=True)]
-        mlp_in = [self.post_attention_layernorm(x_i) for x_i in x]
-        return [m * self.alpha + out for m, out in zip(mlp_in, joint(self.mlp, mlp_in), strict=True)]
+        x = attn_in * self.alpha + self.attention.dense(flatten_groups(heads)[0])
+        mlp_in = self.post_attention_layernorm(x)
+        return unflatten_groups(mlp_in * self.alpha + self.mlp(mlp_in), shapes)
 
     def write_keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_positions: torch.Tensor,
                    cache_rows: slice | torch.Tensor | None) -> torch.Tensor:

@@ -28,9 +28,10 @@ from visualglm.models.layers import (
     chunked_layer,
     common_prefix_length,
     embeddings_of,
-    joint,
+    flatten_groups,
     last_positions,
     run_stages,
+    unflatten_groups,
 )
 
 
@@ -144,7 +145,17 @@ class GLM4Attention(nn.Module):
             cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` between its two linear layers: the heads ``[B, T, heads * D]`` (before ``dense``) of the
         projection ``qkv`` ``[B, T, (heads + 2 * kv_heads) * D]``."""
-        q, k, v = self.split_heads(qkv, rope)
+        qk, v = self.rotated(qkv, rope)
+        return self.attend_heads(qk.flatten(-2), v, bias, cache_positions, kv_length, causal, cache_rows)
+
+    def attend_heads(self, qk: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     cache_positions: torch.Tensor | None, kv_length: int, causal: bool,
+                     cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """``mix`` after the rotation: rotated queries and keys ``qk`` ``[B, T, (heads + kv_heads) * D]``,
+        values ``v`` ``[B, T, kv_heads * D]`` (as ``rotated`` gives them) -> the heads ``[B, T, heads * D]``."""
+        batch, length, _ = qk.shape
+        q, k = qk.view(batch, length, -1, self.head_dim).transpose(1, 2).split([self.heads, self.kv_heads], dim=1)
+        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache_positions is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
@@ -155,13 +166,19 @@ class GLM4Attention(nn.Module):
         """Rotated queries ``[B, heads, T, D]``, rotated keys and values ``[B, kv_heads, T, D]`` of x."""
         return self.split_heads(self.query_key_value(x), rope)
 
+    def rotated(self, qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys ``[B, T, heads + kv_heads, D]`` rotated by ``rope`` ``[B, T, R/2, 2]``, and the values
+        ``[B, T, kv_heads * D]`` of the projection ``qkv``. Queries and keys sit side by side in the projection
+        and turn by the same table: one rotation for both halves the small ops of a decode step's rotary
+        embedding."""
+        batch, length, _ = qkv.shape
+        qk, v = qkv.split([(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        return apply_glm4_rope(qk.view(batch, length, self.heads + self.kv_heads, self.head_dim), rope), v
+
     def split_heads(self, qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``project`` after the linear layer."""
         batch, length, _ = qkv.shape
-        qk, v = qkv.split([(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
-        # Queries and keys sit side by side in the projection and turn by the same table: one rotation for
-        # both halves the small ops of a decode step's rotary embedding.
-        qk = apply_glm4_rope(qk.view(batch, length, self.heads + self.kv_heads, self.head_dim), rope)
+        qk, v = self.rotated(qkv, rope)
         q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)
         return q, k, v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
 
@@ -203,15 +220,20 @@ class GLM4Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_joint(self, parts: Sequence[tuple[torch.Tensor, tuple]]) -> list[torch.Tensor]:
-        """``forward`` for several groups of tokens at once (see ``GLMBlock.forward_joint``)."""
+        """``forward`` for several groups of tokens at once (see ``GLMBlock.forward_joint``). Everything but
+        attention runs on the groups' tokens as one matrix, the rotary embedding too (the groups' tables
+        side by side)."""
         if len(parts) == 1:
             return [self(parts[0][0], *parts[0][1])]
         attention = self.self_attention
-        qkv = joint(attention.query_key_value, [self.input_layernorm(x) for x, _ in parts])
-        heads = [attention.mix(qkv_i, *args) for qkv_i, (_, args) in zip(qkv, parts, strict=True)]
-        x = [x_i + out for (x_i, _), out in zip(parts, joint(attention.dense, heads), strict=True)]
-        return [x_i + out for x_i, out in zip(x, joint(self.mlp, [self.post_attention_layernorm(y) for y in x]),
-                                              strict=True)]
+        flat, shapes = flatten_groups([x for x, _ in parts])
+        table = torch.cat([args[0].reshape(-1, *args[0].shape[-2:]) for _, args in parts])
+        qk, v = attention.rotated(attention.query_key_value(self.input_layernorm(flat))[None], table[None])
+        heads = [attention.attend_heads(qk_i, v_i, *args[1:])
+                 for qk_i, v_i, (_, args) in zip(unflatten_groups(qk[0].flatten(-2), shapes),
+                                                 unflatten_groups(v[0], shapes), parts, strict=True)]
+        flat = flat + attention.dense(flatten_groups(heads)[0])
+        return unflatten_groups(flat + self.mlp(self.post_attention_layernorm(flat)), shapes)
 
     def write_keys(self, x: torch.Tensor, rope: torch.Tensor, cache_positions: torch.Tensor,
                    cache_rows: slice | torch.Tensor | None) -> torch.Tensor:

@@ -233,17 +233,18 @@ def chunked_layer(length: int, chunk: int, write_keys: Callable[[int, int], torc
     return torch.cat(outputs, dim=1)
 
 
-def joint(module: Callable[[torch.Tensor], torch.Tensor], xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """A token-wise module (a linear layer, an MLP) applied to several groups of tokens in one call, so that
-    its weights are read from memory once for all of them: the groups' tokens are concatenated and the
-    output split again. xs: each ``[B_i, T_i, in]``; returns each ``[B_i, T_i, out]``. One group: the module
-    on it as it is."""
-    if len(xs) == 1:
-        return [module(xs[0])]
-    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
-    out = module(flat)
-    sizes = [x.shape[0] * x.shape[1] for x in xs]
-    return [part.view(*x.shape[:-1], part.shape[-1]) for part, x in zip(out.split(sizes), xs, strict=True)]
+def flatten_groups(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Size]]:
+    """Several groups of tokens (each ``[B_i, T_i, features]``) as one matrix ``[sum B_i * T_i, features]``
+    and the groups' leading shapes (for :func:`unflatten_groups`). Token-wise work (norms, linear layers,
+    residuals) then runs once over every group: one set of small ops, and each weight read once."""
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]), [x.shape[:-1] for x in xs]
+
+
+def unflatten_groups(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """The inverse of :func:`flatten_groups` for any trailing width: ``[N, features]`` -> each
+    ``[*shapes[i], features]`` (views)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return [part.view(*shape, part.shape[-1]) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
 
 
 def embeddings_of(embed: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor | None,
