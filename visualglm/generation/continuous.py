@@ -379,36 +379,35 @@ class ContinuousEngine:
             self.prefill = _Prefill([row], chunks.popleft(), per_step, token_chunk)
             self.prefill.later = chunks
             return
-        else:
-            kv_length = max(ids.shape[1] for _, _, ids, *_ in parts)
-            count, axes = len(parts), parts[0][3].shape[1]
-            input_ids = torch.full((count, width), self.pad_id, dtype=torch.long, device=self.device)
-            position_ids = torch.zeros(count, axes, width, dtype=torch.long, device=self.device)
-            attention = torch.zeros(count, 1, width, kv_length, dtype=torch.bool, device=self.device)
-            attention[:, :, :, 0] = True
-            cache_positions = torch.full((count, width), self.context - 1, dtype=torch.long, device=self.device)
-            # With an image in the group every row comes as embeddings (a text row's are its tokens' own).
-            pictured = any(part[5] is not None for part in parts)
-            inputs_embeds = None
+        kv_length = max(ids.shape[1] for _, _, ids, *_ in parts)
+        count, axes = len(parts), parts[0][3].shape[1]
+        input_ids = torch.full((count, width), self.pad_id, dtype=torch.long, device=self.device)
+        position_ids = torch.zeros(count, axes, width, dtype=torch.long, device=self.device)
+        attention = torch.zeros(count, 1, width, kv_length, dtype=torch.bool, device=self.device)
+        attention[:, :, :, 0] = True
+        cache_positions = torch.full((count, width), self.context - 1, dtype=torch.long, device=self.device)
+        # With an image in the group every row comes as embeddings (a text row's are its tokens' own).
+        pictured = any(part[5] is not None for part in parts)
+        inputs_embeds = None
+        if pictured:
+            first = next(part[5] for part in parts if part[5] is not None)
+            inputs_embeds = first.new_zeros(count, width, first.shape[-1])
+        for index, (_, start, ids, positions, mask, embeds) in enumerate(parts):
+            length = ids.shape[1]
+            pad = width - (length - start)
+            input_ids[index, pad:] = ids[0, start:]
+            position_ids[index, :, pad:] = positions[0, :, start:]
+            attention[index, 0, pad:] = False
+            attention[index, 0, pad:, :length] = mask[0, 0, start:, :]
+            cache_positions[index, pad:] = torch.arange(start, length, device=self.device)
             if pictured:
-                first = next(part[5] for part in parts if part[5] is not None)
-                inputs_embeds = first.new_zeros(count, width, first.shape[-1])
-            for index, (_, start, ids, positions, mask, embeds) in enumerate(parts):
-                length = ids.shape[1]
-                pad = width - (length - start)
-                input_ids[index, pad:] = ids[0, start:]
-                position_ids[index, :, pad:] = positions[0, :, start:]
-                attention[index, 0, pad:] = False
-                attention[index, 0, pad:, :length] = mask[0, 0, start:, :]
-                cache_positions[index, pad:] = torch.arange(start, length, device=self.device)
-                if pictured:
-                    if embeds is None:
-                        embeds = model.embed_with_images(ids, None, [None])
-                    inputs_embeds[index, pad:] = embeds[0, start:]
-            slots = torch.tensor([row.slot for row, *_ in parts], dtype=torch.long, device=self.device)
-            inputs = dict(input_ids=None if pictured else input_ids, position_ids=position_ids,
-                          attention_mask=attention, cache_positions=cache_positions, inputs_embeds=inputs_embeds,
-                          cache_rows=slots)
+                if embeds is None:
+                    embeds = model.embed_with_images(ids, None, [None])
+                inputs_embeds[index, pad:] = embeds[0, start:]
+        slots = torch.tensor([row.slot for row, *_ in parts], dtype=torch.long, device=self.device)
+        inputs = dict(input_ids=None if pictured else input_ids, position_ids=position_ids,
+                      attention_mask=attention, cache_positions=cache_positions, inputs_embeds=inputs_embeds,
+                      cache_rows=slots)
         self.prefill = _Prefill([row for row, *_ in parts], inputs, per_step, token_chunk)
 
     def _token_chunks(self, row: _Row, start: int, ids: torch.Tensor, positions: torch.Tensor,
