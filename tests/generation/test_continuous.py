@@ -475,3 +475,25 @@ def test_a_causal_prompt_ended_between_its_token_chunks_frees_its_slot(glm4v) ->
     assert reasons["long"] == "ended" and tokens.get("long", []) == []
     assert first + tokens["runner"] == _alone(model, runner)
     assert engine.prefill is None and engine.running == 0
+
+
+def test_long_causal_prompts_beside_decoding_rows_are_admitted_one_at_a_time(glm4v) -> None:
+    model, tokenizer = glm4v
+    runner_ids, _ = build_prompt_ids(model, tokenizer, "hi", [], image=False)
+    runner = EngineRequest("runner", runner_ids, GenerationParams(max_new_tokens=80, sampling=GREEDY))
+    longs = [EngineRequest(f"long{i}", build_prompt_ids(model, tokenizer, f"question {i} is long " * 5, [],
+                                                        image=False)[0],
+                           GenerationParams(max_new_tokens=4, sampling=GREEDY)) for i in range(2)]
+    engine = ContinuousEngine(model, max_rows=3, prefill_chunk=5)
+    engine.group_tokens = lambda decoding: 10_000  # a group budget that would take both prompts
+    engine.submit(runner)
+    first = [e.token for e in engine.step()]
+    for request in longs:
+        engine.submit(request)
+    first += [e.token for e in engine.step() if e.id == "runner"]
+    # Token chunks take one prompt at a time.
+    assert [row.request.id for row in engine.prefill.rows] == ["long0"] and len(engine.waiting) == 1
+    tokens, _ = _drain(engine)
+    assert first + tokens["runner"] == _alone(model, runner)
+    for request in longs:
+        assert tokens[request.id] == _alone(model, request)

@@ -286,13 +286,15 @@ class ContinuousEngine:
     def _admit(self) -> None:
         """Admit waiting requests into free slots, as one prefill group, while their new tokens fit the group
         budget (the first always joins). One group at a time: the next is admitted once this one has joined
-        the decode batch."""
+        the decode batch. While rows decode, a prompt to be prefilled in token chunks (``_chunked``) goes
+        alone: each of its steps then carries one chunk, not a share of several prompts' layers."""
         if self.prefill is not None or not self.waiting:
             return
         decoding = sum(row is not None and row.last is not None for row in self.rows)
         budget = self.group_tokens(decoding)
-        group: list[tuple[_Row, int]] = []
+        group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]] = []
         total = 0
+        alone = False
         while self.waiting:
             free = [slot for slot, row in enumerate(self.rows) if row is None]
             if not free:
@@ -307,12 +309,17 @@ class ContinuousEngine:
             if reuse[donor] > start and donor != slot:
                 start = reuse[donor]
             new = len(request.ids) - start
-            if group and total + new > budget:
+            if group and (alone or total + new > budget):
                 break
+            positions, mask = self.model.prompt_inputs(torch.tensor([request.ids], device=self.device))
+            chunked = bool(decoding) and self._chunked(mask, start)
+            if group and chunked:
+                break
+            alone = chunked
             self.waiting.popleft()
             if start > reuse[slot]:
                 self._copy_slots(donor, slot, start)
-            group.append((self._new_row(request, slot), start))
+            group.append((self._new_row(request, slot), start, positions, mask))
             total += new
         if group:
             self._start_prefill(group)
@@ -338,7 +345,14 @@ class ContinuousEngine:
         self.cached[slot] = ([], None, None)
         return row
 
-    def _start_prefill(self, group: list[tuple[_Row, int]]) -> None:
+    def _chunked(self, mask: torch.Tensor, start: int) -> bool:
+        """Whether a prompt with attention mask ``mask`` ``[1, 1, T, T]`` whose first ``start`` tokens are
+        cached is prefilled in token chunks: more than two shares of new tokens, and each attending only to
+        those before it (GLM-4V; not ChatGLM-6B's context, which attends both ways)."""
+        new = mask[0, 0, start:, :]
+        return new.shape[0] > 2 * self.prefill_chunk and torch.equal(new, torch.ones_like(new).tril(start))
+
+    def _start_prefill(self, group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]]) -> None:
         """Build the model's arguments for ``group`` (rows and how many leading slots each reuses). Several
         rows are left-padded to their longest new part (as embeddings when one has an image): a pad query
         writes its key/value to the last cache slot (never attended: it is beyond every row's length) and
@@ -346,11 +360,10 @@ class ContinuousEngine:
         whose logits give its first answer token."""
         model = self.model
         parts = []
-        for row, start in group:
+        for row, start, positions, mask in group:
             request = row.request
             ids = row.tokens.to(self.device)
             length = ids.shape[1]
-            positions, mask = model.prompt_inputs(ids)
             embeds = None
             if request.image_embeds is not None and request.image_start is not None:
                 embeds = model.embed_with_images(ids, request.image_embeds.to(self.device), [request.image_start])
@@ -373,7 +386,10 @@ class ContinuousEngine:
         token_chunk = None if per_step >= 1 else max(16, math.ceil(budget / 2))
         if len(parts) == 1:
             row, start, ids, positions, mask, embeds = parts[0]
-            chunks = self._token_chunks(row, start, ids, positions, mask, embeds, work)
+            # Token chunks only beside decoding rows: alone, one forward does the whole prompt at once.
+            decoding = any(other is not None and other.last is not None for other in self.rows)
+            chunked = decoding and self._chunked(mask, start)
+            chunks = self._token_chunks(row, start, ids, positions, mask, embeds, chunked)
             if len(chunks) > 1:  # whole forwards, one a step
                 per_step, token_chunk = self.num_layers, None
             self.prefill = _Prefill([row], chunks.popleft(), per_step, token_chunk)
@@ -411,19 +427,15 @@ class ContinuousEngine:
         self.prefill = _Prefill([row for row, *_ in parts], inputs, per_step, token_chunk)
 
     def _token_chunks(self, row: _Row, start: int, ids: torch.Tensor, positions: torch.Tensor,
-                      mask: torch.Tensor, embeds: torch.Tensor | None, work: int) -> deque[dict]:
-        """The model's arguments for one row's new tokens ``[start, length)``: one forward, or, for a prompt
-        longer than two shares whose tokens attend causally (GLM-4V: each token sees only those before it),
+                      mask: torch.Tensor, embeds: torch.Tensor | None, chunked: bool) -> deque[dict]:
+        """The model's arguments for one row's new tokens ``[start, length)``: one forward, or when
+        ``chunked`` (a prompt longer than two shares whose tokens attend causally, GLM-4V's: see ``_chunked``)
         consecutive chunks of ``prefill_chunk`` tokens, each a whole forward that writes its keys/values and
         attends to the slots before it: the same computation as one forward, cut between tokens. Each chunk
         then runs inside a decode step's forward (one weight read for both) where pieces of layers could
         not. A prompt that attends both ways (ChatGLM-6B's context) is one forward, staged by layers."""
         length = ids.shape[1]
-        size = length - start
-        new = mask[0, 0, start:, :]
-        causal = torch.equal(new, torch.ones_like(new).tril(start))
-        if work > 2 * self.prefill_chunk and causal:
-            size = self.prefill_chunk
+        size = self.prefill_chunk if chunked else length - start
         chunks: deque[dict] = deque()
         for begin in range(start, length, size):
             end = min(begin + size, length)
