@@ -125,7 +125,10 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_checkpoint: Path, t
     (checkpoint / "config.json").write_text(json.dumps(config))
     process = subprocess.Popen([sys.executable, "-m", "visualglm", "chat", "--model", str(checkpoint), "--seed",
                                 "1", "--max-length", "200000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+                               stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"},
+                               # A test run started in the background of a script ignores SIGINT, and a child
+                               # inherits that: the chat must start with the terminal's default, as a user's does.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output: list[str] = []
     errors: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
