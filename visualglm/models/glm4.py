@@ -226,8 +226,9 @@ class GLM4Block(nn.Module):
         if len(parts) == 1:
             return [self(parts[0][0], *parts[0][1])]
         attention = self.self_attention
-        flat, shapes = flatten_groups([x for x, _ in parts])
-        table = torch.cat([args[0].reshape(-1, *args[0].shape[-2:]) for _, args in parts])
+        flat, shapes = flatten_groups([x for x, _ in parts])  # [N, hidden]: every group's tokens
+        table = torch.cat([args[0].reshape(-1, *args[0].shape[-2:]) for _, args in parts])  # [N, R/2, 2]
+        # As one batch row of N tokens: qk [1, N, heads + kv_heads, D], v [1, N, kv_heads * D].
         qk, v = attention.rotated(attention.query_key_value(self.input_layernorm(flat))[None], table[None])
         heads = [attention.attend_heads(qk_i, v_i, *args[1:])
                  for qk_i, v_i, (_, args) in zip(unflatten_groups(qk[0].flatten(-2), shapes),
