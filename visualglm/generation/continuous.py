@@ -120,7 +120,8 @@ class _Prefill:
     model's arguments for them, and once started in stages, their generator. ``dropped``: rows ended while
     their prefill ran (their slots are free already; their results are discarded)."""
 
-    def __init__(self, rows: list[_Row], inputs: dict, per_step: float, token_chunk: int | None) -> None:
+    def __init__(self, rows: list[_Row], inputs: dict, per_step: float, token_chunk: int | None,
+                 later: deque[dict] | None = None) -> None:
         self.rows = rows
         self.inputs = inputs
         self.per_step = per_step  # layers of work per step beside decoding rows (a fraction: pieces of layers)
@@ -131,7 +132,7 @@ class _Prefill:
         self.dropped: set[int] = set()
         # A causal prompt's later token chunks (the model's arguments for each), run after ``inputs`` in turn,
         # each a pass through every layer (see ``ContinuousEngine._token_chunks``).
-        self.later: deque[dict] = deque()
+        self.later: deque[dict] = later or deque()
 
     def next_chunk(self) -> bool:
         """Move on to the next token chunk (True), or False when the last one is done."""
@@ -312,6 +313,7 @@ class ContinuousEngine:
             if group and (alone or total + new > budget):
                 break
             positions, mask = self.model.prompt_inputs(torch.tensor([request.ids], device=self.device))
+            # Token chunks only beside decoding rows: alone, one forward does the whole prompt at once.
             chunked = bool(decoding) and self._chunked(mask, start)
             if group and chunked:
                 break
@@ -322,7 +324,7 @@ class ContinuousEngine:
             group.append((self._new_row(request, slot), start, positions, mask))
             total += new
         if group:
-            self._start_prefill(group)
+            self._start_prefill(group, chunked=alone)
 
     def group_tokens(self, decoding: int) -> int:
         """New tokens one prefill group may hold while ``decoding`` rows decode: spread over its stages, a
@@ -352,8 +354,10 @@ class ContinuousEngine:
         new = mask[0, 0, start:, :]
         return new.shape[0] > 2 * self.prefill_chunk and torch.equal(new, torch.ones_like(new).tril(start))
 
-    def _start_prefill(self, group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]]) -> None:
-        """Build the model's arguments for ``group`` (rows and how many leading slots each reuses). Several
+    def _start_prefill(self, group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]], chunked: bool = False
+                       ) -> None:
+        """Build the model's arguments for ``group`` (rows, how many leading slots each reuses, their positions
+        and mask); ``chunked``: a lone row prefilled in token chunks (``_admit`` decided). Several
         rows are left-padded to their longest new part (as embeddings when one has an image): a pad query
         writes its key/value to the last cache slot (never attended: it is beyond every row's length) and
         attends to slot 0 only; its output is never read. Every row's last token is then the last position,
@@ -386,14 +390,10 @@ class ContinuousEngine:
         token_chunk = None if per_step >= 1 else max(16, math.ceil(budget / 2))
         if len(parts) == 1:
             row, start, ids, positions, mask, embeds = parts[0]
-            # Token chunks only beside decoding rows: alone, one forward does the whole prompt at once.
-            decoding = any(other is not None and other.last is not None for other in self.rows)
-            chunked = decoding and self._chunked(mask, start)
             chunks = self._token_chunks(row, start, ids, positions, mask, embeds, chunked)
             if len(chunks) > 1:  # whole forwards, one a step
                 per_step, token_chunk = self.num_layers, None
-            self.prefill = _Prefill([row], chunks.popleft(), per_step, token_chunk)
-            self.prefill.later = chunks
+            self.prefill = _Prefill([row], chunks.popleft(), per_step, token_chunk, later=chunks)
             return
         kv_length = max(ids.shape[1] for _, _, ids, *_ in parts)
         count, axes = len(parts), parts[0][3].shape[1]

@@ -154,8 +154,7 @@ class GLM4Attention(nn.Module):
         """``mix`` after the rotation: rotated queries and keys ``qk`` ``[B, T, (heads + kv_heads) * D]``,
         values ``v`` ``[B, T, kv_heads * D]`` (as ``rotated`` gives them) -> the heads ``[B, T, heads * D]``."""
         batch, length, _ = qk.shape
-        q, k = qk.view(batch, length, -1, self.head_dim).transpose(1, 2).split([self.heads, self.kv_heads], dim=1)
-        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.arranged(qk.view(batch, length, -1, self.head_dim), v)
         if cache_positions is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_positions given but no KV cache: call setup_kv_cache() first")
@@ -177,8 +176,12 @@ class GLM4Attention(nn.Module):
 
     def split_heads(self, qkv: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``project`` after the linear layer."""
-        batch, length, _ = qkv.shape
-        qk, v = self.rotated(qkv, rope)
+        return self.arranged(*self.rotated(qkv, rope))
+
+    def arranged(self, qk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Heads first: queries ``[B, heads, T, D]``, keys and values ``[B, kv_heads, T, D]`` of ``qk``
+        ``[B, T, heads + kv_heads, D]`` and ``v`` ``[B, T, kv_heads * D]`` (``rotated``'s output)."""
+        batch, length = v.shape[:2]
         q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)
         return q, k, v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
 
