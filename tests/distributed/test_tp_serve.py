@@ -4,6 +4,7 @@ greedy answers equal a single-process server's, and stopping the launcher stops 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -206,10 +207,12 @@ class RecordingChannel:
 def test_the_leader_side_heartbeats_when_idle_and_sends_every_step(tiny_visual_checkpoint) -> None:
     from PIL import Image
 
+    from visualglm.generation.step_costs import PROBE_CHUNK
     from visualglm.serving.worker import GenerationRequest, Worker
 
     channel = RecordingChannel()
-    worker = Worker(*_load(tiny_visual_checkpoint), limits=TEST_LIMITS, channel=channel)
+    limits = dataclasses.replace(TEST_LIMITS, prefill_chunk=None)  # measured: its steps are sent too
+    worker = Worker(*_load(tiny_visual_checkpoint), limits=limits, channel=channel)
     done = [threading.Event(), threading.Event()]
     requests = [GenerationRequest("hi", sampling={"do_sample": False}, max_new_tokens=3),
                 GenerationRequest("look", image=Image.new("RGB", (8, 8)), max_new_tokens=2,
@@ -223,9 +226,15 @@ def test_the_leader_side_heartbeats_when_idle_and_sends_every_step(tiny_visual_c
     kinds = [call[0] for call in channel.calls]
     assert kinds[-1] == "close" and kinds.count("heartbeat") >= 2
     steps = [call for call in channel.calls if call[0] == "step"]
-    # The first step brings both newcomers (their seeds: rank 0 picked one for the unseeded request, with its
-    # image flag), every step carries the engine's shape, and the steps ran until both rows had ended.
-    assert steps[0][2][1] == 5 and isinstance(steps[0][2][0], int) and steps[0][3] == [False, True]
-    assert all(call[1] == worker.engine_shape for call in steps)
-    assert sum(len(call[2]) for call in steps) == 2
+    # First the steps that measure the step costs (synthetic text prompts, the probe's chunk), which the
+    # followers replay; then one step brings both newcomers (their seeds: rank 0 picked one for the unseeded
+    # request, with its image flag), every step from then on carries the measured engine's shape, and the
+    # steps ran until both rows had ended.
+    first = next(index for index, call in enumerate(steps) if 5 in call[2])
+    measuring, serving = steps[:first], steps[first:]
+    assert worker.step_costs is not None and len(measuring) > 10
+    assert all(call[1][2] == PROBE_CHUNK and not any(call[3]) for call in measuring)
+    assert serving[0][2][1] == 5 and isinstance(serving[0][2][0], int) and serving[0][3] == [False, True]
+    assert all(call[1] == worker.engine_shape for call in serving)
+    assert sum(len(call[2]) for call in serving) == 2
     assert kinds.index("heartbeat") > kinds.index("step")

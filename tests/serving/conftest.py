@@ -18,10 +18,11 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from visualglm.serving.protocol import ServeLimits  # noqa: E402
 from visualglm.serving.worker import Worker  # noqa: E402
 
-# Small answers keep every request fast on a 2-core CPU.
+# Small answers keep every request fast on a 2-core CPU. A fixed prefill chunk (the default is measured at
+# start-up, so it depends on the machine) keeps the batching the tests look at the same everywhere.
 TEST_LIMITS = ServeLimits(max_new_tokens=32, max_queue=4, max_body_bytes=2 * 2**20, max_image_bytes=2**20,
                           max_image_pixels=1_000_000, max_text_chars=4000, max_history_turns=8,
-                          max_prompt_tokens=400)
+                          max_prompt_tokens=400, prefill_chunk=32)
 
 
 @contextmanager

@@ -243,3 +243,17 @@ def test_rows_of_any_length_run_together_each_in_its_own_context(visual_model) -
     assert worker.largest_batch == 2
     alone, _ = _run(visual_model, requests, limits=dataclasses.replace(limits, max_batch=1))
     assert [s.summary() for s in together] == [s.summary() for s in alone]
+
+
+def test_without_a_prefill_chunk_the_worker_measures_one(model_and_tokenizer) -> None:
+    from visualglm.generation.step_costs import LARGEST_CHUNK, SMALLEST_CHUNK
+
+    measured, worker = _run(model_and_tokenizer, _requests(), limits=dataclasses.replace(BATCH, prefill_chunk=None))
+    assert worker.step_costs is not None and worker.step_costs.rows == BATCH.max_batch - 1
+    assert SMALLEST_CHUNK <= worker.prefill_chunk <= LARGEST_CHUNK
+    # The engine that served is a fresh one of the measured shape: it saw the four requests only.
+    assert worker.engine_shape[2] == worker.engine.prefill_chunk == worker.prefill_chunk
+    assert worker.engine.stats.prefills == 4
+    given, fixed = _run(model_and_tokenizer, _requests(), limits=dataclasses.replace(BATCH, prefill_chunk=24))
+    assert fixed.step_costs is None and fixed.engine.prefill_chunk == 24
+    assert [got.summary() for got in measured] == [got.summary() for got in given]

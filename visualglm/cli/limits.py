@@ -29,7 +29,8 @@ LIMIT_FLAGS: tuple[LimitFlag, ...] = (
     LimitFlag("kv_cache_gib", "--kv-cache-gib", float, "GiB of KV cache: rows of the whole context that fit it, at "
               "most --max-batch (default: half the memory free at start-up)", 0.001),
     LimitFlag("prefill_chunk", "--prefill-chunk", int, "prompt tokens' worth of prefill per step while other rows "
-              "decode; a prompt of more than twice that is spread over several steps, in pieces of layers (exact)"),
+              "decode; a prompt of more than twice that is spread over several steps (exact). Default: measured at "
+              "start-up, the most that keeps such a step within 1.75 decode steps of one row on this machine"),
     LimitFlag("max_new_tokens", "--max-new-tokens", int, "answer tokens one request may ask for"),
     LimitFlag("max_prompt_tokens", "--max-prompt-tokens", int, "prompt tokens one request may send "
               "(default: the model's context)"),

@@ -31,7 +31,7 @@ class ServeLimits:
     max_queue: int = 16  # requests waiting for the worker; more get 503 + Retry-After
     max_batch: int = 8  # rows generated together (1: one at a time)
     kv_cache_gib: float | None = None  # KV cache of the rows (None: half the memory free at start-up)
-    prefill_chunk: int = 32  # prompt tokens' worth of prefill per step beside running rows (a longer one: pieces)
+    prefill_chunk: int | None = None  # prompt tokens of prefill a step carries beside running rows (None: measured)
     request_threads: int = 2  # bodies parsed and images decoded at once (the rest wait their turn)
     max_large_bodies: int = 4  # bodies over 1 MiB being received or held at once (the rest wait)
     retry_after_s: int = 2  # the Retry-After hint sent with 503

@@ -11,7 +11,10 @@ tokens where that is exact), every running row gets its next token, and a row th
 client leaves frees its slot at once. Slots: ``limits.max_batch``, fewer when the KV cache budget
 (``limits.kv_cache_gib``; default: half the memory free at start-up) holds fewer rows of full context.
 With ``scheduler="static"`` a new batch starts only when the previous one has ended (the behaviour before
-continuous batching, kept for comparison).
+continuous batching, kept for comparison). Without ``limits.prefill_chunk`` the worker first times a few
+steps of its engine on synthetic prompts (:mod:`visualglm.generation.step_costs`, about a second) and takes
+the prefill chunk that keeps a step carrying a prompt within ``STEP_RATIO`` decode steps of one row on this
+machine.
 
 Jobs report through a ``sink`` callback (called on the worker thread) with :class:`Event` s: ``start`` when
 the job enters the engine, ``delta`` for each piece of text, then exactly one of ``done`` or ``error``. A job
@@ -52,6 +55,7 @@ from visualglm.generation.continuous import (
 )
 from visualglm.generation.engine import GenerationParams, compiled_decode_for
 from visualglm.generation.sampling import SamplingParams
+from visualglm.generation.step_costs import PROBE_CHUNK, measure_step_costs
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.models.interface import is_multimodal
 from visualglm.serving.batch import RowOutput, rows_to_end
@@ -61,6 +65,10 @@ log = logging.getLogger("visualglm.serving")
 
 _LARGE_IMAGE_BYTES = 4 << 20  # after reading an image that cost more, freed memory is handed back
 _IMAGE_CACHE_SIZE = 4  # encoded images kept: multi-turn clients resend the same image every turn
+# With no --prefill-chunk, a step carrying a prompt's prefill beside the other rows may cost this many times
+# a lone row's decode step, as measured at start-up: under 2 so that the time between tokens stays within
+# twice the unloaded step with the noise of a busy machine on top.
+STEP_RATIO = 1.75
 
 
 @dataclass
@@ -154,6 +162,10 @@ class Worker:
             budget = _default_kv_budget()
         self.rows = rows_for_budget(model, self.context, self.limits.max_batch, budget)
         self.kv_cache_bytes = self.rows * self.context * kv_bytes_per_token(model)
+        # Prompt tokens a step carries beside decoding rows: the limit, or measured when the worker starts
+        # (``step_costs``: what suits this machine), the probe's chunk until then.
+        self.prefill_chunk: int = self.limits.prefill_chunk or PROBE_CHUNK
+        self.step_costs = None
         self.channel = channel
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.limits.max_queue)
         self._thread: threading.Thread | None = None
@@ -173,7 +185,7 @@ class Worker:
     @property
     def engine_shape(self) -> tuple[int, int, int]:
         """(rows, context, prefill chunk): followers build the same engine."""
-        return self.rows, self.context, self.limits.prefill_chunk
+        return self.rows, self.context, self.prefill_chunk
 
     @property
     def largest_batch(self) -> int:
@@ -299,6 +311,8 @@ class Worker:
 
     def _run(self) -> None:
         engine = self.engine = make_engine(self.model, self.engine_shape)
+        if self.limits.prefill_chunk is None and self.step_costs is None:
+            engine = self.engine = self._measure_prefill_chunk(engine)
         outputs: dict[int, RowOutput] = {}
         stopping = False
 
@@ -345,6 +359,36 @@ class Worker:
             self._drop_queue()
             if self.channel is not None:
                 self.channel.close()  # the followers leave their loop
+
+    def _measure_prefill_chunk(self, engine: ContinuousEngine) -> ContinuousEngine:
+        """Measure the engine's step costs on synthetic prompts (every rank runs the same steps), set the
+        prefill chunk that keeps a step within ``STEP_RATIO`` decode steps, and return a fresh engine of
+        the new shape (the measured one's slots hold the synthetic tokens). A failed measurement keeps the
+        probe's chunk: it is logged, never fatal."""
+
+        def run_step(newcomers: list[EngineRequest], ended: list) -> list[TokenEvent]:
+            for request in newcomers:
+                engine.submit(request)
+            for key in ended:
+                engine.end(key)
+            if self.channel is not None:
+                self.channel.send_step(self.engine_shape, [(request, None) for request in newcomers], ended)
+            return engine.step()
+
+        def prompt_ids(tokens: int) -> list[int]:
+            return build_prompt_ids(self.model, self.tokenizer, " ".join(["a"] * tokens), [], image=False)[0]
+
+        started = time.perf_counter()
+        try:
+            self.step_costs = measure_step_costs(engine, prompt_ids, run_step=run_step)
+        except Exception:  # noqa: BLE001 - serve with the probe's chunk rather than not at all
+            log.exception("measuring the step costs failed; prefill chunk %d", self.prefill_chunk)
+        if self.step_costs is not None:
+            self.prefill_chunk = self.step_costs.prefill_chunk(STEP_RATIO)
+            log.info("prefill chunk %d tokens a step (%s; measured in %.1f s)", self.prefill_chunk,
+                     self.step_costs.describe(), time.perf_counter() - started)
+        engine.close()
+        return make_engine(self.model, self.engine_shape)
 
     def _reset_engine(self, outputs: dict[int, RowOutput]) -> ContinuousEngine:
         for output in outputs.values():
