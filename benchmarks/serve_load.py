@@ -128,6 +128,16 @@ def concurrent(url: str, jobs: list[tuple[float, str, int]]) -> list[Stream]:
     return results  # type: ignore[return-value]
 
 
+def _health(url: str) -> dict:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.request("GET", "/health")
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -149,7 +159,8 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
         print(f"warning: {single.tokens} tokens came in {len(single.chunks)} chunks: a time between chunks is not "
               "a time between tokens", file=sys.stderr)
     alone_short = stream(url, _prompt(16), 8)
-    figures = {"step_s": step, "single_tok_s": 1 / step, "prefill_short_s": alone_short.ttft}
+    figures = {"step_s": step, "single_tok_s": 1 / step, "prefill_short_s": alone_short.ttft,
+               "prefill_chunk": _health(url).get("prefill_chunk")}
     started = time.monotonic()
     long = concurrent(url, [(0.0, _prompt(16), 256) for _ in range(8)])
     tokens = sum(len(s.chunks) for s in long)
@@ -212,7 +223,7 @@ def report(name: str, scheduler: str, f: dict, rss_mib: float) -> None:
           f"{f['load_before']:.1f} before, {f['load_after']:.1f} after: above ~2.5 on 2 cores, other jobs shared "
           "the machine)", flush=True)
     print(f"unloaded: step {_ms(f['step_s'])} ({f['single_tok_s']:.1f} tok/s), short prefill (TTFT) "
-          f"{_ms(f['prefill_short_s'])}")
+          f"{_ms(f['prefill_short_s'])}; prefill chunk {f['prefill_chunk']} tokens")
     print(f"8 long answers: {f['eight_tok_s']:.1f} answer tok/s = {f['eight_tok_s'] / f['single_tok_s']:.1f}x one "
           f"stream; step {_ms(f['eight_step_s'])}")
     bound = f["prefill_short_s"] + 2 * f["loaded_step_s"]
@@ -276,7 +287,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=40, help="Poisson arrivals per rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefill-chunk", type=int, default=None,
-                        help="the server's --prefill-chunk (default: the server's default)")
+                        help="the server's --prefill-chunk (default: the server's own, measured at start-up)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="visualglm-serve-load-"))
     models: dict[str, list[str]] = {}

@@ -34,7 +34,8 @@ def _session(visual_model, english=None, image=None) -> ChatSession:
 
 
 def test_health_and_models(client) -> None:
-    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "busy": False, "queued": 0}
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "busy": False, "queued": 0,
+                                            "prefill_chunk": 32}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
     assert client.get("/v1/models/tiny").json()["id"] == "tiny"

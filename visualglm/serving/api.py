@@ -216,7 +216,8 @@ def create_app(worker: Worker, *, api_key: str | None = None, allow_remote_image
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": worker.name, "busy": worker.busy, "queued": worker.queued}
+        return {"status": "ok", "model": worker.name, "busy": worker.busy, "queued": worker.queued,
+                "prefill_chunk": worker.prefill_chunk}
 
     def model_card() -> dict[str, Any]:
         return {"id": worker.name, "object": "model", "created": created, "owned_by": "visualglm"}
