@@ -25,6 +25,7 @@ PROJECT_NAME_USES = {
     "distributed/launch.py": 2,  # python -m visualglm, in the torchrun command lines
     "serving/worker.py": 1,  # the served model's default name
     "serving/api.py": 1,  # OpenAI /v1/models "owned_by"
+    "serving/__init__.py": 1,  # the package's logger ("visualglm"), shown by serve and web
     "checkpoint/quantized.py": 1,  # quantization_config.quant_method of our own quantized checkpoints
     "kernels/native/__init__.py": 1,  # the cache folder of built kernels (~/.cache/visualglm/kernels)
 }

@@ -40,7 +40,7 @@ def test_serve_command_binds_loopback_and_checks_the_key(tiny_visual_checkpoint)
         port = sock.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "visualglm", "serve", "--model", str(tiny_visual_checkpoint), "--port", str(port),
-         "--api-key", "t0ken", "--max-new-tokens", "8", "--log-level", "warning"],
+         "--api-key", "t0ken", "--max-new-tokens", "8", "--log-level", "info"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
@@ -60,9 +60,13 @@ def test_serve_command_binds_loopback_and_checks_the_key(tiny_visual_checkpoint)
         assert answer.status_code == 200 and answer.json()["status"] == 200
         listeners = [c for c in psutil.Process(server.pid).net_connections("tcp") if c.status == "LISTEN"]
         assert [c.laddr.ip for c in listeners] == ["127.0.0.1"]
+        chunk = httpx.get(f"{url}/health", timeout=5).json()["prefill_chunk"]  # measured before the answer
     finally:
         server.terminate()
-        server.wait(30)
+        _, log = server.communicate(timeout=30)
+    # At info level the package's own lines show: the load and the chunk measured at start-up.
+    assert f"loaded {tiny_visual_checkpoint.name} in" in log
+    assert f"prefill chunk {chunk} tokens a step (decode step" in log
 
 
 def test_serve_command_errors_are_one_line(tmp_path) -> None:

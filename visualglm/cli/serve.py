@@ -38,9 +38,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visualglm.serving import require_extra
+    from visualglm.serving import require_extra, show_logs
 
     require_extra("serve")
+    show_logs(args.log_level)
     limits = limits_from_args(args)
     if (status := _relaunch_for_tp(args)) is not None:
         return status

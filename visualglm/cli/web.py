@@ -25,9 +25,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visualglm.serving import require_extra
+    from visualglm.serving import require_extra, show_logs
 
     require_extra("web")
+    show_logs("info")
     limits = limits_from_args(args)
     from visualglm.serving.web import launch
     from visualglm.serving.worker import load_worker

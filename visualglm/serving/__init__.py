@@ -7,6 +7,7 @@ FastAPI/uvicorn (extra ``serve``) and Gradio (extra ``web``) are optional: impor
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 EXTRAS = {"serve": ("fastapi", "uvicorn"), "web": ("gradio",)}
 
@@ -17,3 +18,14 @@ def require_extra(extra: str) -> None:
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not installed: install the extra with "
                            f"pip install 'visualglm[{extra}]'")
+
+
+def show_logs(level: str = "info") -> None:
+    """Print the package's own log records (``visualglm.*``: model loading, the measured prefill chunk,
+    failures) at ``level`` and above on stderr, in uvicorn's layout. Without it only warnings show."""
+    logger = logging.getLogger("visualglm")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
