@@ -236,5 +236,6 @@ def test_the_leader_side_heartbeats_when_idle_and_sends_every_step(tiny_visual_c
     assert all(call[1][2] == PROBE_CHUNK and not any(call[3]) for call in measuring)
     assert serving[0][2][1] == 5 and isinstance(serving[0][2][0], int) and serving[0][3] == [False, True]
     assert all(call[1] == worker.engine_shape for call in serving)
+    assert measuring[-1][1][3] != serving[0][1][3]  # a new build: every rank starts the served engine empty
     assert sum(len(call[2]) for call in serving) == 2
     assert kinds.index("heartbeat") > kinds.index("step")

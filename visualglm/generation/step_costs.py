@@ -53,7 +53,9 @@ class StepCosts:
                 f"{self.per_token * 1e3:.2f} ms per prompt token beside them")
 
 
-def _default_run_step(engine: ContinuousEngine) -> Callable[[list[EngineRequest], list[Hashable]], list[TokenEvent]]:
+def stepper(engine: ContinuousEngine) -> Callable[[list[EngineRequest], list[Hashable]], list[TokenEvent]]:
+    """``run_step(newcomers, ended)`` on ``engine``: submit the newcomers, end the ended, one step."""
+
     def run_step(newcomers: list[EngineRequest], ended: list[Hashable]) -> list[TokenEvent]:
         for request in newcomers:
             engine.submit(request)
@@ -74,7 +76,7 @@ def measure_step_costs(engine: ContinuousEngine, prompt_ids: Callable[[int], lis
     request is ended before it returns, but the slots keep the synthetic tokens: build a fresh engine
     after it. None when the engine cannot carry a prefill beside decoding rows (one row) or the context is
     too short to measure it."""
-    step = run_step or _default_run_step(engine)
+    step = run_step or stepper(engine)
     rows = engine.max_rows - 1
     fewest, most = samples
     long_prompt = prompt_ids(8 * PROBE_CHUNK)

@@ -58,7 +58,7 @@ class Leader:
         self.device = device
         self.closed = False
 
-    def send_step(self, shape: tuple[int, int, int], newcomers: Sequence[tuple[EngineRequest, torch.Tensor | None]],
+    def send_step(self, shape: tuple[int, ...], newcomers: Sequence[tuple[EngineRequest, torch.Tensor | None]],
                   ended: Sequence[Any]) -> None:
         """Send one step's inputs: the engine's shape, the newcomers (without their image tensors) and the
         ended request ids; then each newcomer's image embeddings ``[1, image_length, hidden]``."""

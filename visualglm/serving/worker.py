@@ -55,7 +55,7 @@ from visualglm.generation.continuous import (
 )
 from visualglm.generation.engine import GenerationParams, compiled_decode_for
 from visualglm.generation.sampling import SamplingParams
-from visualglm.generation.step_costs import PROBE_CHUNK, measure_step_costs
+from visualglm.generation.step_costs import PROBE_CHUNK, measure_step_costs, stepper
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.models.interface import is_multimodal
 from visualglm.serving.batch import RowOutput, rows_to_end
@@ -166,6 +166,7 @@ class Worker:
         # (``step_costs``: what suits this machine), the probe's chunk until then.
         self.prefill_chunk: int = self.limits.prefill_chunk or PROBE_CHUNK
         self.step_costs = None
+        self._builds = 0  # engines built on purpose (engine_shape)
         self.channel = channel
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.limits.max_queue)
         self._thread: threading.Thread | None = None
@@ -183,9 +184,11 @@ class Worker:
         self._stop_ids = answer_stop_ids(model.config)
 
     @property
-    def engine_shape(self) -> tuple[int, int, int]:
-        """(rows, context, prefill chunk): followers build the same engine."""
-        return self.rows, self.context, self.prefill_chunk
+    def engine_shape(self) -> tuple[int, int, int, int]:
+        """(rows, context, prefill chunk, build): followers build the same engine, and a fresh one (empty
+        slots) whenever it changes, the build number included: after the step-cost measurement the new
+        engine's slots are empty on every rank even when the chunk came out the same."""
+        return self.rows, self.context, self.prefill_chunk, self._builds
 
     @property
     def largest_batch(self) -> int:
@@ -366,14 +369,12 @@ class Worker:
         the new shape (the measured one's slots hold the synthetic tokens). A failed measurement keeps the
         probe's chunk: it is logged, never fatal."""
 
+        step = stepper(engine)
+
         def run_step(newcomers: list[EngineRequest], ended: list) -> list[TokenEvent]:
-            for request in newcomers:
-                engine.submit(request)
-            for key in ended:
-                engine.end(key)
-            if self.channel is not None:
+            if self.channel is not None:  # the followers make the same calls
                 self.channel.send_step(self.engine_shape, [(request, None) for request in newcomers], ended)
-            return engine.step()
+            return step(newcomers, ended)
 
         def prompt_ids(tokens: int) -> list[int]:
             return build_prompt_ids(self.model, self.tokenizer, " ".join(["a"] * tokens), [], image=False)[0]
@@ -388,6 +389,7 @@ class Worker:
             log.info("prefill chunk %d tokens a step (%s; measured in %.1f s)", self.prefill_chunk,
                      self.step_costs.describe(), time.perf_counter() - started)
         engine.close()
+        self._builds += 1
         return make_engine(self.model, self.engine_shape)
 
     def _reset_engine(self, outputs: dict[int, RowOutput]) -> ContinuousEngine:
@@ -498,9 +500,9 @@ class Worker:
 
 
 
-def make_engine(model: nn.Module, shape: tuple[int, int, int]) -> ContinuousEngine:
-    """The engine of a worker (or of a follower rank) of ``shape`` = (rows, context, prefill chunk)."""
-    rows, context, chunk = shape
+def make_engine(model: nn.Module, shape: tuple[int, ...]) -> ContinuousEngine:
+    """The engine of a worker (or of a follower rank) of ``shape`` = (rows, context, prefill chunk, build)."""
+    rows, context, chunk = shape[:3]
     # The model's compiled decode step, when one was made (``visualglm serve --compile``): the same graphs
     # as batch generation and chat sessions on this model.
     return ContinuousEngine(model, max_rows=rows, context=context, prefill_chunk=chunk,
