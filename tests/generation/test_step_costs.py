@@ -28,8 +28,9 @@ def _prompt(tokens: int) -> list[int]:
 def test_the_chunk_fills_the_room_a_step_has_left() -> None:
     # 2 x 20 ms = 40 ms a step may take; 25 ms go to the rows' decode step; 15 ms / 0.5 ms = 30 tokens.
     assert StepCosts(alone=0.020, loaded=0.025, rows=7, per_token=0.0005).prefill_chunk(2.0) == 30
-    assert StepCosts(alone=0.020, loaded=0.025, rows=7, per_token=0.0005).prefill_chunk(1.5) == 10
-    # No room (the rows alone take more than the target), or a machine far too slow: the smallest chunk.
+    assert StepCosts(alone=0.020, loaded=0.025, rows=7, per_token=0.0005).prefill_chunk(1.75) == 20
+    # Little room, none (the rows alone take more than the target), or a machine far too slow: the smallest.
+    assert StepCosts(alone=0.020, loaded=0.025, rows=7, per_token=0.0005).prefill_chunk(1.5) == SMALLEST_CHUNK
     assert StepCosts(alone=0.020, loaded=0.045, rows=7, per_token=0.0005).prefill_chunk(2.0) == SMALLEST_CHUNK
     assert StepCosts(alone=0.020, loaded=0.025, rows=7, per_token=0.01).prefill_chunk(2.0) == SMALLEST_CHUNK
     # Prompt tokens that cost (almost) nothing: the largest.

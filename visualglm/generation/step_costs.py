@@ -25,7 +25,12 @@ from visualglm.generation.continuous import ContinuousEngine, EngineRequest, Tok
 from visualglm.generation.engine import GenerationParams
 from visualglm.generation.sampling import SamplingParams
 
-SMALLEST_CHUNK = 8  # below this a step's fixed costs (a pass through every layer) dominate its prompt tokens
+# A floor of 16: a prompt of up to twice the chunk goes in one step, so a short chat turn (32 tokens with its
+# template) still gets its first token at once; the engine cuts layer-staged prompts into pieces of at least
+# 16 tokens anyway. Measured on the ChatGLM shape on an AMD EPYC, a chunk of 9 spread such turns over
+# several steps (newcomers' TTFT 86 -> 140 ms) and raised the TTFT p50 at 80% load from 280 to 1,149 ms
+# for a p95 gap of 67 against 71 ms.
+SMALLEST_CHUNK = 16
 LARGEST_CHUNK = 256
 PROBE_CHUNK = 32  # the chunk the prefill is measured with
 
