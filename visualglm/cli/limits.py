@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
-from visualglm.serving.limits import ServeLimits
+from visualglm.serving.limits import STEP_RATIO, ServeLimits
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ LIMIT_FLAGS: tuple[LimitFlag, ...] = (
               "most --max-batch (default: half the memory free at start-up)", 0.001),
     LimitFlag("prefill_chunk", "--prefill-chunk", int, "prompt tokens' worth of prefill per step while other rows "
               "decode; a prompt of more than twice that is spread over several steps (exact). Default: measured at "
-              "start-up, the most that keeps such a step within 1.75 decode steps of one row on this machine"),
+              f"start-up, the most that keeps such a step within {STEP_RATIO} decode steps of one row on this "
+              "machine"),
     LimitFlag("max_new_tokens", "--max-new-tokens", int, "answer tokens one request may ask for"),
     LimitFlag("max_prompt_tokens", "--max-prompt-tokens", int, "prompt tokens one request may send "
               "(default: the model's context)"),

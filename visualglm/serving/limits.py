@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# With no --prefill-chunk, a step carrying a prompt's prefill beside the other rows may cost this many times
+# a lone row's decode step, as measured at start-up (visualglm.generation.step_costs): under 2 so that the
+# time between tokens stays within twice the unloaded step with the noise of a busy machine on top.
+STEP_RATIO = 1.75
+
 
 @dataclass(frozen=True)
 class ServeLimits:

@@ -59,16 +59,13 @@ from visualglm.generation.step_costs import PROBE_CHUNK, measure_step_costs, ste
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.models.interface import is_multimodal
 from visualglm.serving.batch import RowOutput, rows_to_end
+from visualglm.serving.limits import STEP_RATIO
 from visualglm.serving.protocol import APIError, ServeLimits
 
 log = logging.getLogger("visualglm.serving")
 
 _LARGE_IMAGE_BYTES = 4 << 20  # after reading an image that cost more, freed memory is handed back
 _IMAGE_CACHE_SIZE = 4  # encoded images kept: multi-turn clients resend the same image every turn
-# With no --prefill-chunk, a step carrying a prompt's prefill beside the other rows may cost this many times
-# a lone row's decode step, as measured at start-up: under 2 so that the time between tokens stays within
-# twice the unloaded step with the noise of a busy machine on top.
-STEP_RATIO = 1.75
 
 
 @dataclass
@@ -166,7 +163,7 @@ class Worker:
         # (``step_costs``: what suits this machine), the probe's chunk until then.
         self.prefill_chunk: int = self.limits.prefill_chunk or PROBE_CHUNK
         self.step_costs = None
-        self._builds = 0  # engines built on purpose (engine_shape)
+        self._builds = 0  # engines built (``_fresh_engine``; part of engine_shape)
         self.channel = channel
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.limits.max_queue)
         self._thread: threading.Thread | None = None
@@ -186,8 +183,9 @@ class Worker:
     @property
     def engine_shape(self) -> tuple[int, int, int, int]:
         """(rows, context, prefill chunk, build): followers build the same engine, and a fresh one (empty
-        slots) whenever it changes, the build number included: after the step-cost measurement the new
-        engine's slots are empty on every rank even when the chunk came out the same."""
+        slots) whenever it changes: the build number counts the engines this worker built, so every rank
+        starts each one empty (after the step-cost measurement, a failed step, a restart), even when the
+        rest of the shape is the same."""
         return self.rows, self.context, self.prefill_chunk, self._builds
 
     @property
@@ -313,9 +311,9 @@ class Worker:
                         log.exception("heartbeat to the other ranks failed")
 
     def _run(self) -> None:
-        engine = self.engine = make_engine(self.model, self.engine_shape)
+        engine = self._fresh_engine()
         if self.limits.prefill_chunk is None and self.step_costs is None:
-            engine = self.engine = self._measure_prefill_chunk(engine)
+            engine = self._measure_prefill_chunk(engine)
         outputs: dict[int, RowOutput] = {}
         stopping = False
 
@@ -351,7 +349,7 @@ class Worker:
                     deliver(engine.step(early=deliver))
                 except Exception:  # the batched forward failed: every row in the engine, never a trace
                     log.exception("generation failed")
-                    engine = self.engine = self._reset_engine(outputs)
+                    engine = self._reset_engine(outputs)
                     continue
                 for key in [key for key, output in outputs.items() if output.done and output.reported]:
                     del outputs[key]
@@ -388,17 +386,22 @@ class Worker:
             self.prefill_chunk = self.step_costs.prefill_chunk(STEP_RATIO)
             log.info("prefill chunk %d tokens a step (%s; measured in %.1f s)", self.prefill_chunk,
                      self.step_costs.describe(), time.perf_counter() - started)
-        engine.close()
-        self._builds += 1
-        return make_engine(self.model, self.engine_shape)
+        return self._fresh_engine()
 
     def _reset_engine(self, outputs: dict[int, RowOutput]) -> ContinuousEngine:
         for output in outputs.values():
             output.fail(APIError(500, "internal error while generating", type="server_error"))
         self.served += len(outputs)
         outputs.clear()
-        self.engine.close()
-        return make_engine(self.model, self.engine_shape)
+        return self._fresh_engine()
+
+    def _fresh_engine(self) -> ContinuousEngine:
+        """Close the current engine (if any) and build an empty one of a new build (``engine_shape``)."""
+        if self.engine is not None:
+            self.engine.close()
+        self._builds += 1
+        self.engine = make_engine(self.model, self.engine_shape)
+        return self.engine
 
     def _take_waiting(self, outputs: dict[int, RowOutput], newcomers: list) -> bool:
         """Move waiting jobs into the engine while it has room for them (continuous: a free slot; static:
