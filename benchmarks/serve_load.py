@@ -15,7 +15,7 @@ OpenAI chat completions whose answers run to their ``max_tokens`` (random weight
 4. **capacity**: 8 clients sending mixed requests back to back (prompts of about 16, 128 and 512 tokens,
    answers of 16, 64 and 192 tokens): completed requests/s;
 5. **Poisson**: open-loop arrivals of the same mix at 40% and 80% of that capacity: throughput, TTFT
-   p50/p95, TBT p50/p95.
+   p50/p95 (of all requests and of the short prompts alone), TBT p50/p95.
 
 Every figure is printed; nothing is asserted. Answers are read as server-sent events: a chunk's arrival
 time is its token's (the detokenizer may hold a piece back for a step, which shows as a longer gap).
@@ -202,18 +202,22 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
     figures["capacity_tok_s"] = sum(len(s.chunks) for s in results) / (time.monotonic() - started)
     for share in (0.4, 0.8):
         rate = share * capacity
-        clock, jobs = 0.0, []
+        clock, jobs, sizes = 0.0, [], []
         for _ in range(requests):
             clock += rng.expovariate(rate)
-            jobs.append((clock, _prompt(rng.choice(PROMPTS)), rng.choice(ANSWERS)))
+            sizes.append(rng.choice(PROMPTS))
+            jobs.append((clock, _prompt(sizes[-1]), rng.choice(ANSWERS)))
         started = time.monotonic()
         results = concurrent(url, jobs)
         ended = max((s.chunks[-1] for s in results if s.chunks), default=started)
         ok = [s for s in results if s.status == 200 and s.chunks]
+        short = [s.ttft for s, size in zip(results, sizes, strict=True)
+                 if s.status == 200 and s.chunks and size == PROMPTS[0]]
         figures[f"poisson_{share}"] = {
             "rate_req_s": rate, "ok": len(ok), "sent": len(results),
             "tok_s": sum(len(s.chunks) for s in ok) / max(ended - started, 1e-9),
             "ttft_p50": _pct([s.ttft for s in ok], 0.5), "ttft_p95": _pct([s.ttft for s in ok], 0.95),
+            "short_ttft_p50": _pct(short, 0.5), "short_ttft_p95": _pct(short, 0.95),
             "tbt_p50": _pct(gaps := [g for s in ok for g in s.gaps], 0.5), "tbt_p95": _pct(gaps, 0.95)}
     return figures
 
@@ -234,9 +238,9 @@ def report(name: str, scheduler: str, f: dict, rss_mib: float) -> None:
     for share in (0.4, 0.8):
         p = f[f"poisson_{share}"]
         print(f"Poisson {share:.0%} of capacity ({p['rate_req_s']:.2f} req/s): {p['ok']}/{p['sent']} ok, "
-              f"{p['tok_s']:.1f} tok/s, TTFT p50 {_ms(p['ttft_p50'])} p95 {_ms(p['ttft_p95'])}, TBT p50 "
-              f"{_ms(p['tbt_p50'])} p95 {_ms(p['tbt_p95'])} ({p['tbt_p95'] / f['step_s']:.1f}x the unloaded step)",
-              flush=True)
+              f"{p['tok_s']:.1f} tok/s, TTFT p50 {_ms(p['ttft_p50'])} p95 {_ms(p['ttft_p95'])} (short prompts "
+              f"{_ms(p['short_ttft_p50'])} / {_ms(p['short_ttft_p95'])}), TBT p50 {_ms(p['tbt_p50'])} p95 "
+              f"{_ms(p['tbt_p95'])} ({p['tbt_p95'] / f['step_s']:.1f}x the unloaded step)", flush=True)
 
 
 def visible_tokens_only(path: Path) -> None:

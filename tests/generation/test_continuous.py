@@ -98,6 +98,7 @@ def test_requests_arriving_at_random_steps_answer_as_alone(text_model, seed: int
             assert reasons[request.id] == ("length" if len(want) == request.params.max_new_tokens else "stop")
     assert engine.stats.largest_batch >= 3 and not engine.has_work() and engine.running == 0
     assert engine.stats.joined_steps > 0  # prefill stages ran inside decode forwards too
+    assert engine.stats.short_first > 0  # and short prompts went ahead of long ones
 
 
 def test_seeded_sampling_ignores_what_runs_beside_it(text_model) -> None:
@@ -340,13 +341,18 @@ def test_group_budget_follows_the_decode_batch_and_the_chunk(text_model) -> None
     assert len(first) == (16 * layers) // len(ids) >= 1 and len(engine.waiting) == 8 - len(first)
 
 
-@pytest.mark.parametrize("prompt, steps", [(16, 1), (17, 3)])
-def test_a_group_of_up_to_two_shares_is_prefilled_in_one_step(text_model, prompt: int, steps: int) -> None:
-    # prefill_chunk 8: 16 new tokens run whole in the step after admission; 17 at 8 tokens' worth a step.
+@pytest.mark.parametrize("prompt, one_step, whole", [(16, None, True), (17, None, False), (17, 24, True),
+                                                    (24, 24, True), (25, 24, False)])
+def test_a_group_of_up_to_one_steps_tokens_is_prefilled_in_one_step(text_model, prompt: int, one_step: int | None,
+                                                                     whole: bool) -> None:
+    # prefill_chunk 8: by default (two shares) 16 new tokens run whole in the step after admission, 17 at 8
+    # tokens' worth a step (pieces of layers, which may overshoot a step's share by a quarter); with
+    # one_step_tokens 24, up to 24 run whole.
     runner = EngineRequest("runner", [7, 8, GMASK, SOP], GenerationParams(max_new_tokens=40, sampling=GREEDY))
     newcomer = EngineRequest("new", [9 + i for i in range(prompt - 2)] + [GMASK, SOP],
                              GenerationParams(max_new_tokens=2, sampling=GREEDY))
-    engine = ContinuousEngine(text_model, max_rows=2, context=96, prefill_chunk=8)
+    engine = ContinuousEngine(text_model, max_rows=2, context=96, prefill_chunk=8, one_step_tokens=one_step)
+    assert engine.one_step_tokens == (one_step or 16)
     engine.submit(runner)
     engine.step()  # the runner decodes from now on
     engine.submit(newcomer)
@@ -354,7 +360,10 @@ def test_a_group_of_up_to_two_shares_is_prefilled_in_one_step(text_model, prompt
     while not first:
         taken += 1
         first = [e.token for e in engine.step() if e.id == "new" and e.token is not None]
-    assert taken == steps
+    if whole:
+        assert taken == 1
+    else:
+        assert -(-prompt // 10) <= taken <= -(-prompt // 8)
     tokens, _ = _drain(engine)
     assert first + tokens["new"] == _alone(text_model, newcomer)
 
@@ -497,3 +506,122 @@ def test_long_causal_prompts_beside_decoding_rows_are_admitted_one_at_a_time(glm
     assert first + tokens["runner"] == _alone(model, runner)
     for request in longs:
         assert tokens[request.id] == _alone(model, request)
+
+
+def test_a_short_prompt_goes_ahead_of_a_long_causal_prefill_in_progress_and_of_the_queue(glm4v) -> None:
+    model, tokenizer = glm4v
+
+    def request(name: str, text: str, tokens: int) -> EngineRequest:
+        ids, _ = build_prompt_ids(model, tokenizer, text, [], image=False)
+        return EngineRequest(name, ids, GenerationParams(max_new_tokens=tokens, sampling=GREEDY))
+
+    runner = request("runner", "hi", 60)
+    longs = [request(f"long{i}", f"question {i} is a long one " * 5, 4) for i in range(2)]
+    short = request("short", "ok?", 5)
+    chunk = 6
+    assert len(short.ids) <= 2 * chunk < len(longs[0].ids)
+    engine = ContinuousEngine(model, max_rows=4, prefill_chunk=chunk)
+    engine.submit(runner)
+    events = engine.step()
+    for request_ in longs:
+        engine.submit(request_)
+    events += engine.step()  # long0's first token chunk; long1 waits for it
+    assert [row.request.id for row in engine.prefill.rows] == ["long0"]
+    engine.submit(short)  # behind long1 in the queue
+    chunks_left = len(engine.prefill.later)
+    step_events = engine.step()
+    events += step_events
+    # The short prompt was prefilled at once, in place of long0's chunk (long0 paused, long1 still waiting).
+    assert sorted(e.id for e in step_events if e.token is not None) == ["runner", "short"]
+    assert engine.stats.short_first == 1 and [r.id for r in engine.waiting] == ["long1"]
+    assert engine.prefill.rows[0].request.id == "long0" and len(engine.prefill.later) == chunks_left
+    tokens, _ = _drain(engine)
+    for request_ in (runner, short, *longs):
+        got = [e.token for e in events if e.id == request_.id and e.token is not None] + tokens.get(request_.id, [])
+        assert got == _alone(model, request_), request_.id
+
+
+def test_a_short_prompt_goes_ahead_of_a_prompt_prefilled_in_layer_stages(text_model) -> None:
+    long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
+                         GenerationParams(max_new_tokens=4, sampling=GREEDY))
+    runner = EngineRequest("runner", [11, 12, GMASK, SOP], GenerationParams(max_new_tokens=20, sampling=GREEDY))
+    short = EngineRequest("short", [13, 14, 15, GMASK, SOP], GenerationParams(max_new_tokens=6, sampling=GREEDY))
+    engine = ContinuousEngine(text_model, max_rows=3, context=96, prefill_chunk=8)
+    engine.submit(runner)
+    events = engine.step()
+    engine.submit(long)
+    events += engine.step()  # the first stage of the long prompt
+    engine.submit(short)
+    step_events = engine.step()
+    events += step_events
+    assert {e.id for e in step_events if e.token is not None} == {"runner", "short"}
+    assert engine.prefill is not None and engine.prefill.rows[0].request.id == "long"
+    tokens, _ = _drain(engine)
+    for request in (runner, short, long):
+        got = [e.token for e in events if e.id == request.id and e.token is not None] + tokens.get(request.id, [])
+        assert got == _alone(text_model, request), request.id
+
+
+def test_short_prompts_arriving_at_every_step_take_every_other_step_of_a_long_prefill(text_model) -> None:
+    long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
+                         GenerationParams(max_new_tokens=2, sampling=GREEDY))
+    runner = EngineRequest("runner", [11, 12, GMASK, SOP], GenerationParams(max_new_tokens=40, sampling=GREEDY))
+    engine = ContinuousEngine(text_model, max_rows=8, context=96, prefill_chunk=8)
+    engine.submit(runner)
+    engine.step()
+    engine.submit(long)
+    engine.step()
+    alone_steps = 1  # how many steps the long prefill takes with nothing going ahead of it
+    probe = ContinuousEngine(text_model, max_rows=2, context=96, prefill_chunk=8)
+    probe.submit(runner)
+    probe.step()
+    probe.submit(long)
+    while not any(e.id == "long" for e in probe.step()):
+        alone_steps += 1
+    firsts, steps = {}, 1
+    long_first = None
+    while long_first is None:
+        short = EngineRequest(f"short{steps}", [20 + steps, 21, GMASK, SOP],
+                              GenerationParams(max_new_tokens=1, sampling=GREEDY))
+        engine.submit(short)
+        steps += 1
+        for event in engine.step():
+            if event.token is not None and event.id != "runner":
+                firsts.setdefault(event.id, steps)
+        long_first = firsts.get("long")
+    # Short prompts went first on every other step (those that came meanwhile together), never two steps in a
+    # row, so the long prefill took about twice its steps.
+    short_steps = sorted({step for key, step in firsts.items() if key != "long"})
+    assert all(b - a == 2 for a, b in zip(short_steps, short_steps[1:], strict=False))
+    assert len(short_steps) >= alone_steps - 1
+    assert engine.stats.short_first == len(firsts) - 1
+    assert long_first <= 2 * alone_steps + 1
+    tokens, _ = _drain(engine)
+    assert tokens.get("long", []) == _alone(text_model, long)[1:]  # its first token came in the loop
+
+
+def test_short_prompts_going_first_fit_one_step_with_their_padding(text_model) -> None:
+    # Chunk 8: one step holds 16 tokens. Prompts of 3 and 12 new tokens hold 15, but left-padded to one length
+    # 24: only the first goes ahead of the long prefill, and every request still finishes, as alone.
+    long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
+                         GenerationParams(max_new_tokens=3, sampling=GREEDY))
+    runner = EngineRequest("runner", [11, 12, GMASK, SOP], GenerationParams(max_new_tokens=30, sampling=GREEDY))
+    small = EngineRequest("small", [13, GMASK, SOP], GenerationParams(max_new_tokens=3, sampling=GREEDY))
+    larger = EngineRequest("larger", [14 + i for i in range(10)] + [GMASK, SOP],
+                           GenerationParams(max_new_tokens=3, sampling=GREEDY))
+    engine = ContinuousEngine(text_model, max_rows=4, context=96, prefill_chunk=8)
+    engine.submit(runner)
+    events = engine.step()
+    engine.submit(long)
+    events += engine.step()
+    engine.submit(small)
+    engine.submit(larger)
+    events += engine.step()
+    assert engine.stats.short_first == 1 and [r.id for r in engine.waiting] == ["larger"]
+    for _ in range(200):  # a bound, not a hang, if a row were left without a prefill
+        if not engine.has_work():
+            break
+        events += engine.step()
+    assert not engine.has_work()
+    for request in (runner, long, small, larger):
+        assert [e.token for e in events if e.id == request.id and e.token is not None] == _alone(text_model, request)

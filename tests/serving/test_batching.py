@@ -257,3 +257,12 @@ def test_without_a_prefill_chunk_the_worker_measures_one(model_and_tokenizer) ->
     given, fixed = _run(model_and_tokenizer, _requests(), limits=dataclasses.replace(BATCH, prefill_chunk=24))
     assert fixed.step_costs is None and fixed.engine.prefill_chunk == 24
     assert [got.summary() for got in measured] == [got.summary() for got in given]
+
+
+def test_the_servers_engine_prefills_a_short_prompt_in_one_step_whatever_the_chunk(glm4v_model) -> None:
+    from visualglm.serving.limits import SHORT_PROMPT_TOKENS
+    from visualglm.serving.worker import make_engine
+
+    model = glm4v_model[0]
+    assert make_engine(model, (2, 64, 4, 1)).one_step_tokens == SHORT_PROMPT_TOKENS
+    assert make_engine(model, (2, 64, 40, 1)).one_step_tokens == 80  # twice a larger chunk

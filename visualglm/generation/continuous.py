@@ -20,10 +20,14 @@ One call to :meth:`ContinuousEngine.step` does, in order:
    attends to the slots before it. Others go a few layers at a time, or pieces of a layer when one layer
    of them costs more than a step may carry (exact: the same computation, paused between pieces; a piece
    writes the keys/values of some tokens or lets some tokens attend to all of them, so ChatGLM-6B's
-   prompts, which attend both ways, can be cut too). A short group (up to twice a step's share) is prefilled in
+   prompts, which attend both ways, can be cut too). A short group (up to ``one_step_tokens``, by default twice
+   a step's share) is prefilled in
    one step all the same: its first tokens come a step or more sooner, and such steps are few, while a
    long prompt's many steps set the pace every running stream feels. When its last layer is done each
-   newcomer's first token is chosen and it joins the decode batch;
+   newcomer's first token is chosen and it joins the decode batch. One group at a time, but **short
+   prompts first**: while a long group's prefill runs, waiting prompts that fit one step (a chat turn, or
+   a GLM-4V conversation whose earlier turns are cached) take the place of its stage in a step, never two
+   steps in a row, so they wait a step, not the whole long prefill;
 4. **decodes** one token for every running row in one forward over cache rows ``[0, highest used + 1)``
    (free slots in that range compute a token nobody reads, cheaper than moving a row's cache).
 
@@ -41,6 +45,7 @@ makes the same ``submit``/``end``/``step`` calls and so runs the same schedule.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -52,6 +57,10 @@ from torch import nn
 from visualglm.generation.engine import GenerationParams
 from visualglm.generation.sampling import SamplingParams, make_generator, next_tokens
 from visualglm.models.layers import LayerPass, advance_passes, last_positions, run_stages
+
+# Waiting requests ``_admit_short`` looks at for prompts that fit one step (each costs a prefix comparison with
+# every slot, so a long queue is not scanned at every step).
+SHORT_SCAN = 8
 
 
 @dataclass
@@ -93,6 +102,7 @@ class EngineStats:
     prefill_tokens: int = 0  # tokens actually computed by prefills
     reused_tokens: int = 0  # prompt tokens taken from cached slots instead
     joined_steps: int = 0  # decode steps that carried a stage of a prefill in the same forward
+    short_first: int = 0  # short prompts prefilled ahead of a long prefill in progress (``_admit_short``)
     largest_batch: int = 0
 
 
@@ -121,8 +131,9 @@ class _Prefill:
     their prefill ran (their slots are free already; their results are discarded)."""
 
     def __init__(self, rows: list[_Row], inputs: dict, per_step: float, token_chunk: int | None,
-                 later: deque[dict] | None = None) -> None:
+                 later: deque[dict] | None = None, step: int = 0) -> None:
         self.rows = rows
+        self.step = step  # the engine step that admitted it
         self.inputs = inputs
         self.per_step = per_step  # layers of work per step beside decoding rows (a fraction: pieces of layers)
         self.token_chunk = token_chunk  # tokens per piece of a layer (None: whole layers)
@@ -147,21 +158,23 @@ class ContinuousEngine:
     positions (default: the model's) are allocated at once. ``prefill_chunk`` tokens: while other rows
     decode, a step carries about that many prompt tokens' worth of prefill through the whole model
     (``prefill_chunk * num_layers`` token-layers: whole layers, or pieces of one), so that no step costs
-    much more than a decode step; a group of up to ``2 * prefill_chunk`` new tokens is prefilled in one
-    step.
+    much more than a decode step; a group of up to ``one_step_tokens`` new tokens (default
+    ``2 * prefill_chunk``) is prefilled in one step: a short prompt's first token comes at once.
     With nothing else running a prompt is prefilled at once. ``compiled``: a compiled forward
     (``torch.compile`` of the model) for the decode steps, which then keep fixed shapes: the cache rows in
     use rounded up to a bucket (``decode_bucket``), a mask over the whole context. ``join_prefill=False`` runs
     every prefill stage as a forward of its own (for comparison; see the module docstring)."""
 
     def __init__(self, model: nn.Module, *, max_rows: int, context: int | None = None, prefill_chunk: int = 32,
-                 pad_id: int | None = None, compiled: Callable | None = None, join_prefill: bool = True) -> None:
+                 one_step_tokens: int | None = None, pad_id: int | None = None, compiled: Callable | None = None,
+                 join_prefill: bool = True) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         self.model = model
         self.context = context or model.config.max_sequence_length
         self.max_rows = max_rows
         self.prefill_chunk = max(1, prefill_chunk)
+        self._one_step_tokens = one_step_tokens
         self.pad_id = model.config.pad_token_id if pad_id is None else pad_id
         self.compiled = compiled
         # Whole-layer prefill stages run inside the decode forward, except with a compiled decode (fixed shapes)
@@ -181,6 +194,7 @@ class ContinuousEngine:
         self.waiting: deque[EngineRequest] = deque()
         self.prefill: _Prefill | None = None
         self._ended: set = set()
+        self._short_step = -1  # the last step that admitted short prompts ahead of a long prefill
         self.stats = EngineStats()
 
     # -- the caller's side ---------------------------------------------------------------------------------
@@ -194,6 +208,11 @@ class ContinuousEngine:
     def end(self, request_id: Hashable) -> None:
         """End a request (waiting or running) at the start of the next step; it gets an ``"ended"`` event."""
         self._ended.add(request_id)
+
+    @property
+    def one_step_tokens(self) -> int:
+        """New tokens a prefill group may hold and still be prefilled in one step (a short prompt)."""
+        return self._one_step_tokens or 2 * self.prefill_chunk
 
     @property
     def running(self) -> int:
@@ -223,9 +242,11 @@ class ContinuousEngine:
         events = self._apply_ends()
         self._admit()
         decoding = [row for row in self.rows if row is not None and row.last is not None]
-        joint = self.prefill if decoding and self._joins(self.prefill) else None
-        if self.prefill is not None and joint is None:
-            events += self._advance_prefill(full=not decoding)
+        # The prefill this step advances: short prompts that went ahead of a long one, else the one in progress.
+        prefill = self._admit_short(len(decoding)) or self.prefill
+        joint = prefill if decoding and self._joins(prefill) else None
+        if prefill is not None and joint is None:
+            events += self._advance_prefill(prefill, full=not decoding)
         if decoding:
             if early is not None and events:
                 early(events)
@@ -297,18 +318,11 @@ class ContinuousEngine:
         total = 0
         alone = False
         while self.waiting:
-            free = [slot for slot, row in enumerate(self.rows) if row is None]
-            if not free:
-                break
             request = self.waiting[0]
-            reuse = {slot: self._reuse(slot, request) for slot in range(self.max_rows)}
-            # The free slot it reuses the most of; with nothing to reuse the lowest free slot, which keeps the
-            # decode batch (cache rows up to the highest one in use) short.
-            slot = max(free, key=lambda s: (reuse[s], -s))
-            start = reuse[slot]
-            donor = max(range(self.max_rows), key=lambda s: reuse[s])
-            if reuse[donor] > start and donor != slot:
-                start = reuse[donor]
+            place = self._place(request)
+            if place is None:
+                break
+            slot, start, donor = place
             new = len(request.ids) - start
             if group and (alone or total + new > budget):
                 break
@@ -319,12 +333,67 @@ class ContinuousEngine:
                 break
             alone = chunked
             self.waiting.popleft()
-            if start > reuse[slot]:
-                self._copy_slots(donor, slot, start)
-            group.append((self._new_row(request, slot), start, positions, mask))
+            group.append(self._take(request, slot, start, donor, positions, mask))
             total += new
         if group:
-            self._start_prefill(group, chunked=alone)
+            self.prefill = self._start_prefill(group, chunked=alone)
+
+    def _admit_short(self, decoding: int) -> _Prefill | None:
+        """Short prompts first: while a prefill admitted at an earlier step is still in progress beside
+        ``decoding`` rows, the waiting prompts (among the first ``SHORT_SCAN``) whose new tokens fit one step
+        (up to ``one_step_tokens`` tokens in all, padding included, as a group run whole) are admitted ahead
+        of the queue, as a group prefilled in this step in place of the long prefill's stage, which pauses for
+        the step (it holds its own pass, stage generator or token chunks, and its slots are its own: pausing
+        it changes none of its numbers). A chat turn then waits a step for its first token instead of a long
+        prompt's whole prefill. Never on two steps in a row, so the long prefill advances at least every
+        other step however many short prompts come. None when there is nothing to admit so."""
+        prefill = self.prefill
+        if (prefill is None or prefill.step == self.stats.steps or not decoding
+                or self._short_step == self.stats.steps - 1):
+            return None
+        group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]] = []
+        width = 0  # the group's longest new part: rows are left-padded to it, so it is what the step computes
+        for request in list(itertools.islice(self.waiting, SHORT_SCAN)):
+            place = self._place(request)
+            if place is None:
+                break
+            slot, start, donor = place
+            new = len(request.ids) - start
+            if max(width, new) * (len(group) + 1) > self.one_step_tokens:
+                continue
+            positions, mask = self.model.prompt_inputs(torch.tensor([request.ids], device=self.device))
+            # ``request`` may hold tensors, which ``deque.remove``'s equality test cannot compare: by identity.
+            self.waiting = deque(waiting for waiting in self.waiting if waiting is not request)
+            group.append(self._take(request, slot, start, donor, positions, mask))
+            width = max(width, new)
+        if not group:
+            return None
+        self._short_step = self.stats.steps
+        self.stats.short_first += len(group)
+        return self._start_prefill(group, whole=True)
+
+    def _place(self, request: EngineRequest) -> tuple[int, int, int] | None:
+        """Where ``request`` goes: ``(slot, start, donor)``, the free slot it reuses the most of (with nothing
+        to reuse the lowest free one, which keeps the decode batch, cache rows up to the highest in use,
+        short), how many leading tokens it reuses, and the slot those come from (a running row's, copied, when
+        it shares more than any free slot holds). None when no slot is free."""
+        free = [slot for slot, row in enumerate(self.rows) if row is None]
+        if not free:
+            return None
+        reuse = {slot: self._reuse(slot, request) for slot in range(self.max_rows)}
+        slot = max(free, key=lambda s: (reuse[s], -s))
+        donor = max(range(self.max_rows), key=lambda s: reuse[s])
+        if reuse[donor] <= reuse[slot] or donor == slot:
+            donor = slot
+        return slot, reuse[donor], donor
+
+    def _take(self, request: EngineRequest, slot: int, start: int, donor: int, positions: torch.Tensor,
+              mask: torch.Tensor) -> tuple[_Row, int, torch.Tensor, torch.Tensor]:
+        """Put ``request`` (out of the queue already) in ``slot``, its first ``start`` cached tokens copied from
+        ``donor`` when that is another slot; its entry of a prefill group."""
+        if donor != slot:
+            self._copy_slots(donor, slot, start)
+        return self._new_row(request, slot), start, positions, mask
 
     def group_tokens(self, decoding: int) -> int:
         """New tokens one prefill group may hold while ``decoding`` rows decode: spread over its stages, a
@@ -349,19 +418,20 @@ class ContinuousEngine:
 
     def _chunked(self, mask: torch.Tensor, start: int) -> bool:
         """Whether a prompt with attention mask ``mask`` ``[1, 1, T, T]`` whose first ``start`` tokens are
-        cached is prefilled in token chunks: more than two shares of new tokens, and each attending only to
+        cached is prefilled in token chunks: more than ``one_step_tokens`` new tokens, each attending only to
         those before it (GLM-4V; not ChatGLM-6B's context, which attends both ways)."""
         new = mask[0, 0, start:, :]
-        return new.shape[0] > 2 * self.prefill_chunk and torch.equal(new, torch.ones_like(new).tril(start))
+        return new.shape[0] > self.one_step_tokens and torch.equal(new, torch.ones_like(new).tril(start))
 
-    def _start_prefill(self, group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]], chunked: bool = False
-                       ) -> None:
+    def _start_prefill(self, group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]], chunked: bool = False,
+                       whole: bool = False) -> _Prefill:
         """Build the model's arguments for ``group`` (rows, how many leading slots each reuses, their positions
-        and mask); ``chunked``: a lone row prefilled in token chunks (``_admit`` decided). Several
-        rows are left-padded to their longest new part (as embeddings when one has an image): a pad query
-        writes its key/value to the last cache slot (never attended: it is beyond every row's length) and
-        attends to slot 0 only; its output is never read. Every row's last token is then the last position,
-        whose logits give its first answer token."""
+        and mask); ``chunked``: a lone row prefilled in token chunks (``_admit`` decided); ``whole``: all in
+        this step (``_admit_short``'s group, which nothing else advances). Several rows are left-padded to
+        their longest new part (as embeddings when one has an image): a pad query writes its key/value to the
+        last cache slot (never attended: it is beyond every row's length) and attends to slot 0 only; its
+        output is never read. Every row's last token is then the last position, whose logits give its first
+        answer token. Returns the group's prefill, to run from this step on."""
         model = self.model
         parts = []
         for row, start, positions, mask in group:
@@ -381,20 +451,19 @@ class ContinuousEngine:
         # About prefill_chunk tokens through the whole model per step (prefill_chunk * num_layers token-layers):
         # a step that carries a piece then costs about a decode step more when prefill_chunk is the machine's
         # FLOPs per byte of bandwidth. Less than a layer per step: the layers are cut into token pieces of
-        # half a step's work, so that a step overshoots its share by a quarter at most. A group of up to two
-        # shares runs whole: see the module docstring.
+        # half a step's work, so that a step overshoots its share by a quarter at most. A group of up to
+        # one_step_tokens runs whole: see the module docstring.
         width = max(ids.shape[1] - start for _, start, ids, *_ in parts)
         work = width * len(parts)  # padded tokens: what the matmuls compute
         budget = self.prefill_chunk * self.num_layers
-        per_step = self.num_layers if work <= 2 * self.prefill_chunk else budget / work
+        per_step = self.num_layers if whole or work <= self.one_step_tokens else budget / work
         token_chunk = None if per_step >= 1 else max(16, math.ceil(budget / 2))
         if len(parts) == 1:
             row, start, ids, positions, mask, embeds = parts[0]
             chunks = self._token_chunks(row, start, ids, positions, mask, embeds, chunked)
             if len(chunks) > 1:  # whole forwards, one a step
                 per_step, token_chunk = self.num_layers, None
-            self.prefill = _Prefill([row], chunks.popleft(), per_step, token_chunk, later=chunks)
-            return
+            return _Prefill([row], chunks.popleft(), per_step, token_chunk, later=chunks, step=self.stats.steps)
         kv_length = max(ids.shape[1] for _, _, ids, *_ in parts)
         count, axes = len(parts), parts[0][3].shape[1]
         input_ids = torch.full((count, width), self.pad_id, dtype=torch.long, device=self.device)
@@ -424,12 +493,12 @@ class ContinuousEngine:
         inputs = dict(input_ids=None if pictured else input_ids, position_ids=position_ids,
                       attention_mask=attention, cache_positions=cache_positions, inputs_embeds=inputs_embeds,
                       cache_rows=slots)
-        self.prefill = _Prefill([row for row, *_ in parts], inputs, per_step, token_chunk)
+        return _Prefill([row for row, *_ in parts], inputs, per_step, token_chunk, step=self.stats.steps)
 
     def _token_chunks(self, row: _Row, start: int, ids: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor, embeds: torch.Tensor | None, chunked: bool) -> deque[dict]:
         """The model's arguments for one row's new tokens ``[start, length)``: one forward, or when
-        ``chunked`` (a prompt longer than two shares whose tokens attend causally, GLM-4V's: see ``_chunked``)
+        ``chunked`` (a prompt longer than one step's whose tokens attend causally, GLM-4V's: see ``_chunked``)
         consecutive chunks of ``prefill_chunk`` tokens, each a whole forward that writes its keys/values and
         attends to the slots before it: the same computation as one forward, cut between tokens. Each chunk
         then runs inside a decode step's forward (one weight read for both) where pieces of layers could
@@ -446,18 +515,17 @@ class ContinuousEngine:
                                cache_rows=slice(row.slot, row.slot + 1)))
         return chunks
 
-    def _advance_prefill(self, full: bool) -> list[TokenEvent]:
-        """Run the waiting prefill on its own: when ``full``, all it has left, else this step's share of
+    def _advance_prefill(self, prefill: _Prefill, full: bool) -> list[TokenEvent]:
+        """Run ``prefill`` on its own: when ``full``, all it has left, else this step's share of
         layers; the newcomers' first tokens once the last layer is done. Whole layers go as a pass through the
         blocks (as inside a decode forward), pieces of layers through the model's stage generator (a
         prefill not begun that may run whole runs as one pass all the same)."""
-        prefill = self.prefill
         if prefill.token_chunk is None or (full and prefill.stages is None):
             while True:  # with ``full``, every token chunk in turn
                 advance_passes(self.model.decoder_blocks(), [self._pass_of(prefill)],
                                [self._pass_stop(prefill, full)])
                 events = self._pass_events(prefill)
-                if events or not full or self.prefill is None:
+                if events or not full or self.prefill is not prefill:
                     return events
         if prefill.stages is None:
             prefill.stages = self.model.hidden_state_stages(**prefill.inputs, token_chunk=prefill.token_chunk)
@@ -469,7 +537,7 @@ class ContinuousEngine:
                 break
             if done >= prefill.target:
                 return []
-        return self._prefill_done(self._logits(hidden))
+        return self._prefill_done(prefill, self._logits(hidden))
 
     def _pass_of(self, prefill: _Prefill) -> LayerPass:
         """``prefill``'s pass through the blocks, started before block 0 the first time."""
@@ -489,7 +557,7 @@ class ContinuousEngine:
         last token chunk's pass when there are several (an earlier one moves the prefill on to the next)."""
         if prefill.layer_pass.next < self.num_layers or prefill.next_chunk():
             return []
-        return self._prefill_done(self._last_logits(prefill.layer_pass))
+        return self._prefill_done(prefill, self._last_logits(prefill.layer_pass))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float logits ``[B, vocab]`` of the last position of final hidden states ``[B, T, hidden]``."""
@@ -499,11 +567,11 @@ class ContinuousEngine:
         """``_logits`` of a pass through every block (its final norm taken on the last position only)."""
         return self._logits(self.model.final_norm(last_positions(layer_pass.x, 1)))
 
-    def _prefill_done(self, logits: torch.Tensor) -> list[TokenEvent]:
-        """The waiting prefill is through every layer: its rows' first tokens from ``logits`` ``[rows, vocab]``
-        (one row per newcomer, in order); they join the decode batch."""
-        prefill = self.prefill
-        self.prefill = None
+    def _prefill_done(self, prefill: _Prefill, logits: torch.Tensor) -> list[TokenEvent]:
+        """``prefill`` is through every layer: its rows' first tokens from ``logits`` ``[rows, vocab]`` (one row
+        per newcomer, in order); they join the decode batch."""
+        if prefill is self.prefill:
+            self.prefill = None
         kept = [index for index, row in enumerate(prefill.rows) if row.slot not in prefill.dropped]
         rows = [prefill.rows[index] for index in kept]
         for row in rows:

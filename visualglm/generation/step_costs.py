@@ -25,12 +25,16 @@ from visualglm.generation.continuous import ContinuousEngine, EngineRequest, Tok
 from visualglm.generation.engine import GenerationParams
 from visualglm.generation.sampling import SamplingParams
 
-# A floor of 16: a prompt of up to twice the chunk goes in one step, so a short chat turn (32 tokens with its
-# template) still gets its first token at once; the engine cuts layer-staged prompts into pieces of at least
-# 16 tokens anyway. Measured on the ChatGLM shape on an AMD EPYC, a chunk of 9 spread such turns over
-# several steps (newcomers' TTFT 86 -> 140 ms) and raised the TTFT p50 at 80% load from 280 to 1,149 ms
-# for a p95 gap of 67 against 71 ms.
-SMALLEST_CHUNK = 16
+# The floors. Short chat turns do not depend on the chunk: the server prefills up to
+# ``serving.limits.SHORT_PROMPT_TOKENS`` new tokens in one step, ahead of long prompts. A causal prompt
+# (GLM-4V) goes in token chunks inside the decode steps, which cost nothing per chunk beyond its tokens: 8.
+# Measured on the GLM-4 shape on an AMD EPYC, a chunk of 10 gave a p95 gap at 80% load of 55 ms (1.9x the
+# unloaded step) for the capacity that 16 gave with 64-85 ms. A prompt that attends both ways (ChatGLM-6B)
+# goes in pieces of layers run as forwards of their own, each reading its layer's weights again: 16. On the
+# ChatGLM shape a chunk of 9 took long prompts over so many steps that 80% load became more than the server
+# could prefill (TTFT p50 3.2 s, p95 gap 94 ms, against 0.7 s and 77 ms at 16 and a similar rate).
+SMALLEST_CHUNK = 8
+SMALLEST_STAGED_CHUNK = 16
 LARGEST_CHUNK = 256
 PROBE_CHUNK = 32  # the chunk the prefill is measured with
 
@@ -38,20 +42,24 @@ PROBE_CHUNK = 32  # the chunk the prefill is measured with
 @dataclass(frozen=True)
 class StepCosts:
     """Seconds: ``alone`` a decode step of one row; ``loaded`` one of ``rows`` rows; ``per_token`` what
-    each prompt token of a prefill stage adds to a step beside those rows."""
+    each prompt token of a prefill stage adds to a step beside those rows. ``token_chunks``: the long prompt
+    went in token chunks (a causal model's), else in stages of layers."""
 
     alone: float
     loaded: float
     rows: int
     per_token: float
+    token_chunks: bool = False
 
     def prefill_chunk(self, ratio: float) -> int:
         """Prompt tokens a step may carry so that it costs at most ``ratio`` times a lone row's decode step
-        (at least ``SMALLEST_CHUNK``, at most ``LARGEST_CHUNK``)."""
+        (at least ``SMALLEST_CHUNK`` for token chunks, ``SMALLEST_STAGED_CHUNK`` for stages of layers; at
+        most ``LARGEST_CHUNK``)."""
+        smallest = SMALLEST_CHUNK if self.token_chunks else SMALLEST_STAGED_CHUNK
         room = ratio * self.alone - self.loaded
         if self.per_token <= 0:
             return LARGEST_CHUNK
-        return max(SMALLEST_CHUNK, min(LARGEST_CHUNK, math.floor(room / self.per_token + 1e-6)))
+        return max(smallest, min(LARGEST_CHUNK, math.floor(room / self.per_token + 1e-6)))
 
     def describe(self) -> str:
         return (f"decode step {self.alone * 1e3:.1f} ms alone, {self.loaded * 1e3:.1f} ms with {self.rows} rows; "
@@ -127,6 +135,7 @@ def measure_step_costs(engine: ContinuousEngine, prompt_ids: Callable[[int], lis
         reused = engine.stats.reused_tokens
         newcomer = request("prompt", long_prompt, 1)
         carrying, events = timed([newcomer])
+        token_chunks = engine.prefill is not None and bool(engine.prefill.later)
         steps = 1
         while not any(event.id == newcomer.id for event in events):
             elapsed, events = timed()
@@ -135,7 +144,7 @@ def measure_step_costs(engine: ContinuousEngine, prompt_ids: Callable[[int], lis
         # What the steps took beyond the rows' decode steps, over the prompt tokens computed (a causal one
         # may reuse the short prompts' leading tokens): the mean, as stages of a layer-staged prompt differ.
         computed = len(long_prompt) - (engine.stats.reused_tokens - reused)
-        return StepCosts(alone, loaded, rows, max(0.0, carrying - steps * loaded) / max(1, computed))
+        return StepCosts(alone, loaded, rows, max(0.0, carrying - steps * loaded) / max(1, computed), token_chunks)
     finally:
         engine.prefill_chunk = saved
         step([], list(keys))

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 # a lone row's decode step, as measured at start-up (visualglm.generation.step_costs): under 2 so that the
 # time between tokens stays within twice the unloaded step with the noise of a busy machine on top.
 STEP_RATIO = 1.75
+# A prompt of up to this many new tokens (a chat turn with its template), or twice the prefill chunk if that is
+# more, is prefilled in one step, ahead of a long prompt in progress: its first token comes at once, whatever
+# chunk the machine allows the long prompts. Such steps are few beside a long prompt's many.
+SHORT_PROMPT_TOKENS = 32
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from visualglm.generation.step_costs import PROBE_CHUNK, measure_step_costs, ste
 from visualglm.image import ImageError, load_image, preprocess
 from visualglm.models.interface import is_multimodal
 from visualglm.serving.batch import RowOutput, rows_to_end
-from visualglm.serving.limits import STEP_RATIO
+from visualglm.serving.limits import SHORT_PROMPT_TOKENS, STEP_RATIO
 from visualglm.serving.protocol import APIError, ServeLimits
 
 log = logging.getLogger("visualglm.serving")
@@ -509,7 +509,7 @@ def make_engine(model: nn.Module, shape: tuple[int, ...]) -> ContinuousEngine:
     # The model's compiled decode step, when one was made (``visualglm serve --compile``): the same graphs
     # as batch generation and chat sessions on this model.
     return ContinuousEngine(model, max_rows=rows, context=context, prefill_chunk=chunk,
-                            compiled=compiled_decode_for(model))
+                            one_step_tokens=max(2 * chunk, SHORT_PROMPT_TOKENS), compiled=compiled_decode_for(model))
 
 
 def _default_kv_budget() -> int | None:
