@@ -508,12 +508,32 @@ def test_long_causal_prompts_beside_decoding_rows_are_admitted_one_at_a_time(glm
         assert tokens[request.id] == _alone(model, request)
 
 
+LONG_PROMPT = [7 + i % 800 for i in range(60)] + [GMASK, SOP]  # staged over several steps at chunk 8
+
+
+def _greedy(key: str, ids: list[int], tokens: int) -> EngineRequest:
+    return EngineRequest(key, ids, GenerationParams(max_new_tokens=tokens, sampling=GREEDY))
+
+
+def _finish_as_alone(engine: ContinuousEngine, events: list, requests: list[EngineRequest]) -> None:
+    """Run ``engine`` to the end (at most 200 more steps: a row left without a prefill fails the test, it does
+    not hang it); each request's tokens, ``events`` included, must be its answer alone."""
+    for _ in range(200):
+        if not engine.has_work():
+            break
+        events = events + engine.step()
+    assert not engine.has_work()
+    for request in requests:
+        got = [e.token for e in events if e.id == request.id and e.token is not None]
+        assert got == _alone(engine.model, request), request.id
+
+
 def test_a_short_prompt_goes_ahead_of_a_long_causal_prefill_in_progress_and_of_the_queue(glm4v) -> None:
     model, tokenizer = glm4v
 
     def request(name: str, text: str, tokens: int) -> EngineRequest:
         ids, _ = build_prompt_ids(model, tokenizer, text, [], image=False)
-        return EngineRequest(name, ids, GenerationParams(max_new_tokens=tokens, sampling=GREEDY))
+        return _greedy(name, ids, tokens)
 
     runner = request("runner", "hi", 60)
     longs = [request(f"long{i}", f"question {i} is a long one " * 5, 4) for i in range(2)]
@@ -535,17 +555,13 @@ def test_a_short_prompt_goes_ahead_of_a_long_causal_prefill_in_progress_and_of_t
     assert sorted(e.id for e in step_events if e.token is not None) == ["runner", "short"]
     assert engine.stats.short_first == 1 and [r.id for r in engine.waiting] == ["long1"]
     assert engine.prefill.rows[0].request.id == "long0" and len(engine.prefill.later) == chunks_left
-    tokens, _ = _drain(engine)
-    for request_ in (runner, short, *longs):
-        got = [e.token for e in events if e.id == request_.id and e.token is not None] + tokens.get(request_.id, [])
-        assert got == _alone(model, request_), request_.id
+    _finish_as_alone(engine, events, [runner, short, *longs])
 
 
 def test_a_short_prompt_goes_ahead_of_a_prompt_prefilled_in_layer_stages(text_model) -> None:
-    long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
-                         GenerationParams(max_new_tokens=4, sampling=GREEDY))
-    runner = EngineRequest("runner", [11, 12, GMASK, SOP], GenerationParams(max_new_tokens=20, sampling=GREEDY))
-    short = EngineRequest("short", [13, 14, 15, GMASK, SOP], GenerationParams(max_new_tokens=6, sampling=GREEDY))
+    long = _greedy("long", LONG_PROMPT, 4)
+    runner = _greedy("runner", [11, 12, GMASK, SOP], 20)
+    short = _greedy("short", [13, 14, 15, GMASK, SOP], 6)
     engine = ContinuousEngine(text_model, max_rows=3, context=96, prefill_chunk=8)
     engine.submit(runner)
     events = engine.step()
@@ -556,16 +572,12 @@ def test_a_short_prompt_goes_ahead_of_a_prompt_prefilled_in_layer_stages(text_mo
     events += step_events
     assert {e.id for e in step_events if e.token is not None} == {"runner", "short"}
     assert engine.prefill is not None and engine.prefill.rows[0].request.id == "long"
-    tokens, _ = _drain(engine)
-    for request in (runner, short, long):
-        got = [e.token for e in events if e.id == request.id and e.token is not None] + tokens.get(request.id, [])
-        assert got == _alone(text_model, request), request.id
+    _finish_as_alone(engine, events, [runner, short, long])
 
 
 def test_short_prompts_arriving_at_every_step_take_every_other_step_of_a_long_prefill(text_model) -> None:
-    long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
-                         GenerationParams(max_new_tokens=2, sampling=GREEDY))
-    runner = EngineRequest("runner", [11, 12, GMASK, SOP], GenerationParams(max_new_tokens=40, sampling=GREEDY))
+    long = _greedy("long", LONG_PROMPT, 2)
+    runner = _greedy("runner", [11, 12, GMASK, SOP], 40)
     engine = ContinuousEngine(text_model, max_rows=8, context=96, prefill_chunk=8)
     engine.submit(runner)
     engine.step()
@@ -581,8 +593,7 @@ def test_short_prompts_arriving_at_every_step_take_every_other_step_of_a_long_pr
     firsts, steps = {}, 1
     long_first = None
     while long_first is None:
-        short = EngineRequest(f"short{steps}", [20 + steps, 21, GMASK, SOP],
-                              GenerationParams(max_new_tokens=1, sampling=GREEDY))
+        short = _greedy(f"short{steps}", [20 + steps, 21, GMASK, SOP], 1)
         engine.submit(short)
         steps += 1
         for event in engine.step():
@@ -603,12 +614,10 @@ def test_short_prompts_arriving_at_every_step_take_every_other_step_of_a_long_pr
 def test_short_prompts_going_first_fit_one_step_with_their_padding(text_model) -> None:
     # Chunk 8: one step holds 16 tokens. Prompts of 3 and 12 new tokens hold 15, but left-padded to one length
     # 24: only the first goes ahead of the long prefill, and every request still finishes, as alone.
-    long = EngineRequest("long", [7 + i % 800 for i in range(60)] + [GMASK, SOP],
-                         GenerationParams(max_new_tokens=3, sampling=GREEDY))
-    runner = EngineRequest("runner", [11, 12, GMASK, SOP], GenerationParams(max_new_tokens=30, sampling=GREEDY))
-    small = EngineRequest("small", [13, GMASK, SOP], GenerationParams(max_new_tokens=3, sampling=GREEDY))
-    larger = EngineRequest("larger", [14 + i for i in range(10)] + [GMASK, SOP],
-                           GenerationParams(max_new_tokens=3, sampling=GREEDY))
+    long = _greedy("long", LONG_PROMPT, 3)
+    runner = _greedy("runner", [11, 12, GMASK, SOP], 30)
+    small = _greedy("small", [13, GMASK, SOP], 3)
+    larger = _greedy("larger", [14 + i for i in range(10)] + [GMASK, SOP], 3)
     engine = ContinuousEngine(text_model, max_rows=4, context=96, prefill_chunk=8)
     engine.submit(runner)
     events = engine.step()
@@ -618,10 +627,4 @@ def test_short_prompts_going_first_fit_one_step_with_their_padding(text_model) -
     engine.submit(larger)
     events += engine.step()
     assert engine.stats.short_first == 1 and [r.id for r in engine.waiting] == ["larger"]
-    for _ in range(200):  # a bound, not a hang, if a row were left without a prefill
-        if not engine.has_work():
-            break
-        events += engine.step()
-    assert not engine.has_work()
-    for request in (runner, long, small, larger):
-        assert [e.token for e in events if e.id == request.id and e.token is not None] == _alone(text_model, request)
+    _finish_as_alone(engine, events, [runner, long, small, larger])
