@@ -210,9 +210,9 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
         started = time.monotonic()
         results = concurrent(url, jobs)
         ended = max((s.chunks[-1] for s in results if s.chunks), default=started)
-        ok = [s for s in results if s.status == 200 and s.chunks]
-        short = [s.ttft for s, size in zip(results, sizes, strict=True)
-                 if s.status == 200 and s.chunks and size == PROMPTS[0]]
+        answered = [(s, size) for s, size in zip(results, sizes, strict=True) if s.status == 200 and s.chunks]
+        ok = [s for s, _ in answered]
+        short = [s.ttft for s, size in answered if size == PROMPTS[0]]
         figures[f"poisson_{share}"] = {
             "rate_req_s": rate, "ok": len(ok), "sent": len(results),
             "tok_s": sum(len(s.chunks) for s in ok) / max(ended - started, 1e-9),

@@ -628,3 +628,32 @@ def test_short_prompts_going_first_fit_one_step_with_their_padding(text_model) -
     events += engine.step()
     assert engine.stats.short_first == 1 and [r.id for r in engine.waiting] == ["larger"]
     _finish_as_alone(engine, events, [runner, long, small, larger])
+
+
+def test_a_long_conversation_whose_earlier_turns_are_cached_goes_first(glm4v) -> None:
+    # GLM-4V is causal: a next turn resending 60+ tokens of cached conversation prefills only its new part,
+    # which fits one step, so it too goes ahead of a long prompt in progress.
+    model, tokenizer = glm4v
+    first_ids, _ = build_prompt_ids(model, tokenizer, "tell me about shapes and colours " * 3, [], image=False)
+    # Raw ids that share no leading token with turn 1. A newcomer that reuses nothing takes the lowest free
+    # slot: the blocker holds slot 1 while turn 1 runs in slot 2, then frees it for the long prompt.
+    runner = _greedy("runner", [500, 501, 502], 60)
+    blocker = _greedy("blocker", [510, 511], 2)
+    first = _greedy("turn1", first_ids, 4)
+    long = _greedy("long", [600 + i for i in range(40)], 3)
+    engine = ContinuousEngine(model, max_rows=4, prefill_chunk=6)
+    for request in (runner, blocker, first):
+        engine.submit(request)
+    events = []
+    while any(row is not None and row.request.id != "runner" for row in engine.rows) or engine.waiting:
+        events += engine.step()
+    answer = [e.token for e in events if e.id == "turn1" and e.token is not None]
+    engine.submit(long)
+    events += engine.step()
+    turn2 = _greedy("turn2", first_ids + answer + [30, 31, 32], 3)
+    assert len(turn2.ids) > engine.one_step_tokens and engine.prefill.rows[0].request.id == "long"
+    engine.submit(turn2)
+    step_events = engine.step()
+    events += step_events
+    assert engine.stats.short_first == 1 and "turn2" in {e.id for e in step_events if e.token is not None}
+    _finish_as_alone(engine, events, [runner, blocker, first, long, turn2])

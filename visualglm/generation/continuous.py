@@ -123,6 +123,14 @@ class _Row:
         self.length = 0  # cache slots written
         self.position: torch.Tensor | None = None  # [P, 1] of the last token
         self.last: int | None = None  # the token to feed next
+        self._written: tuple[int, list[int]] = (0, [])  # (length, its ids): see ``written_ids``
+
+    def written_ids(self) -> list[int]:
+        """The ids of the ``length`` tokens in the row's cache slots. Listed once per length: admission
+        compares every waiting newcomer with every running row, possibly at every step."""
+        if self._written[0] != self.length:
+            self._written = (self.length, self.tokens[0, :self.length].tolist())
+        return self._written[1]
 
 
 class _Prefill:
@@ -158,8 +166,8 @@ class ContinuousEngine:
     positions (default: the model's) are allocated at once. ``prefill_chunk`` tokens: while other rows
     decode, a step carries about that many prompt tokens' worth of prefill through the whole model
     (``prefill_chunk * num_layers`` token-layers: whole layers, or pieces of one), so that no step costs
-    much more than a decode step; a group of up to ``one_step_tokens`` new tokens (default
-    ``2 * prefill_chunk``) is prefilled in one step: a short prompt's first token comes at once.
+    much more than a decode step; a group of up to ``one_step_tokens`` new tokens (or ``2 * prefill_chunk``
+    if that is more) is prefilled in one step: a short prompt's first token comes at once.
     With nothing else running a prompt is prefilled at once. ``compiled``: a compiled forward
     (``torch.compile`` of the model) for the decode steps, which then keep fixed shapes: the cache rows in
     use rounded up to a bucket (``decode_bucket``), a mask over the whole context. ``join_prefill=False`` runs
@@ -211,8 +219,9 @@ class ContinuousEngine:
 
     @property
     def one_step_tokens(self) -> int:
-        """New tokens a prefill group may hold and still be prefilled in one step (a short prompt)."""
-        return self._one_step_tokens or 2 * self.prefill_chunk
+        """New tokens a prefill group may hold and still be prefilled in one step (a short prompt): the
+        ``one_step_tokens`` given, or twice the chunk if that is more."""
+        return max(2 * self.prefill_chunk, self._one_step_tokens or 0)
 
     @property
     def running(self) -> int:
@@ -285,16 +294,15 @@ class ContinuousEngine:
     def _free(self, row: _Row) -> None:
         self.rows[row.slot] = None
         request = row.request
-        ids = row.tokens[0, :row.length].tolist()
-        self.cached[row.slot] = (ids, request.image_key, request.image_start)
+        self.cached[row.slot] = (row.written_ids(), request.image_key, request.image_start)
 
     # -- admission and prefix reuse ---------------------------------------------------------------------------
 
     def _reuse(self, slot: int, request: EngineRequest) -> int:
         """How many leading cache slots of ``slot`` ``request`` may take as they are."""
-        ids, key, image_start = self.cached[slot] if self.rows[slot] is None else (
-            self.rows[slot].tokens[0, :self.rows[slot].length].tolist(), self.rows[slot].request.image_key,
-            self.rows[slot].request.image_start)
+        row = self.rows[slot]
+        ids, key, image_start = self.cached[slot] if row is None else (
+            row.written_ids(), row.request.image_key, row.request.image_start)
         if not ids:
             return 0
         reuse = self.model.reusable_prefix(ids, request.ids)
@@ -354,6 +362,12 @@ class ContinuousEngine:
         group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]] = []
         width = 0  # the group's longest new part: rows are left-padded to it, so it is what the step computes
         for request in list(itertools.islice(self.waiting, SHORT_SCAN)):
+            # A prompt longer than a step fits only by reusing its excess from a slot, which then starts with
+            # those tokens (a model reuses at most the common prefix): a cheap test that spares long prompts
+            # the full comparison with every slot at every step.
+            excess = len(request.ids) - self.one_step_tokens
+            if excess > 0 and not any(ids[:excess] == request.ids[:excess] for ids in self._slot_ids()):
+                continue
             place = self._place(request)
             if place is None:
                 break
@@ -371,6 +385,10 @@ class ContinuousEngine:
         self._short_step = self.stats.steps
         self.stats.short_first += len(group)
         return self._start_prefill(group, whole=True)
+
+    def _slot_ids(self) -> list[list[int]]:
+        """Each slot's cached token ids: a running row's written tokens, else what the slot kept."""
+        return [self.cached[slot][0] if row is None else row.written_ids() for slot, row in enumerate(self.rows)]
 
     def _place(self, request: EngineRequest) -> tuple[int, int, int] | None:
         """Where ``request`` goes: ``(slot, start, donor)``, the free slot it reuses the most of (with nothing

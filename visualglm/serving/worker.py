@@ -509,7 +509,7 @@ def make_engine(model: nn.Module, shape: tuple[int, ...]) -> ContinuousEngine:
     # The model's compiled decode step, when one was made (``visualglm serve --compile``): the same graphs
     # as batch generation and chat sessions on this model.
     return ContinuousEngine(model, max_rows=rows, context=context, prefill_chunk=chunk,
-                            one_step_tokens=max(2 * chunk, SHORT_PROMPT_TOKENS), compiled=compiled_decode_for(model))
+                            one_step_tokens=SHORT_PROMPT_TOKENS, compiled=compiled_decode_for(model))
 
 
 def _default_kv_budget() -> int | None:
