@@ -33,13 +33,14 @@ def all_kernels_available(monkeypatch):
 
 
 def test_rule_per_machine(all_kernels_available, monkeypatch) -> None:
-    assert plan_cpu_kernels(ZEN) == KernelPlan("onednn", "plain", 3)  # VNNI alone: oneDNN int8 is a ref path
+    # VNNI alone: oneDNN int8 is a ref path; grouped keys attend with the fused kernel where there is AVX-512 BF16
+    assert plan_cpu_kernels(ZEN) == KernelPlan("onednn", "plain", 3, "matmul", "plain", "sdpa")
     monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, False))  # the AMX kernel not built
-    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa", "plain")
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa", "plain", "sdpa")
     monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True))
-    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("amx", "amx", 3, "sdpa", "amx")
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("amx", "amx", 3, "sdpa", "amx", "sdpa")
     # one activation plane is oneDNN's (the native kernel computes the exact planes only)
-    assert plan_cpu_kernels(XEON_AMX, int8_activations=True) == KernelPlan("amx", "onednn", 1, "sdpa", "amx")
+    assert plan_cpu_kernels(XEON_AMX, int8_activations=True) == KernelPlan("amx", "onednn", 1, "sdpa", "amx", "sdpa")
     monkeypatch.setattr(cpu_kernels, "cpu_lacks_bf16_matmul", lambda: True)
     assert plan_cpu_kernels(AVX2) == KernelPlan("upcast", "plain", 3)
     assert plan_cpu_kernels(XEON_AMX, mode="plain") == KernelPlan("plain", "plain", 3, "matmul")
@@ -158,3 +159,30 @@ def test_decode_attention_kernel_is_set_for_16_bit_models_only(dtype: torch.dtyp
     after = decode_logits()
     tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
     assert (after - before).abs().max() <= tolerance * before.abs().max()
+
+
+def test_grouped_keys_get_the_grouped_kernel(glm4v_checkpoint) -> None:
+    """A model whose heads share grouped keys/values (GLM-4V) takes ``grouped16``; ChatGLM's heads take
+    ``attention16``; the answers stay the same up to bf16 noise."""
+    glm4 = visualglm.load(str(glm4v_checkpoint), dtype=torch.bfloat16, progress=False)
+    chatglm = _tiny(torch.bfloat16)
+    assert all(module.kv_heads < module.heads for module in glm4.attention_modules())
+    ids = torch.randint(5, 100, (1, 9)).tolist()
+
+    def decode_logits(model: nn.Module, prompt: list[list[int]]) -> torch.Tensor:
+        from visualglm.generation.engine import GenerationParams, generate_steps
+        from visualglm.generation.sampling import SamplingParams
+
+        params = GenerationParams(max_new_tokens=3, sampling=SamplingParams(do_sample=False), stop_ids=())
+        return torch.stack([step.logits.float() for step in generate_steps(model, prompt, params=params)])
+
+    apply_cpu_kernels(glm4, plan=KernelPlan("plain", "plain", 3, "matmul", "plain", "matmul"))
+    assert {module.single_query for module in glm4.attention_modules()} == {"matmul"}
+    before = decode_logits(glm4, ids)
+    plan = KernelPlan("plain", "plain", 3, "matmul", "plain", "sdpa")
+    apply_cpu_kernels(glm4, plan=plan)
+    apply_cpu_kernels(chatglm, plan=plan)
+    assert {module.single_query for module in glm4.attention_modules()} == {"sdpa"}
+    assert {module.single_query for module in chatglm.attention_modules()} == {"matmul"}
+    after = decode_logits(glm4, ids)
+    assert (after - before).abs().max() <= 0.02 * before.abs().max()

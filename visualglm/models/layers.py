@@ -150,6 +150,13 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     Scores come out of the matmul in the inputs' dtype (as eager attention does in bf16/fp16) and the
     softmax runs in fp32; in fp32 this is the textbook formula.
     """
+    if k.dtype != torch.float32 and not (k.is_contiguous() and v.is_contiguous()):
+        # A continuous batch's keys are a slice of each slot's cache (strided): PyTorch's 16-bit batched
+        # matmul takes a slow path on such views, and copying them first is cheaper than that path. Zen 4
+        # EPYC, 2 vCPUs, ChatGLM shape (16 heads of 64), 8 rows of 600 cached tokens: a decode step of the
+        # 151M model took 118 ms with the strided matmuls, 54 ms with the copies (1 row of 16 tokens: 28.4
+        # against 27.6 ms). MKL's fp32 matmul takes the strides as they are.
+        k, v = k.contiguous(), v.contiguous()
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
     if bias is not None:
         scores = scores + bias
