@@ -15,7 +15,11 @@ OpenAI chat completions whose answers run to their ``max_tokens`` (random weight
 4. **capacity**: 8 clients sending mixed requests back to back (prompts of about 16, 128 and 512 tokens,
    answers of 16, 64 and 192 tokens): completed requests/s;
 5. **Poisson**: open-loop arrivals of the same mix at 40% and 80% of that capacity: throughput, TTFT
-   p50/p95 (of all requests and of the short prompts alone), TBT p50/p95.
+   p50/p95 (of all requests and of the short prompts alone), TBT p50/p95. The TBT p95 is set against the
+   unloaded step of step 1 and against one measured again just before and just after the phase (a
+   32-token stream alone each time, their mean): a small virtual machine's speed moves by a quarter between
+   minutes (unloaded steps of 18 to 27 ms in one hour on the GLM-4 shape), which a ratio to a step
+   measured minutes earlier reads as a change of the server.
 
 Every figure is printed; nothing is asserted. Answers are read as server-sent events: a chunk's arrival
 time is its token's (the detokenizer may hold a piece back for a step, which shows as a longer gap).
@@ -200,7 +204,11 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
     capacity = len(results) / (time.monotonic() - started)
     figures["capacity_req_s"] = capacity
     figures["capacity_tok_s"] = sum(len(s.chunks) for s in results) / (time.monotonic() - started)
+    def unloaded_step() -> float:
+        return statistics.median(stream(url, _prompt(16), 32).gaps)
+
     for share in (0.4, 0.8):
+        before = unloaded_step()
         rate = share * capacity
         clock, jobs, sizes = 0.0, [], []
         for _ in range(requests):
@@ -213,7 +221,8 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
         answered = [(s, size) for s, size in zip(results, sizes, strict=True) if s.status == 200 and s.chunks]
         ok = [s for s, _ in answered]
         short = [s.ttft for s, size in answered if size == PROMPTS[0]]
-        figures[f"poisson_{share}"] = {
+        around = (before + unloaded_step()) / 2
+        figures[f"poisson_{share}"] = {"step_around_s": around,
             "rate_req_s": rate, "ok": len(ok), "sent": len(results),
             "tok_s": sum(len(s.chunks) for s in ok) / max(ended - started, 1e-9),
             "ttft_p50": _pct([s.ttft for s in ok], 0.5), "ttft_p95": _pct([s.ttft for s in ok], 0.95),
@@ -240,7 +249,9 @@ def report(name: str, scheduler: str, f: dict, rss_mib: float) -> None:
         print(f"Poisson {share:.0%} of capacity ({p['rate_req_s']:.2f} req/s): {p['ok']}/{p['sent']} ok, "
               f"{p['tok_s']:.1f} tok/s, TTFT p50 {_ms(p['ttft_p50'])} p95 {_ms(p['ttft_p95'])} (short prompts "
               f"{_ms(p['short_ttft_p50'])} / {_ms(p['short_ttft_p95'])}), TBT p50 {_ms(p['tbt_p50'])} p95 "
-              f"{_ms(p['tbt_p95'])} ({p['tbt_p95'] / f['step_s']:.1f}x the unloaded step)", flush=True)
+              f"{_ms(p['tbt_p95'])} ({p['tbt_p95'] / f['step_s']:.1f}x the unloaded step; "
+              f"{p['tbt_p95'] / p['step_around_s']:.1f}x the {_ms(p['step_around_s'])} measured around this phase)",
+              flush=True)
 
 
 def visible_tokens_only(path: Path) -> None:
