@@ -1,0 +1,107 @@
+"""Decode steps of a continuous batch under each CPU kernel for their attention, in one process.
+
+    python -m benchmarks.decode_attention                 # 151M random ChatGLM and 154M random GLM-4 decoder
+
+A decode step attends over a slice of each slot's cache (``[rows, heads, context, dim][:, :, :longest + 1]``),
+a strided view. For a few batches (rows x cached tokens) it times the engine's decode steps with the
+attention computed as
+
+- ``strided``: two matmuls on the strided view (what the engine did before it copied: PyTorch's 16-bit
+  batched matmul takes a slow path on such views),
+- ``copied``: two matmuls on contiguous copies (the engine's "matmul" kernel now),
+- ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` (the "sdpa" kernel),
+
+alternating between them every 6 steps (8 rounds) so that the machine's drift hits each alike; medians.
+Which kernel a model gets is chosen at load time (``visualglm.checkpoint.cpu_kernels``); this prints what the
+choice rests on for this CPU. Every figure is printed; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import visualglm
+from benchmarks.serve_load import GLM4_SHAPE, MID_SHAPE
+from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
+from visualglm.generation.continuous import ContinuousEngine, EngineRequest
+from visualglm.generation.engine import GenerationParams
+from visualglm.generation.sampling import SamplingParams
+from visualglm.kernels.machine import cpu_facts
+from visualglm.models import layers
+
+BATCHES = ((1, 16), (1, 600), (3, 300), (8, 200), (8, 600))  # (rows, cached tokens)
+KERNELS = ("strided", "copied", "sdpa")
+
+
+def _strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``layers._single_query_attention`` without its copy of the keys/values."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
+def measure(name: str, model, rounds: int, seed: int) -> None:
+    rng = random.Random(seed)
+    config = model.config
+    greedy = SamplingParams(do_sample=False)
+    copied = layers._single_query_attention
+    print(f"\n{name}: decode step, median ms ({rounds} rounds of 6 steps per kernel)", flush=True)
+    for rows, length in BATCHES:
+        engine = ContinuousEngine(model, max_rows=8, context=2048, prefill_chunk=4096)
+        for row in range(rows):
+            ids = [rng.randrange(20, 480) for _ in range(length)]
+            if config.family != "glm4v":  # ChatGLM prompts end with [gMASK] <sop>
+                ids += [config.gmask_token_id, config.bos_token_id]
+            engine.submit(EngineRequest(row, ids, GenerationParams(max_new_tokens=8 * rounds * 8, sampling=greedy,
+                                                                   stop_ids=())))
+        for _ in range(3):
+            engine.step()
+        times: dict[str, list[float]] = {kernel: [] for kernel in KERNELS}
+        try:
+            for _ in range(rounds):
+                for kernel in KERNELS:
+                    layers._single_query_attention = _strided if kernel == "strided" else copied
+                    for attention in model.attention_modules():
+                        attention.single_query = "sdpa" if kernel == "sdpa" else "matmul"
+                    engine.step()  # the first step after a switch is not timed
+                    for _ in range(6):
+                        start = time.perf_counter()
+                        engine.step()
+                        times[kernel].append((time.perf_counter() - start) * 1e3)
+        finally:
+            layers._single_query_attention = copied
+            engine.close()
+        print(f"  {rows} row(s) of {length} tokens: " +
+              ", ".join(f"{kernel} {statistics.median(values):.1f}" for kernel, values in times.items()), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="mid,glm4", help="mid (151M ChatGLM) and/or glm4 (154M GLM-4 decoder)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    facts = cpu_facts()
+    print(f"CPU: {facts.name} ({facts.capability}); torch threads {torch.get_num_threads()}; bf16")
+    with tempfile.TemporaryDirectory(prefix="visualglm-decode-attention-") as work:
+        for name in args.models.split(","):
+            shape = {"mid": MID_SHAPE, "glm4": dict(family="glm4v", **GLM4_SHAPE)}.get(name)
+            if shape is None:
+                parser.error(f"unknown model {name!r}")
+            path = write_tiny_random_checkpoint(Path(work) / name, **shape)
+            model = visualglm.load(str(path), dtype=torch.bfloat16, progress=False)
+            measure(name, model, args.rounds, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
