@@ -212,7 +212,9 @@ def measure(url: str, tokenizer, requests: int, seed: int) -> dict:
     capacity = len(busy) / window
     figures["capacity_req_s"] = capacity
     figures["capacity_tok_s"] = sum(len(s.chunks) for s in busy) / window
+
     def unloaded_step() -> float:
+        """A lone row's decode step now: the median gap of a 32-token stream sent alone."""
         return statistics.median(stream(url, _prompt(16), 32).gaps)
 
     for share in (0.4, 0.8):

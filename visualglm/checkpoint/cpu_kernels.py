@@ -25,9 +25,10 @@ What each precision gets (figures: ``benchmarks/quant_linear.py``, ``visualglm b
   8 rows of 540 cached tokens, 16 or 32 heads, because the matmul copies the strided cache rows first);
   elsewhere the two matmuls (on a Zen 4 EPYC the fused kernel was the slow one). Grouped keys (GLM-4V: the
   heads of a group folded into query rows of one key/value head) get the fused kernel where the CPU has
-  AVX-512 BF16 too: on a Zen 4 EPYC a decode step of a 154M GLM-4 decoder (16 heads, 2 groups) took 20.4
-  against 23.4 ms with 1 row of 16 tokens, 29.7 against 34.8 ms with 8 rows of 600. fp32 models keep the
-  matmuls everywhere (the same speed on the Xeon).
+  AVX-512 BF16 too: on a Zen 4 EPYC a decode step of a 154M GLM-4 decoder (16 heads, 2 groups) took 22.5
+  against 27.6 ms with 1 row of 16 tokens, 30.4 against 36.3 ms with 8 rows of 600
+  (``python -m benchmarks.decode_attention``). fp32 models keep the matmuls everywhere (the same speed on
+  the Xeon).
 - ``int8_activations=True`` (explicit opt-in): one int8 plane instead of three, i.e. dynamic per-row
   activation quantization. Faster at batch 8, less exact; measured by ``benchmarks/quant_accuracy.py``.
 
@@ -165,10 +166,16 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
         # The dtype the decoder computes in is its input embedding's (quantized models keep it floating).
         sixteen = model.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
         for module in model.attention_modules():
-            grouped = getattr(module, "kv_heads", None) not in (None, getattr(module, "heads", None))
-            module.single_query = (plan.grouped16 if grouped else plan.attention16) if sixteen else "matmul"
+            kernel = plan.grouped16 if _grouped_keys(module) else plan.attention16
+            module.single_query = kernel if sixteen else "matmul"
     model.cpu_kernels = plan
     return counts
+
+
+def _grouped_keys(attention: nn.Module) -> bool:
+    """Whether ``attention``'s heads share grouped keys/values (GLM-4V: ``kv_heads`` < ``heads``)."""
+    kv_heads = getattr(attention, "kv_heads", None)
+    return kv_heads is not None and kv_heads < attention.heads
 
 
 def _replacement(child: nn.Module, plan: KernelPlan, shared: set[int]) -> nn.Module | None:
