@@ -64,8 +64,9 @@ def test_serve_command_binds_loopback_and_checks_the_key(tiny_visual_checkpoint)
     finally:
         server.terminate()
         _, log = server.communicate(timeout=30)
-    # At info level the package's own lines show: the load and the chunk measured at start-up.
+    # At info level the package's own lines show: the load, the start-up objects frozen and the chunk measured.
     assert f"loaded {tiny_visual_checkpoint.name} in" in log
+    assert "objects of the start-up frozen out of the garbage collector's reach" in log
     assert f"prefill chunk {chunk} tokens a step (decode step" in log
 
 
@@ -74,3 +75,24 @@ def test_serve_command_errors_are_one_line(tmp_path) -> None:
                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert result.stderr.startswith("visualglm serve: error:") and "Traceback" not in result.stderr
+
+
+def test_start_up_objects_are_frozen_and_later_ones_still_collected() -> None:
+    import gc
+
+    from visualglm.serving import freeze_startup_objects
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    tracked = len(gc.get_objects())
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() >= tracked * 0.9  # (the collection before it may free a few)
+        before = len(gc.get_objects())
+        assert before < tracked / 10  # a full collection now walks only what came after
+        Cycle()  # garbage that only the cycle collector frees
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()

@@ -38,7 +38,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visualglm.serving import require_extra, show_logs
+    from visualglm.serving import freeze_startup_objects, require_extra, show_logs
 
     require_extra("serve")
     show_logs(args.log_level)
@@ -74,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
         from visualglm.serving.follower import Leader, follow
 
         if not parallel.is_main:
+            freeze_startup_objects()  # a follower's pause would stall every rank's collectives
             follow(model, parallel.device)
             return 0
         channel = Leader(parallel.device)
     worker = Worker(model, tokenizer, name=name, limits=limits, channel=channel, scheduler=args.scheduler)
     app = create_app(worker, api_key=args.api_key, allow_remote_images=args.allow_remote_images)
+    freeze_startup_objects()
     return run_beside_http(worker, uvicorn.Server(server_config(app, limits, host=args.host, port=args.port,
                                                                 log_level=args.log_level)))
 

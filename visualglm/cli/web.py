@@ -25,7 +25,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from visualglm.serving import require_extra, show_logs
+    from visualglm.serving import freeze_startup_objects, require_extra, show_logs
 
     require_extra("web")
     show_logs("info")
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         print("warning: the web UI has no password: anyone who can reach it can use the model", file=sys.stderr)
     worker = load_worker(args.model, dtype=args.dtype, device=args.device, quantize=args.quant,
                          quantize_also=quantize_also(args), adapter=getattr(args, "adapter", None), limits=limits)
+    freeze_startup_objects()
     try:
         launch(worker, host=args.host, port=args.port, share=args.share, seed=args.seed)
     finally:
