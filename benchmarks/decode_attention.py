@@ -8,7 +8,9 @@ attention computed as
 
 - ``strided``: two matmuls on the strided view (what the engine did before it copied: PyTorch's 16-bit
   batched matmul takes a slow path on such views),
-- ``copied``: two matmuls on contiguous copies (the engine's "matmul" kernel now),
+- ``padded``: two matmuls on contiguous copies of the whole batch (every row as long as the longest),
+- ``copied``: the engine's "matmul" kernel now: the same, or row by row over each row's own slots when the
+  rows' lengths differ enough (``layers.RAGGED_MATMUL_MIN_SAVED_BYTES``),
 - ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` (the "sdpa" kernel),
 
 alternating between them every 6 steps (8 rounds) so that the machine's drift hits each alike; medians.
@@ -37,8 +39,9 @@ from visualglm.generation.sampling import SamplingParams
 from visualglm.kernels.machine import cpu_facts
 from visualglm.models import layers
 
-BATCHES = ((1, 16), (1, 600), (3, 300), (8, 200), (8, 600))  # (rows, cached tokens)
-KERNELS = ("strided", "copied", "sdpa")
+# Each row's cached tokens: equal rows, then rows of very different lengths (a serving mix).
+BATCHES = ((16,), (600,), (300,) * 3, (200,) * 8, (600,) * 8, (600, 100, 40, 20), (500,) + (60,) * 3 + (30,) * 4)
+KERNELS = ("strided", "padded", "copied", "sdpa")
 
 
 def _strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -53,11 +56,11 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
     rng = random.Random(seed)
     config = model.config
     greedy = SamplingParams(do_sample=False)
-    copied = layers._single_query_attention
+    copied, ragged = layers._single_query_attention, layers.RAGGED_MATMUL_MIN_SAVED_BYTES
     print(f"\n{name}: decode step, median ms ({rounds} rounds of 6 steps per kernel)", flush=True)
-    for rows, length in BATCHES:
+    for lengths in BATCHES:
         engine = ContinuousEngine(model, max_rows=8, context=2048, prefill_chunk=4096)
-        for row in range(rows):
+        for row, length in enumerate(lengths):
             ids = [rng.randrange(20, 480) for _ in range(length)]
             if config.family != "glm4v":  # ChatGLM prompts end with [gMASK] <sop>
                 ids += [config.gmask_token_id, config.bos_token_id]
@@ -70,6 +73,7 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
             for _ in range(rounds):
                 for kernel in KERNELS:
                     layers._single_query_attention = _strided if kernel == "strided" else copied
+                    layers.RAGGED_MATMUL_MIN_SAVED_BYTES = 1 << 62 if kernel == "padded" else ragged
                     for attention in model.attention_modules():
                         attention.single_query = "sdpa" if kernel == "sdpa" else "matmul"
                     engine.step()  # the first step after a switch is not timed
@@ -78,9 +82,10 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
                         engine.step()
                         times[kernel].append((time.perf_counter() - start) * 1e3)
         finally:
-            layers._single_query_attention = copied
+            layers._single_query_attention, layers.RAGGED_MATMUL_MIN_SAVED_BYTES = copied, ragged
             engine.close()
-        print(f"  {rows} row(s) of {length} tokens: " +
+        shape = f"{len(lengths)} x {lengths[0]}" if len(set(lengths)) == 1 else "/".join(map(str, lengths))
+        print(f"  rows of {shape} tokens: " +
               ", ".join(f"{kernel} {statistics.median(values):.1f}" for kernel, values in times.items()), flush=True)
 
 

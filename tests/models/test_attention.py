@@ -126,3 +126,43 @@ def test_rows_of_very_different_lengths_attend_row_by_row_to_the_same_answer(kv_
     with torch.inference_mode():  # as the engine runs it: inference tensors
         got = attention_gqa(q, k, v, bias.clone(), single_query="sdpa")
     torch.testing.assert_close(got[:3].double(), want[:3], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_the_16_bit_matmuls_read_a_strided_cache_padded_or_row_by_row_to_the_same_answer(kv_heads: int,
+                                                                                       monkeypatch) -> None:
+    """The "matmul" kernel on a continuous batch's cache (a strided slice, bf16): on copies of the padded
+    batch, or row by row over each row's own slots when that saves enough (``RAGGED_MATMUL_MIN_SAVED_BYTES``)."""
+    gen = torch.Generator().manual_seed(5)
+    ends = [60, 5, 12, 30]
+    cache_k = torch.randn(6, kv_heads, 128, 16, generator=gen).bfloat16()
+    cache_v = torch.randn(6, kv_heads, 128, 16, generator=gen).bfloat16()
+    k, v = cache_k[:4, :, :60], cache_v[:4, :, :60]  # as the engine reads it: not contiguous
+    assert not k.is_contiguous()
+    q = torch.randn(4, 4, 1, 16, generator=gen).bfloat16()
+    allowed = torch.zeros(4, 1, 1, 60, dtype=torch.bool)
+    for row, end in enumerate(ends):
+        allowed[row, ..., :end] = True
+    allowed[2, ..., :4] = False  # left padding inside the row
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, MASK_FILL)
+    want = _reference(q, k, v, bias)
+    calls = []
+    matmul = torch.matmul
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[-1])  # the keys' slots (scores) or the values' width
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(layers.torch, "matmul", counted)
+    answers = []
+    for min_saved, matmuls in ((16, 8), (1 << 20, 2)):  # row by row, or (too little saved) padded
+        monkeypatch.setattr(layers, "RAGGED_MATMUL_MIN_SAVED_BYTES", min_saved)
+        calls.clear()
+        bias = bias.clone()  # a new forward's bias (one bias is read-only once attended with)
+        got = attention_gqa(q, k, v, bias) if kv_heads != 4 else attention(q, k, v, bias)
+        torch.testing.assert_close(got.double(), want, atol=0.03, rtol=0.03)
+        assert len(calls) == matmuls
+        if matmuls == 8:  # each row's scores span its own slots only
+            assert calls[0::2] == ends
+        answers.append(got)
+    torch.testing.assert_close(answers[0], answers[1], atol=0.02, rtol=0.02)

@@ -81,6 +81,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 # to 580 tokens read 9 MB less a layer with ChatGLM's 16 heads of 64 (431 -> 356 us), but only 1.2 MB less
 # with GLM-4's 2 key/value groups, where the padded batch is the faster (114 against 205 us; 2-vCPU Xeon).
 RAGGED_MIN_SAVED_BYTES = 256 * 1024
+# The same for the two 16-bit matmuls, which copy the keys/values they read first (``_single_query_attention``):
+# a row costs more calls there (copies, matmuls, softmax), and a large copy of the padded batch costs more
+# than its bytes on a small virtual machine (fresh memory each step).
+RAGGED_MATMUL_MIN_SAVED_BYTES = 1024 * 1024
 
 
 def _ragged_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -111,25 +115,27 @@ def _ragged_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
 # once per forward, never written after), so the rows' ends (a host sync) are found once per forward, not
 # once per layer. The reference held here keeps the tensor alive, so a new forward's bias can never be
 # mistaken for it. (Inference tensors have no version counter to check.)
-_last_ends: tuple[torch.Tensor | None, list[int] | None] = (None, None)
+_last_ends: tuple[torch.Tensor | None, int, list[int] | None] = (None, 0, None)
 
 
-def _row_ends(bias: torch.Tensor | None, k: torch.Tensor) -> list[int] | None:
+def _row_ends(bias: torch.Tensor | None, k: torch.Tensor, min_saved: int | None = None) -> list[int] | None:
     """One past each row's last visible slot when attending row by row reads enough less of the keys ``k``
-    ``[B, G, S, D]`` and their values than the padded batch (``RAGGED_MIN_SAVED_BYTES``), else None."""
+    ``[B, G, S, D]`` and their values than the padded batch (``min_saved`` bytes a row, default
+    ``RAGGED_MIN_SAVED_BYTES``), else None."""
     global _last_ends
     batch, groups, slots, dim = k.shape
     if bias is None or batch == 1 or bias.shape[0] != batch:
         return None
-    cached, ends = _last_ends
-    if cached is bias:
+    min_saved = RAGGED_MIN_SAVED_BYTES if min_saved is None else min_saved
+    cached, cached_min, ends = _last_ends
+    if cached is bias and cached_min == min_saved:
         return ends
     visible = bias[:, 0, 0, :] > MASK_FILL / 2  # [B, S]
     # One past each row's last visible slot (a row with none, a free slot nobody reads: one slot).
     ends = torch.where(visible.any(dim=-1), slots - visible.flip(-1).int().argmax(dim=-1), 1).tolist()
     saved = (batch * slots - sum(ends)) * groups * dim * 2 * k.element_size()
-    ends = ends if saved > RAGGED_MIN_SAVED_BYTES * batch else None
-    _last_ends = (bias, ends)
+    ends = ends if saved > min_saved * batch else None
+    _last_ends = (bias, min_saved, ends)
     return ends
 
 
@@ -151,6 +157,10 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     softmax runs in fp32; in fp32 this is the textbook formula.
     """
     if k.dtype != torch.float32 and not (k.is_contiguous() and v.is_contiguous()):
+        ends = _row_ends(bias, k, RAGGED_MATMUL_MIN_SAVED_BYTES)
+        if ends is not None:  # rows of very different lengths: each over its own slots (see the constant)
+            return torch.cat([_single_query_attention(q[i:i + 1], k[i:i + 1, :, :end], v[i:i + 1, :, :end],
+                                                      bias[i:i + 1, ..., :end]) for i, end in enumerate(ends)])
         # The cached keys/values are a slice of each slot's cache (strided): PyTorch's 16-bit batched matmul
         # takes a slow path on such views, and copying them first is cheaper than that path. 2-vCPU Zen 4
         # EPYC, 151M ChatGLM shape (16 heads of 64), decode step with 8 rows of 600 cached tokens 83.1 ->
