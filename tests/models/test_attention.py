@@ -85,6 +85,16 @@ def test_strided_cache_rows_give_the_same_answer_with_both_kernels() -> None:
                                    rtol=1e-5)
 
 
+def _ragged_bias(ends: list[int], slots: int) -> torch.Tensor:
+    """The bias ``[rows, 1, 1, slots]`` of a continuous batch whose row i sees slots ``[0, ends[i])``, row 2
+    left-padded by 4 slots inside that."""
+    allowed = torch.zeros(len(ends), 1, 1, slots, dtype=torch.bool)
+    for row, end in enumerate(ends):
+        allowed[row, ..., :end] = True
+    allowed[2, ..., :4] = False  # left padding inside the row
+    return torch.zeros(allowed.shape).masked_fill_(~allowed, MASK_FILL)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_rows_of_very_different_lengths_attend_row_by_row_to_the_same_answer(kv_heads: int, monkeypatch) -> None:
     """A continuous batch: each row sees its own number of slots (one row left-padded), the batch spans the
@@ -94,11 +104,7 @@ def test_rows_of_very_different_lengths_attend_row_by_row_to_the_same_answer(kv_
     q = torch.randn(4, 4, 1, 16, generator=gen)
     k = torch.randn(4, kv_heads, slots, 16, generator=gen)
     v = torch.randn(4, kv_heads, slots, 16, generator=gen)
-    allowed = torch.zeros(4, 1, 1, slots, dtype=torch.bool)
-    for row, end in enumerate(ends):
-        allowed[row, ..., :end] = True
-    allowed[2, ..., :4] = False  # left padding inside the row
-    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, MASK_FILL)
+    bias = _ragged_bias(ends, slots)
     want = _reference(q, k, v, bias)
     calls = []
     sdpa = layers.F.scaled_dot_product_attention
@@ -140,11 +146,7 @@ def test_the_16_bit_matmuls_read_a_strided_cache_padded_or_row_by_row_to_the_sam
     k, v = cache_k[:4, :, :60], cache_v[:4, :, :60]  # as the engine reads it: not contiguous
     assert not k.is_contiguous()
     q = torch.randn(4, 4, 1, 16, generator=gen).bfloat16()
-    allowed = torch.zeros(4, 1, 1, 60, dtype=torch.bool)
-    for row, end in enumerate(ends):
-        allowed[row, ..., :end] = True
-    allowed[2, ..., :4] = False  # left padding inside the row
-    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, MASK_FILL)
+    bias = _ragged_bias(ends, 60)
     want = _reference(q, k, v, bias)
     calls = []
     matmul = torch.matmul
