@@ -360,14 +360,20 @@ class ContinuousEngine:
                 or self._short_step == self.stats.steps - 1):
             return None
         group: list[tuple[_Row, int, torch.Tensor, torch.Tensor]] = []
+        taken: list[EngineRequest] = []
         width = 0  # the group's longest new part: rows are left-padded to it, so it is what the step computes
+        # Listed once, for the first long prompt among the candidates (a slot taken in the loop only loses ids,
+        # so the list can let a prompt through to the full test below, never turn one away wrongly).
+        slot_ids: list[list[int]] | None = None
         for request in list(itertools.islice(self.waiting, SHORT_SCAN)):
             # A prompt longer than a step fits only by reusing its excess from a slot, which then starts with
             # those tokens (a model reuses at most the common prefix): a cheap test that spares long prompts
             # the full comparison with every slot at every step.
             excess = len(request.ids) - self.one_step_tokens
-            if excess > 0 and not any(ids[:excess] == request.ids[:excess] for ids in self._slot_ids()):
-                continue
+            if excess > 0:
+                slot_ids = self._slot_ids() if slot_ids is None else slot_ids
+                if not any(ids[:excess] == request.ids[:excess] for ids in slot_ids):
+                    continue
             place = self._place(request)
             if place is None:
                 break
@@ -376,12 +382,13 @@ class ContinuousEngine:
             if max(width, new) * (len(group) + 1) > self.one_step_tokens:
                 continue
             positions, mask = self.model.prompt_inputs(torch.tensor([request.ids], device=self.device))
-            # ``request`` may hold tensors, which ``deque.remove``'s equality test cannot compare: by identity.
-            self.waiting = deque(waiting for waiting in self.waiting if waiting is not request)
             group.append(self._take(request, slot, start, donor, positions, mask))
+            taken.append(request)
             width = max(width, new)
         if not group:
             return None
+        # ``request`` may hold tensors, which ``deque.remove``'s equality test cannot compare: by identity.
+        self.waiting = deque(waiting for waiting in self.waiting if not any(waiting is t for t in taken))
         self._short_step = self.stats.steps
         self.stats.short_first += len(group)
         return self._start_prefill(group, whole=True)

@@ -103,14 +103,20 @@ def _ragged_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     scale = 1.0 / math.sqrt(q.shape[-1])
     batch, heads, _, dim = q.shape
     folded = q.reshape(batch, k.shape[1], heads // k.shape[1], dim)  # [B, G, R, D], a view
+    def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
     ends = _row_ends(bias, k)
-    if ends is not None:
-        out = torch.cat([F.scaled_dot_product_attention(
-            folded[i:i + 1], k[i:i + 1, :, :end], v[i:i + 1, :, :end], attn_mask=bias[i:i + 1, ..., :end],
-            scale=scale) for i, end in enumerate(ends)])
-    else:
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias, scale=scale)
+    out = fused(folded, k, v, bias) if ends is None else _row_by_row(fused, folded, k, v, bias, ends)
     return out.reshape(batch, heads, 1, dim)
+
+
+def _row_by_row(kernel: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bias: torch.Tensor, ends: list[int]) -> torch.Tensor:
+    """``kernel(q, k, v, bias)`` on each row i alone, over its slots ``[0, ends[i])`` (``_row_ends``): q
+    ``[B, G, R, D]``, k/v ``[B, G, S, D]``, bias ``[B, 1, 1, S]`` -> ``[B, G, R, D]``."""
+    return torch.cat([kernel(q[i:i + 1], k[i:i + 1, :, :end], v[i:i + 1, :, :end], bias[i:i + 1, ..., :end])
+                      for i, end in enumerate(ends)])
 
 
 # The last bias ``_row_ends`` read and its answer: every layer of a forward gets the same bias tensor (made
@@ -161,8 +167,7 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     if k.dtype != torch.float32 and not (k.is_contiguous() and v.is_contiguous()):
         ends = _row_ends(bias, k, RAGGED_MATMUL_MIN_SAVED_BYTES)
         if ends is not None:  # rows of very different lengths: each over its own slots (see the constant)
-            return torch.cat([_single_query_attention(q[i:i + 1], k[i:i + 1, :, :end], v[i:i + 1, :, :end],
-                                                      bias[i:i + 1, ..., :end]) for i, end in enumerate(ends)])
+            return _row_by_row(_single_query_attention, q, k, v, bias, ends)
         # The cached keys/values are a slice of each slot's cache (strided): PyTorch's 16-bit batched matmul
         # takes a slow path on such views, and copying them first is cheaper than that path. 2-vCPU Zen 4
         # EPYC, 151M ChatGLM shape (16 heads of 64), decode step with 8 rows of 600 cached tokens 83.1 ->
