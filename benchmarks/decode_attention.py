@@ -1,6 +1,7 @@
 """Decode steps of a continuous batch under each CPU kernel for their attention, in one process.
 
     python -m benchmarks.decode_attention                 # 151M random ChatGLM and 154M random GLM-4 decoder
+    python -m benchmarks.decode_attention --models wide   # 2 layers of ChatGLM-6B's width (32 heads of 128)
 
 A decode step attends over a slice of each slot's cache (``[rows, heads, context, dim][:, :, :longest + 1]``),
 a strided view. For a few batches (rows x cached tokens) it times the engine's decode steps with the
@@ -9,7 +10,10 @@ attention computed as
 - ``strided``: two matmuls on the strided view (what the engine did before it copied: PyTorch's 16-bit
   batched matmul takes a slow path on such views),
 - ``padded``: two matmuls on contiguous copies of the whole batch (every row as long as the longest),
-- ``copied``: the engine's "matmul" kernel now: the same, or row by row over each row's own slots when the
+- ``fresh``: the matmuls on contiguous copies made in fresh memory each time (the kernel before it kept its
+  copy buffers: large fresh tensors pay page faults), row by row as ``copied``,
+- ``copied``: the engine's "matmul" kernel now: the copies go into memory kept between layers and steps
+  (``layers._KeptCopies``), the whole batch at once or row by row over each row's own slots when the
   rows' lengths differ enough (``layers.RAGGED_MATMUL_MIN_SAVED_BYTES``),
 - ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` (the "sdpa" kernel),
 
@@ -21,7 +25,6 @@ choice rests on for this CPU. Every figure is printed; nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import tempfile
@@ -41,15 +44,19 @@ from visualglm.models import layers
 
 # Each row's cached tokens: equal rows, then rows of very different lengths (a serving mix).
 BATCHES = ((16,), (600,), (300,) * 3, (200,) * 8, (600,) * 8, (600, 100, 40, 20), (500,) + (60,) * 3 + (30,) * 4)
-KERNELS = ("strided", "padded", "copied", "sdpa")
+KERNELS = ("strided", "padded", "fresh", "copied", "sdpa")
+# Two layers of ChatGLM-6B at its full width: its attention reads 8x the bytes per token of ``mid``'s.
+WIDE_SHAPE = dict(hidden_size=4096, num_layers=2, num_attention_heads=32, inner_hidden_size=16384)
 
 
-def _strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``layers._single_query_attention`` without its copy of the keys/values."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
-    if bias is not None:
-        scores = scores + bias
-    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+def _fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``layers._single_query_attention`` as it was before its copy buffers: fresh ``contiguous()`` copies."""
+    if k.dtype != torch.float32 and not (k.is_contiguous() and v.is_contiguous()):
+        ends = layers._row_ends(bias, k, layers.RAGGED_MATMUL_MIN_SAVED_BYTES)
+        if ends is not None:
+            return layers._row_by_row(_fresh, q, k, v, bias, ends)
+        k, v = k.contiguous(), v.contiguous()
+    return layers._matmul_attention(q, k, v, bias)
 
 
 def measure(name: str, model, rounds: int, seed: int) -> None:
@@ -57,6 +64,7 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
     config = model.config
     greedy = SamplingParams(do_sample=False)
     copied, ragged = layers._single_query_attention, layers.RAGGED_MATMUL_MIN_SAVED_BYTES
+    kernels = {"strided": layers._matmul_attention, "fresh": _fresh}  # the others: the engine's own kernel
     print(f"\n{name}: decode step, median ms ({rounds} rounds of 6 steps per kernel)", flush=True)
     for lengths in BATCHES:
         engine = ContinuousEngine(model, max_rows=8, context=2048, prefill_chunk=4096)
@@ -72,7 +80,7 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
         try:
             for _ in range(rounds):
                 for kernel in KERNELS:
-                    layers._single_query_attention = _strided if kernel == "strided" else copied
+                    layers._single_query_attention = kernels.get(kernel, copied)
                     layers.RAGGED_MATMUL_MIN_SAVED_BYTES = 1 << 62 if kernel == "padded" else ragged
                     for attention in model.attention_modules():
                         attention.single_query = "sdpa" if kernel == "sdpa" else "matmul"
@@ -91,7 +99,8 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="mid,glm4", help="mid (151M ChatGLM) and/or glm4 (154M GLM-4 decoder)")
+    parser.add_argument("--models", default="mid,glm4",
+                        help="mid (151M ChatGLM), glm4 (154M GLM-4 decoder), wide (2 ChatGLM-6B-wide layers)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -99,7 +108,7 @@ def main() -> int:
     print(f"CPU: {facts.name} ({facts.capability}); torch threads {torch.get_num_threads()}; bf16")
     with tempfile.TemporaryDirectory(prefix="visualglm-decode-attention-") as work:
         for name in args.models.split(","):
-            shape = {"mid": MID_SHAPE, "glm4": dict(family="glm4v", **GLM4_SHAPE)}.get(name)
+            shape = {"mid": MID_SHAPE, "glm4": dict(family="glm4v", **GLM4_SHAPE), "wide": WIDE_SHAPE}.get(name)
             if shape is None:
                 parser.error(f"unknown model {name!r}")
             path = write_tiny_random_checkpoint(Path(work) / name, **shape)

@@ -168,3 +168,61 @@ def test_the_16_bit_matmuls_read_a_strided_cache_padded_or_row_by_row_to_the_sam
             assert calls[0::2] == ends
         answers.append(got)
     torch.testing.assert_close(answers[0], answers[1], atol=0.02, rtol=0.02)
+
+
+def test_kept_copies_reuse_their_memory_grow_by_half_and_give_each_concurrent_call_its_own() -> None:
+    """The 16-bit matmul kernel copies a step's strided keys/values into memory kept between layers/steps."""
+    kept = layers._KeptCopies()
+    gen = torch.Generator().manual_seed(6)
+    cache_k = torch.randn(3, 2, 64, 8, generator=gen).bfloat16()
+    cache_v = torch.randn(3, 2, 64, 8, generator=gen).bfloat16()
+    q = torch.randn(3, 2, 1, 8, generator=gen).bfloat16()
+
+    def attend(rows: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = cache_k[:rows, :, :slots], cache_v[:rows, :, :slots]
+        got = kept.attend(q[:rows], k, v, None)
+        torch.testing.assert_close(got.double(), _reference(q[:rows], k, v, None), atol=0.03, rtol=0.03)
+        (pair,) = kept.free[(torch.bfloat16, cache_k.device, False)]  # given back
+        return pair
+
+    keys, values = attend(3, 20)
+    assert keys.numel() == values.numel() == 3 * 2 * 20 * 8 and keys.data_ptr() != values.data_ptr()
+    again = attend(2, 10)  # fits: the same memory
+    assert again[0].data_ptr() == keys.data_ptr() and again[1].data_ptr() == values.data_ptr()
+    grown = attend(3, 21)  # 1008 > 960 elements: half as large again
+    assert grown[0].numel() == grown[1].numel() == 960 * 3 // 2
+    busy = kept.free[(torch.bfloat16, cache_k.device, False)].pop()  # as if another thread were in a call
+    kept.attend(q, cache_k[:, :, :5], cache_v[:, :, :5], None)
+    (own,) = kept.free[(torch.bfloat16, cache_k.device, False)]
+    assert own[0].data_ptr() not in (busy[0].data_ptr(), busy[1].data_ptr())
+
+
+def test_the_16_bit_matmul_kernel_runs_in_and_out_of_inference_mode(monkeypatch) -> None:
+    """Inference tensors cannot be written outside inference mode: the kept copies are per mode."""
+    monkeypatch.setattr(layers, "_KEPT_COPIES", layers._KeptCopies())  # none made before this test
+    gen = torch.Generator().manual_seed(7)
+    cache_k = torch.randn(4, 4, 64, 16, generator=gen).bfloat16()
+    cache_v = torch.randn(4, 4, 64, 16, generator=gen).bfloat16()
+    q = torch.randn(3, 4, 1, 16, generator=gen).bfloat16()
+    k, v = cache_k[:3, :, :40], cache_v[:3, :, :40]
+    want = _reference(q, k, v, None)
+    with torch.inference_mode():
+        in_mode = attention(q, k, v, None)
+    with torch.no_grad():
+        out_of_mode = attention(q, k, v, None)
+    torch.testing.assert_close(in_mode.double(), want, atol=0.03, rtol=0.03)
+    torch.testing.assert_close(out_of_mode, in_mode, atol=0, rtol=0)
+
+
+def test_inputs_autograd_tracks_are_not_copied_into_the_kept_buffers() -> None:
+    """Two layers in a row with a query that needs gradients: each keeps its own keys/values for backward."""
+    gen = torch.Generator().manual_seed(8)
+    caches = [(torch.randn(2, 4, 32, 16, generator=gen).bfloat16(), torch.randn(2, 4, 32, 16, generator=gen).bfloat16())
+              for _ in range(2)]
+    q = torch.randn(2, 4, 1, 16, generator=gen).bfloat16().requires_grad_()
+    outs = [attention(q, k[:, :, :20], v[:, :, :20], None) for k, v in caches]
+    (outs[0].float().sum() + 2 * outs[1].float().sum()).backward()
+    q64 = q.detach().double().requires_grad_()
+    want = [_reference(q64, k[:, :, :20], v[:, :, :20], None) for k, v in caches]
+    (want[0].sum() + 2 * want[1].sum()).backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, atol=0.05, rtol=0.05)
