@@ -16,6 +16,8 @@ attention computed as
   (``layers._KeptCopies``), the whole batch at once or row by row over each row's own slots when the
   rows' lengths differ enough (``layers.RAGGED_MATMUL_MIN_SAVED_BYTES``),
 - ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` (the "sdpa" kernel),
+- ``native``: the optional compiled kernel reading the strided cache in place
+  (``visualglm.kernels.strided_attention``), where ``python -m visualglm.kernels.native build`` built it,
 
 alternating between them every 6 steps (8 rounds) so that the machine's drift hits each alike; medians.
 Which kernel a model gets is chosen at load time (``visualglm.checkpoint.cpu_kernels``); this prints what the
@@ -39,6 +41,7 @@ from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.engine import GenerationParams
 from visualglm.generation.sampling import SamplingParams
+from visualglm.kernels import strided_attention
 from visualglm.kernels.machine import cpu_facts
 from visualglm.models import layers
 
@@ -65,6 +68,7 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
     greedy = SamplingParams(do_sample=False)
     copied, ragged = layers._single_query_attention, layers.RAGGED_MATMUL_MIN_SAVED_BYTES
     kernels = {"strided": layers._matmul_attention, "fresh": _fresh}  # the others: the engine's own kernel
+    kernels_here = KERNELS + (("native",) if strided_attention.available() else ())
     print(f"\n{name}: decode step, median ms ({rounds} rounds of 6 steps per kernel)", flush=True)
     for lengths in BATCHES:
         engine = ContinuousEngine(model, max_rows=8, context=2048, prefill_chunk=4096)
@@ -76,14 +80,15 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
                                                                    stop_ids=())))
         for _ in range(3):
             engine.step()
-        times: dict[str, list[float]] = {kernel: [] for kernel in KERNELS}
+        times: dict[str, list[float]] = {kernel: [] for kernel in kernels_here}
         try:
             for _ in range(rounds):
-                for kernel in KERNELS:
+                for kernel in kernels_here:
                     layers._single_query_attention = kernels.get(kernel, copied)
                     layers.RAGGED_MATMUL_MIN_SAVED_BYTES = 1 << 62 if kernel == "padded" else ragged
                     for attention in model.attention_modules():
-                        attention.single_query = "sdpa" if kernel == "sdpa" else "matmul"
+                        attention.single_query = {"sdpa": "sdpa", "native": strided_attention.attend}.get(kernel,
+                                                                                                         "matmul")
                     engine.step()  # the first step after a switch is not timed
                     for _ in range(6):
                         start = time.perf_counter()
@@ -105,7 +110,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     facts = cpu_facts()
-    print(f"CPU: {facts.name} ({facts.capability}); torch threads {torch.get_num_threads()}; bf16")
+    print(f"CPU: {facts.name} ({facts.capability}); torch threads {torch.get_num_threads()}; bf16; compiled "
+          f"attention: {'built' if strided_attention.available() else 'not built'}")
     with tempfile.TemporaryDirectory(prefix="visualglm-decode-attention-") as work:
         for name in args.models.split(","):
             shape = {"mid": MID_SHAPE, "glm4": dict(family="glm4v", **GLM4_SHAPE), "wide": WIDE_SHAPE}.get(name)

@@ -28,19 +28,24 @@ AVX2 = dataclasses.replace(ZEN, capability="AVX2", avx512_bf16=False, vnni=False
 
 @pytest.fixture
 def all_kernels_available(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True))
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True, True))
     monkeypatch.delenv(cpu_kernels.ENV, raising=False)
 
 
 def test_rule_per_machine(all_kernels_available, monkeypatch) -> None:
-    # VNNI alone: oneDNN int8 is a ref path; grouped keys attend with the fused kernel where there is AVX-512 BF16
+    # VNNI alone: oneDNN int8 is a ref path; grouped keys attend with the fused kernel where there is AVX-512 BF16;
+    # the compiled strided-cache attention, where built, for heads with their own keys/values
+    assert plan_cpu_kernels(ZEN) == KernelPlan("onednn", "plain", 3, "native", "plain", "sdpa")
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True, False))  # attention not built
     assert plan_cpu_kernels(ZEN) == KernelPlan("onednn", "plain", 3, "matmul", "plain", "sdpa")
-    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, False))  # the AMX kernel not built
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, False, False))  # nor the AMX kernels
     assert plan_cpu_kernels(XEON_AMX) == KernelPlan("onednn", "onednn", 3, "sdpa", "plain", "sdpa")
-    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True))
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True, False))
     assert plan_cpu_kernels(XEON_AMX) == KernelPlan("amx", "amx", 3, "sdpa", "amx", "sdpa")
     # one activation plane is oneDNN's (the native kernel computes the exact planes only)
     assert plan_cpu_kernels(XEON_AMX, int8_activations=True) == KernelPlan("amx", "onednn", 1, "sdpa", "amx", "sdpa")
+    monkeypatch.setattr(cpu_kernels, "_available", lambda: (True, True, True, True))
+    assert plan_cpu_kernels(XEON_AMX) == KernelPlan("amx", "amx", 3, "native", "amx", "sdpa")
     monkeypatch.setattr(cpu_kernels, "cpu_lacks_bf16_matmul", lambda: True)
     assert plan_cpu_kernels(AVX2) == KernelPlan("upcast", "plain", 3)
     assert plan_cpu_kernels(XEON_AMX, mode="plain") == KernelPlan("plain", "plain", 3, "matmul")

@@ -28,7 +28,10 @@ What each precision gets (figures: ``benchmarks/quant_linear.py``, ``visualglm b
   AVX-512 BF16 too: on a Zen 4 EPYC a decode step of a 154M GLM-4 decoder (16 heads, 2 groups) took 22.5
   against 27.6 ms with 1 row of 16 tokens, 30.4 against 36.3 ms with 8 rows of 600
   (``python -m benchmarks.decode_attention``). fp32 models keep the matmuls everywhere (the same speed on
-  the Xeon).
+  the Xeon). Where the optional compiled attention is built (``python -m visualglm.kernels.native build``,
+  AVX-512F), 16-bit models whose heads have their own keys/values (ChatGLM-6B, VisualGLM-6B) get it
+  (``visualglm.kernels.strided_attention``: it reads the strided cache in place, 2-3.6x the matmuls on
+  copies per layer on a Zen 4 EPYC; measured there only, and chosen on AMX CPUs too).
 - ``int8_activations=True`` (explicit opt-in): one int8 plane instead of three, i.e. dynamic per-row
   activation quantization. Faster at batch 8, less exact; measured by ``benchmarks/quant_accuracy.py``.
 
@@ -44,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from visualglm.kernels import native
+from visualglm.kernels import native, strided_attention
 from visualglm.kernels.amx_bf16 import AmxBF16Linear
 from visualglm.kernels.amx_bf16 import fits as amx_bf16_fits
 from visualglm.kernels.cpu_bf16 import UpcastLinear, cpu_lacks_bf16_matmul
@@ -65,8 +68,9 @@ ENV = "VISUALGLM_CPU_KERNELS"
 class KernelPlan:
     """Which kernel each kind of linear gets: ``linear16`` "amx" | "onednn" | "upcast" | "plain"; ``int8``
     "amx" | "onednn" | "plain"; ``planes`` 3 (exact) or 1 (dynamic int8 activations); ``attention16``: the decode-step
-    attention of 16-bit models, "sdpa" | "matmul" (``visualglm.models.layers.SINGLE_QUERY_KERNELS``), and
-    ``grouped16`` the same for models whose heads share grouped keys/values; ``int4`` "amx" | "plain"."""
+    attention of 16-bit models, "sdpa" | "matmul" (``visualglm.models.layers.SINGLE_QUERY_KERNELS``) | "native"
+    (``visualglm.kernels.strided_attention``, the optional compiled kernel), and ``grouped16`` the same for
+    models whose heads share grouped keys/values; ``int4`` "amx" | "plain"."""
 
     linear16: str
     int8: str
@@ -82,7 +86,7 @@ class KernelPlan:
                 "onednn": "oneDNN int8 matmul, " + ("3 exact activation planes" if self.planes == 3
                                                     else "dynamic int8 activations"),
                 "plain": "_weight_int8pack_mm"}[self.int8]
-        kernels = {"sdpa": "fused SDPA", "matmul": "two matmuls"}
+        kernels = {"sdpa": "fused SDPA", "matmul": "two matmuls", "native": "compiled, on the strided cache"}
         attention = kernels[self.attention16]
         if self.grouped16 != self.attention16:
             attention += f" ({kernels[self.grouped16]} for grouped keys)"
@@ -91,9 +95,10 @@ class KernelPlan:
 
 
 @functools.cache
-def _available() -> tuple[bool, bool, bool]:
-    """oneDNN's bf16 linear, oneDNN's int8 matmul, the optional AMX build (all its kernels)."""
-    return onednn_bf16_available(), onednn_int8_available(), native.available()
+def _available() -> tuple[bool, bool, bool, bool]:
+    """oneDNN's bf16 linear, oneDNN's int8 matmul, the optional AMX build (all its kernels), the optional
+    strided-cache attention build."""
+    return onednn_bf16_available(), onednn_int8_available(), native.available(), strided_attention.available()
 
 
 def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = False,
@@ -106,7 +111,7 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
     if mode == "plain":
         return KernelPlan("plain", "plain", planes)
     facts = facts or cpu_facts()
-    bf16_ok, int8_ok, amx_built = _available()
+    bf16_ok, int8_ok, amx_built, attention_built = _available()
     if facts.amx and amx_built and facts.avx512_bf16 and facts.onednn and bf16_ok:  # (oneDNN: shapes it lacks)
         linear16 = "amx"
     elif facts.avx512_bf16 and facts.onednn and bf16_ok:
@@ -120,7 +125,10 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
         int8 = "amx"
     int4 = "amx" if facts.amx and amx_built else "plain"
     grouped = "sdpa" if facts.amx or facts.avx512_bf16 else "matmul"
-    return KernelPlan(linear16, int8, planes, "sdpa" if facts.amx else "matmul", int4, grouped)
+    # The compiled kernel reads the strided cache in place: 2-3.6x the matmuls on copies for heads with their
+    # own keys/values (2-vCPU Zen 4), slower than them for GLM-4V's 16 query rows per key/value head.
+    attention = "native" if attention_built and facts.capability == "AVX512" else "sdpa" if facts.amx else "matmul"
+    return KernelPlan(linear16, int8, planes, attention, int4, grouped)
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -167,7 +175,8 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
         sixteen = model.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
         for module in model.attention_modules():
             kernel = plan.grouped16 if _grouped_keys(module) else plan.attention16
-            module.single_query = kernel if sixteen else "matmul"
+            kernel = kernel if sixteen else "matmul"
+            module.single_query = strided_attention.attend if kernel == "native" else kernel
     model.cpu_kernels = plan
     return counts
 

@@ -55,7 +55,7 @@ class ChatGLMAttention(nn.Module):
         # Optional extra keys/values every query attends to, e.g. P-tuning v2 prefixes: a callable
         # ``batch_size -> (k, v)``, each ``[B, heads, P, head_dim]``, neither rotated nor cached.
         self.extra_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.single_query = "matmul"  # the CPU decode-step kernel (layers.SINGLE_QUERY_KERNELS), set at load
+        self.single_query = "matmul"  # the CPU decode-step kernel (see layers.SINGLE_QUERY_KERNELS), set at load
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
                 cache_positions: torch.Tensor | None, kv_length: int,

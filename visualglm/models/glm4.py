@@ -132,7 +132,7 @@ class GLM4Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=True)
         self.dense = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
-        self.single_query = "matmul"  # the CPU decode-step kernel (layers.SINGLE_QUERY_KERNELS), set at load
+        self.single_query = "matmul"  # the CPU decode-step kernel (see layers.SINGLE_QUERY_KERNELS), set at load
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor | None,
                 cache_positions: torch.Tensor | None, kv_length: int, causal: bool,

@@ -53,14 +53,18 @@ def apply_rotary_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
 
 
 # How one decode query per head attends on CPU (``single_query`` of ``attention``/``attention_gqa``):
-# "matmul" (two matmuls, the softmax in fp32) or "sdpa" (PyTorch's fused kernel). Which is faster depends on
-# the CPU and dtype, so the model never decides: ``visualglm.checkpoint.cpu_kernels`` sets the attention
-# modules' ``single_query`` attribute at load time.
+# "matmul" (two matmuls, the softmax in fp32) or "sdpa" (PyTorch's fused kernel), or a kernel from outside the
+# model code (a ``SingleQueryKernel``: the optional compiled one). Which is faster depends on the CPU and dtype,
+# so the model never decides: ``visualglm.checkpoint.cpu_kernels`` sets the attention modules'
+# ``single_query`` attribute at load time.
 SINGLE_QUERY_KERNELS = ("matmul", "sdpa")
+# q ``[B, G, R, D]`` (R query rows per key/value head), k/v ``[B, G, S, D]``, bias ``[B, 1, 1, S]`` or None ->
+# ``[B, G, R, D]``, or None when it does not take these inputs (the "matmul" kernel runs instead).
+SingleQueryKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-              single_query: str = "matmul") -> torch.Tensor:
+              single_query: str | SingleQueryKernel = "matmul") -> torch.Tensor:
     """Scaled dot-product attention. q ``[B, H, T, D]``, k/v ``[B, H, S, D]``, bias ``[B, 1, T, S]`` or None
     (read-only once attended with: a forward makes its bias once and every layer reads it).
 
@@ -69,9 +73,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     ``single_query``: the kernel of a decode step on CPU (see ``SINGLE_QUERY_KERNELS``).
     """
     if _single_query_on_cpu(q):
-        if single_query == "matmul":
-            return _single_query_attention(q, k, v, bias)
-        return _ragged_sdpa(q, k, v, bias)
+        if single_query == "sdpa":
+            return _ragged_sdpa(q, k, v, bias)
+        return _given_or_matmul(single_query, q, k, v, bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(q.shape[-1]))
 
 
@@ -201,6 +205,17 @@ def _single_query_on_cpu(q: torch.Tensor) -> bool:
     return q.shape[2] == 1 and q.device.type == "cpu"
 
 
+def _given_or_matmul(single_query: str | SingleQueryKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """A decode step (q ``[B, G, R, D]``, k/v ``[B, G, S, D]``) on the given kernel if it takes the inputs,
+    else on the two matmuls."""
+    if callable(single_query):
+        out = single_query(q, k, v, bias)
+        if out is not None:
+            return out
+    return _single_query_attention(q, k, v, bias)
+
+
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
                             ) -> torch.Tensor:
     """Attention for one query per head: q ``[B, G, R, D]`` (R query rows per key/value head),
@@ -249,7 +264,7 @@ def blocked_to_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attention_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                  causal: bool = False, single_query: str = "matmul") -> torch.Tensor:
+                  causal: bool = False, single_query: str | SingleQueryKernel = "matmul") -> torch.Tensor:
     """Grouped-query attention: q ``[B, H, T, D]``, k/v ``[B, G, S, D]`` with H a multiple of G (group g
     serves heads ``g*H/G .. (g+1)*H/G - 1``). ``causal`` applies a lower-triangular mask (T == S).
     ``single_query``: the kernel of a decode step on CPU (see ``SINGLE_QUERY_KERNELS``)."""
@@ -261,7 +276,7 @@ def attention_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
         # The heads of a group share one key/value head: fold them into query rows (no copy of the cache).
         batch, heads, _, dim = q.shape
         rows = q.reshape(batch, k.shape[1], groups, dim)
-        return _single_query_attention(rows, k, v, bias).reshape(batch, heads, 1, dim)
+        return _given_or_matmul(single_query, rows, k, v, bias).reshape(batch, heads, 1, dim)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
