@@ -86,3 +86,14 @@ def test_decode_forward_traces_as_one_graph(model) -> None:
     got = [s.tokens.tolist() for s in generate_steps(model, prompts, params=params, compiled=compiled)]
     want = [s.tokens.tolist() for s in generate_steps(model, prompts, params=params)]
     assert got == want
+
+
+def test_a_bf16_model_on_the_cpu_kernels_decodes_compiled_as_eager() -> None:
+    """The load-time CPU kernels (oneDNN's reordered bf16 linear where the CPU has AVX-512 BF16, the compiled
+    attention where built) inside a torch.compile'd decode step: Inductor once failed to lower the reordered
+    linear ("LoweringException"), which broke ``visualglm bench --compile``."""
+    model = random_model("chatglm-tiny", torch.bfloat16)
+    requests = [EngineRequest(id=i, ids=_prompt(model, range(100 + i, 105 + 2 * i)),
+                              params=GenerationParams(max_new_tokens=4 + i)) for i in range(3)]
+    compiled = _run(ContinuousEngine(model, max_rows=4, context=32, compiled=compile_decode(model)), requests)
+    assert compiled == _run(ContinuousEngine(model, max_rows=4, context=32), requests)

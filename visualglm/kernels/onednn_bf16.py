@@ -37,6 +37,14 @@ def onednn_bf16_available() -> bool:
     return bool((out == 32).all())
 
 
+# Run as it is inside a torch.compile'd forward (a graph break): Inductor (torch 2.13) lowers this op only for
+# weights it has frozen as constants and fails on the reordered weight of a module ("LoweringException" from
+# mkldnn_lowerings.linear_unary), which broke ``visualglm bench --compile`` on CPUs with AVX-512 BF16.
+@torch.compiler.disable
+def _onednn_linear(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
+
+
 class PackedBF16Linear(nn.Module):
     """A bf16 ``nn.Linear`` whose weight lives in oneDNN's layout (``packed``, an opaque tensor, not a
     parameter); ``bias`` stays a (frozen) parameter. bf16 CPU inputs take the oneDNN kernel; anything else
@@ -71,7 +79,7 @@ class PackedBF16Linear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(x2d, self.packed, self.bias, "none", [], "")
+        out = _onednn_linear(x2d, self.packed, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:

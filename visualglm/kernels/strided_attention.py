@@ -42,8 +42,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     -> ``[B, G, R, D]`` in v's dtype; the softmax in fp32, scale 1/sqrt(D).
 
     Returns None when the inputs are not the kernel's (not bf16, tracked by autograd, another bias shape,
-    a head_dim that is not a multiple of 16 up to 256, or the kernel not built): the caller's own kernel
-    runs then. A row whose slots are all blocked (a free slot of the batch) comes out as zeros."""
+    a head_dim that is not a multiple of 16 up to 256, the kernel not built, or inside a torch.compile'd
+    forward): the caller's own kernel runs then. A row whose slots are all blocked (a free slot of the
+    batch) comes out as zeros."""
+    if torch.compiler.is_compiling():  # a compiled decode step keeps the traceable matmuls (no graph break)
+        return None
     kernel = native.load_attention()
     dim = q.shape[-1]
     if (kernel is None or not q.dtype == k.dtype == v.dtype == torch.bfloat16 or dim % 16 or dim > 256
