@@ -2,6 +2,8 @@
 
     python -m benchmarks.decode_attention                 # 151M random ChatGLM and 154M random GLM-4 decoder
     python -m benchmarks.decode_attention --models wide   # 2 layers of ChatGLM-6B's width (32 heads of 128)
+    python -m benchmarks.decode_attention --models chatglm6b --batches 8x600 --kernels fresh,copied,native --rounds 2
+                                                          # full-size random ChatGLM-6B (12.4 GB in bf16)
 
 A decode step attends over a slice of each slot's cache (``[rows, heads, context, dim][:, :, :longest + 1]``),
 a strided view. For a few batches (rows x cached tokens) it times the engine's decode steps with the
@@ -37,6 +39,7 @@ import torch
 
 import visualglm
 from benchmarks.serve_load import GLM4_SHAPE, MID_SHAPE
+from visualglm.bench import random_model
 from visualglm.checkpoint.tiny import write_tiny_random_checkpoint
 from visualglm.generation.continuous import ContinuousEngine, EngineRequest
 from visualglm.generation.engine import GenerationParams
@@ -62,15 +65,26 @@ def _fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return layers._matmul_attention(q, k, v, bias)
 
 
-def measure(name: str, model, rounds: int, seed: int) -> None:
+def parse_batches(text: str) -> tuple[tuple[int, ...], ...]:
+    """"8x600,600/100/40" -> ((600,) * 8, (600, 100, 40)): rows x tokens, or each row's tokens."""
+    batches = []
+    for item in text.split(","):
+        rows, _, tokens = item.partition("x")
+        batches.append((int(tokens),) * int(rows) if tokens else tuple(int(t) for t in item.split("/")))
+    return tuple(batches)
+
+
+def measure(name: str, model, rounds: int, seed: int, batches: tuple[tuple[int, ...], ...] = BATCHES,
+            kernels_asked: tuple[str, ...] | None = None) -> None:
     rng = random.Random(seed)
     config = model.config
     greedy = SamplingParams(do_sample=False)
     copied, ragged = layers._single_query_attention, layers.RAGGED_MATMUL_MIN_SAVED_BYTES
     kernels = {"strided": layers._matmul_attention, "fresh": _fresh}  # the others: the engine's own kernel
     kernels_here = KERNELS + (("native",) if strided_attention.available() else ())
+    kernels_here = tuple(k for k in kernels_here if kernels_asked is None or k in kernels_asked)
     print(f"\n{name}: decode step, median ms ({rounds} rounds of 6 steps per kernel)", flush=True)
-    for lengths in BATCHES:
+    for lengths in batches:
         engine = ContinuousEngine(model, max_rows=8, context=2048, prefill_chunk=4096)
         for row, length in enumerate(lengths):
             ids = [rng.randrange(20, 480) for _ in range(length)]
@@ -105,21 +119,36 @@ def measure(name: str, model, rounds: int, seed: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mid,glm4",
-                        help="mid (151M ChatGLM), glm4 (154M GLM-4 decoder), wide (2 ChatGLM-6B-wide layers)")
+                        help="mid (151M ChatGLM), glm4 (154M GLM-4 decoder), wide (2 ChatGLM-6B-wide layers), "
+                        "chatglm6b (full size)")
+    parser.add_argument("--batches", help="e.g. 8x600,1x16,600/100/40/20 (rows x cached tokens, or each row's; "
+                        "default: the built-in list)")
+    parser.add_argument("--kernels", help=f"a subset of {','.join(KERNELS)},native (default: all available)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     facts = cpu_facts()
     print(f"CPU: {facts.name} ({facts.capability}); torch threads {torch.get_num_threads()}; bf16; compiled "
           f"attention: {'built' if strided_attention.available() else 'not built'}")
+    try:
+        batches = parse_batches(args.batches) if args.batches else BATCHES
+    except ValueError:
+        parser.error(f"--batches {args.batches!r}: expected items like 8x600 or 600/100/40")
+    kernels = tuple(args.kernels.split(",")) if args.kernels else None
+    if kernels and set(kernels) - {*KERNELS, "native"}:
+        parser.error(f"--kernels: unknown {sorted(set(kernels) - {*KERNELS, 'native'})}")
     with tempfile.TemporaryDirectory(prefix="visualglm-decode-attention-") as work:
         for name in args.models.split(","):
-            shape = {"mid": MID_SHAPE, "glm4": dict(family="glm4v", **GLM4_SHAPE), "wide": WIDE_SHAPE}.get(name)
-            if shape is None:
-                parser.error(f"unknown model {name!r}")
-            path = write_tiny_random_checkpoint(Path(work) / name, **shape)
-            model = visualglm.load(str(path), dtype=torch.bfloat16, progress=False)
-            measure(name, model, args.rounds, args.seed)
+            if name == "chatglm6b":  # random weights of the real shapes, on the CPU kernels loading applies
+                model = random_model("chatglm-6b", torch.bfloat16)
+            else:
+                shape = {"mid": MID_SHAPE, "glm4": dict(family="glm4v", **GLM4_SHAPE), "wide": WIDE_SHAPE}.get(name)
+                if shape is None:
+                    parser.error(f"unknown model {name!r}")
+                path = write_tiny_random_checkpoint(Path(work) / name, **shape)
+                model = visualglm.load(str(path), dtype=torch.bfloat16, progress=False)
+            measure(name, model, args.rounds, args.seed, batches, kernels)
+            del model
     return 0
 
 
