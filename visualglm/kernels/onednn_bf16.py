@@ -41,7 +41,7 @@ def onednn_bf16_available() -> bool:
 # weights it has frozen as constants and fails on the reordered weight of a module ("LoweringException" from
 # mkldnn_lowerings.linear_unary), which broke ``visualglm bench --compile`` on CPUs with AVX-512 BF16.
 @torch.compiler.disable
-def _onednn_linear(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _onednn_linear_outside_graph(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
 
 
@@ -79,7 +79,10 @@ class PackedBF16Linear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        out = _onednn_linear(x2d, self.packed, self.bias)
+        if torch.compiler.is_compiling():
+            out = _onednn_linear_outside_graph(x2d, self.packed, self.bias)
+        else:  # (eager: the op itself, without the compiler's wrapper)
+            out = torch.ops.mkldnn._linear_pointwise(x2d, self.packed, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
