@@ -28,8 +28,6 @@ import torch
 
 from visualglm.kernels import native
 
-_BLOCKED = -5000.0  # the kernel skips slots whose bias is at or below this (layers.MASK_FILL is -10000)
-
 
 def available() -> bool:
     """True when the kernel is built for this PyTorch and this CPU runs it."""
@@ -38,7 +36,8 @@ def available() -> bool:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """Attention of q ``[B, G, R, D]`` (R query rows per key/value head) over k/v ``[B, G, S, D]`` (any
-    batch/head/slot strides), bias None or ``[B, 1, 1, S]`` additive (``layers.MASK_FILL`` blocks a slot)
+    batch/head/slot strides), bias None or ``[B, 1, 1, S]`` additive (a slot whose bias is -5000 or less, as
+    ``layers.MASK_FILL``'s -10000, is blocked: the kernel does not read it)
     -> ``[B, G, R, D]`` in v's dtype; the softmax in fp32, scale 1/sqrt(D).
 
     Returns None when the inputs are not the kernel's (not bf16, tracked by autograd, another bias shape,

@@ -162,8 +162,8 @@ class _KeptCopies:
 
     A call takes a (keys, values) pair of buffers from the free list and puts it back when done, so calls
     in several threads at once each get their own pair (list pop/append are atomic). A buffer grows by half
-    when a copy outgrows it and is never shrunk: at most 1.5 x one layer's keys and values of the largest
-    decode batch per thread that ever ran one at the same time as another.
+    when a copy outgrows it and is never shrunk: each pair holds at most 1.5 x one layer's keys and values
+    of the largest decode batch, and there are as many pairs as calls ever ran at the same time.
     """
 
     def __init__(self) -> None:
