@@ -1,6 +1,6 @@
-"""The optional compiled decode-step attention (``visualglm.kernels.strided_attention``): built here when the
-CPU has AVX-512F and a compiler is found, checked against float64 attention on strided cache slices, and
-through the continuous-batching engine (every request answers as alone)."""
+"""The optional compiled decode-step attention (``visualglm.kernels.strided_attention``): each build the CPU
+runs (AVX-512F, AVX2) is built here when a compiler is found, checked against float64 attention on strided
+cache slices, and through the continuous-batching engine (every request answers as alone)."""
 
 from __future__ import annotations
 
@@ -23,22 +23,25 @@ from ..conftest import random_chatglm
 from ..generation.test_continuous import GMASK, GREEDY, SOP, _alone, _run
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    if not native.ATTENTION.cpu_supported():
-        pytest.skip("this CPU has no AVX-512F: the kernel cannot run here")
+@pytest.fixture(scope="module", params=["avx512", "avx2"])
+def kernel(request, tmp_path_factory):
+    """Each build of the kernel this CPU runs, built into a fresh folder and the one ``attend`` uses."""
+    extension = {"avx512": native.ATTENTION, "avx2": native.ATTENTION_AVX2}[request.param]
+    if not extension.cpu_supported():
+        pytest.skip(f"this CPU lacks {sorted(extension.missing_flags())}: the {request.param} build cannot run here")
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler to build the kernel")
     patch = pytest.MonkeyPatch()
     patch.setenv(native.ENV_DIR, str(Path(tmp_path_factory.mktemp("kernels"))))
-    native.load_attention.cache_clear()
     try:
-        native.ATTENTION.build()
+        extension.build()
+        module = extension.import_built()
+        assert module is not None
+        patch.setattr(native, "load_attention", lambda: module)
         assert strided_attention.available()
-        yield native.load_attention()
+        yield module
     finally:
         patch.undo()
-        native.load_attention.cache_clear()
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ What each precision gets (figures: ``benchmarks/quant_linear.py``, ``visualglm b
   against 27.6 ms with 1 row of 16 tokens, 30.4 against 36.3 ms with 8 rows of 600
   (``python -m benchmarks.decode_attention``). fp32 models keep the matmuls everywhere (the same speed on
   the Xeon). Where the optional compiled attention is built (``python -m visualglm.kernels.native build``,
-  AVX-512F), 16-bit models whose heads have their own keys/values (ChatGLM-6B, VisualGLM-6B) get it
+  AVX-512F or AVX2), 16-bit models whose heads have their own keys/values (ChatGLM-6B, VisualGLM-6B) get it
   (``visualglm.kernels.strided_attention``: it reads the strided cache in place, 2-3.6x the matmuls on
   copies per layer on a Zen 4 EPYC; measured there only, and chosen on AMX CPUs too).
 - ``int8_activations=True`` (explicit opt-in): one int8 plane instead of three, i.e. dynamic per-row
@@ -127,7 +127,8 @@ def plan_cpu_kernels(facts: CpuFacts | None = None, int8_activations: bool = Fal
     grouped = "sdpa" if facts.amx or facts.avx512_bf16 else "matmul"
     # The compiled kernel reads the strided cache in place: 2-3.6x the matmuls on copies for heads with their
     # own keys/values (2-vCPU Zen 4), slower than them for GLM-4V's 16 query rows per key/value head.
-    attention = "native" if attention_built and facts.capability == "AVX512" else "sdpa" if facts.amx else "matmul"
+    vector_isa = facts.capability in ("AVX512", "AVX2")
+    attention = "native" if attention_built and vector_isa else "sdpa" if facts.amx else "matmul"
     return KernelPlan(linear16, int8, planes, attention, int4, grouped)
 
 

@@ -1,5 +1,5 @@
 """A decode step's attention over a continuous batch's cached keys/values, read where they lie, on the
-optional compiled kernel (``visualglm/kernels/native/strided_attention.cpp``, AVX-512F).
+optional compiled kernel (``visualglm/kernels/native/strided_attention.cpp``, AVX-512F or AVX2).
 
 A decode step attends over ``cache[:rows, :, :longest]``, a strided view. PyTorch's 16-bit batched matmul
 takes a slow path on such views, so its "matmul" kernel copies them first (``layers._KeptCopies``): the keys

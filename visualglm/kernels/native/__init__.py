@@ -11,8 +11,9 @@ to fp32 rounding. The INT8 kernel does the same for int8 weights: oneDNN's int8 
 (``visualglm.quant.onednn_int8``) runs on AMX too, but streams a decode step's weight ~15% slower (2.42
 against 2.08 ms for a 16384x4096 weight at 1 row on a 2-vCPU Xeon).
 
-``strided_attention.cpp`` (AVX-512F): one query row per head against the cached keys/values of a continuous
-batch, read in place (``visualglm.kernels.strided_attention``).
+``strided_attention.cpp`` (built with AVX-512F, or with AVX2 and FMA where the CPU lacks AVX-512): one query
+row per head against the cached keys/values of a continuous batch, read in place
+(``visualglm.kernels.strided_attention``).
 
 Nothing is compiled when a model loads. The kernels are built once, on request, into a cache folder::
 
@@ -49,6 +50,7 @@ class Extension:
     cflags: tuple[str, ...]
     cpu_flags: frozenset[str]
     description: str
+    instead_of: Extension | None = None  # built only on CPUs that cannot run this one (a narrower build)
 
     def build_dir(self) -> Path:
         """Where the built kernel lives: one folder per PyTorch version and source text."""
@@ -126,7 +128,11 @@ AMX = Extension("visualglm_amx_int4", _HERE / "amx_int4.cpp",
 ATTENTION = Extension("visualglm_strided_attention", _HERE / "strided_attention.cpp",
                       ("-O3", "-fopenmp", "-mavx512f", "-mfma"), frozenset({"avx512f"}),
                       "decode-step attention over a strided bf16 cache")
-EXTENSIONS = (AMX, ATTENTION)
+# The same source for CPUs without AVX-512 (Intel Haswell to Comet Lake, AMD Zen 1-3): 8 floats a vector.
+ATTENTION_AVX2 = Extension("visualglm_strided_attention_avx2", _HERE / "strided_attention.cpp",
+                           ("-O3", "-fopenmp", "-mavx2", "-mfma"), frozenset({"avx2", "fma"}),
+                           "decode-step attention over a strided bf16 cache (AVX2)", instead_of=ATTENTION)
+EXTENSIONS = (AMX, ATTENTION, ATTENTION_AVX2)
 
 def cpu_supported() -> bool:
     """True when this CPU runs the AMX kernels (AVX-512 F/BW/VL, AMX-INT8 and AMX-BF16)."""
@@ -157,8 +163,11 @@ def available() -> bool:
 
 @functools.cache
 def load_attention() -> ModuleType | None:
-    """The built strided-cache attention kernel (never compiles), or None (not built, or no AVX-512F)."""
-    return ATTENTION.import_built()
+    """The built strided-cache attention kernel (never compiles): the AVX-512 build where this CPU runs it,
+    else the AVX2 one; None when neither is built for this CPU."""
+    if ATTENTION.cpu_supported():
+        return ATTENTION.import_built()
+    return ATTENTION_AVX2.import_built()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "build":
-        runnable = [extension for extension in EXTENSIONS if extension.cpu_supported()]
+        runnable = [extension for extension in EXTENSIONS if extension.cpu_supported()
+                    and not (extension.instead_of and extension.instead_of.cpu_supported())]
         for extension in EXTENSIONS:
-            if extension not in runnable:
+            if extension not in runnable and not extension.instead_of:
                 print(f"{extension.description}: this CPU lacks {', '.join(sorted(extension.missing_flags()))}"
                       " (PyTorch's kernels are used)", file=sys.stderr)
         if not runnable:
@@ -187,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         load.cache_clear()
         load_attention.cache_clear()
         return 0
-    for extension, loader in ((AMX, load), (ATTENTION, load_attention)):
-        built = extension.library() if loader() is not None else "none (python -m visualglm.kernels.native build)"
+    for extension in EXTENSIONS:
+        if extension.instead_of and extension.instead_of.cpu_supported():
+            continue  # (the wider build serves this CPU)
+        built = extension.library() if extension.library().is_file() else \
+            "none (python -m visualglm.kernels.native build)"
         print(f"{extension.description}: CPU runs it: {extension.cpu_supported()}; built: {built}")
     return 0
