@@ -314,6 +314,12 @@ def main() -> int:
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="the server's --prefill-chunk (default: the server's own, measured at start-up)")
     args = parser.parse_args()
+    from visualglm.checkpoint.cpu_kernels import plan_cpu_kernels
+    from visualglm.kernels.machine import cpu_facts
+
+    facts = cpu_facts()  # the server loads its model on this machine with the same rule
+    print(f"CPU: {facts.name} ({facts.capability}), {facts.threads} threads; kernels: {plan_cpu_kernels().describe()}",
+          flush=True)
     work = Path(tempfile.mkdtemp(prefix="visualglm-serve-load-"))
     models: dict[str, list[str]] = {}
     for name in args.models.split(","):
