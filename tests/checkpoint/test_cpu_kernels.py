@@ -192,3 +192,14 @@ def test_grouped_keys_get_the_grouped_kernel(glm4v_checkpoint) -> None:
     assert {module.single_query for module in chatglm.attention_modules()} == {"matmul"}
     after = decode_logits(glm4, ids)
     assert (after - before).abs().max() <= 0.02 * before.abs().max()
+
+
+@pytest.mark.parametrize(("dtype", "want"), [(torch.bfloat16, "native"), (torch.float16, "matmul"),
+                                             (torch.float32, "matmul")])
+def test_the_compiled_attention_goes_to_bf16_models_only(dtype: torch.dtype, want: str) -> None:
+    from visualglm.kernels import strided_attention
+
+    model = _tiny(dtype)
+    apply_cpu_kernels(model, plan=KernelPlan("plain", "plain", 3, "native"))
+    got = {module.single_query for module in model.attention_modules()}
+    assert got == ({strided_attention.attend} if want == "native" else {want})

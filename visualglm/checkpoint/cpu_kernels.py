@@ -173,10 +173,11 @@ def apply_cpu_kernels(model: nn.Module, int8_activations: bool = False, plan: Ke
             child = new = None  # the replaced layer goes now, before the next one is built
     if isinstance(model, Decoder):
         # The dtype the decoder computes in is its input embedding's (quantized models keep it floating).
-        sixteen = model.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
+        dtype = model.get_input_embeddings().weight.dtype
         for module in model.attention_modules():
             kernel = plan.grouped16 if _grouped_keys(module) else plan.attention16
-            kernel = kernel if sixteen else "matmul"
+            if dtype not in (torch.bfloat16, torch.float16) or (kernel == "native" and dtype != torch.bfloat16):
+                kernel = "matmul"  # (the compiled kernel reads bf16 only: it would decline every fp16 call)
             module.single_query = strided_attention.attend if kernel == "native" else kernel
     model.cpu_kernels = plan
     return counts
