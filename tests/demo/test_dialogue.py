@@ -70,3 +70,23 @@ def test_a_training_example_is_exactly_what_chat_sends(tiny_visual_checkpoint, t
         assert example.ids[:example.answer_start] == ids and example.image_start == start
         answer = tokenizer.encode(conversation.turns[-1].answers[0], add_special_tokens=False)
         assert example.ids[example.answer_start:] == answer + [tokenizer.eos_token_id]
+
+
+def test_recasing_puts_english_turns_in_capitals_or_title_case_in_and_out_of_scope(test_facts) -> None:
+    from visualglm.demo.dialogue import TurnMix, sample_turn
+
+    def shouted(question: str) -> bool:
+        words = [w for w in question.split(" ") if w[:1].isalpha()]
+        return question.upper() == question or all(w[0].isupper() for w in words)
+
+    rng = random.Random(7)
+    always = [sample_turn(f, "en", rng, TurnMix(recase=1.0)) for f in test_facts[:200]]
+    assert all(shouted(t.question) for t in always)
+    assert {t.qtype for t in always} >= {"oos", "color", "shape", "yes/no"}  # in scope and out alike
+    assert any(t.question.upper() == t.question for t in always)
+    assert any(t.question.upper() != t.question for t in always)  # both forms
+    never = [sample_turn(f, "en", rng, TurnMix()) for f in test_facts[:200]]
+    # the grammar's own share only (one in ten), and one-word questions capitalised as sentences
+    assert sum(map(shouted, (t.question for t in never))) < 50
+    chinese = [sample_turn(f, "zh", random.Random(3), TurnMix(recase=1.0)) for f in test_facts[:50]]
+    assert chinese == [sample_turn(f, "zh", random.Random(3), TurnMix()) for f in test_facts[:50]]

@@ -70,3 +70,53 @@ def test_the_qformer_is_held_for_its_first_steps_only(tmp_path) -> None:
     assert not all(torch.equal(one_held[n], one_trained[n]) for n in qformer)  # once released, it learns
     words = "transformer.word_embeddings.weight"
     assert not torch.equal(one_held[words], two_held[words])  # while the language model learnt
+
+
+def _brute_force_cost(lengths: list[int], overhead: int) -> int:
+    """The cheapest cost over all 2^(n-1) ways to cut ``lengths`` into contiguous chunks."""
+    import itertools
+
+    best = None
+    for cuts in itertools.product((False, True), repeat=len(lengths) - 1):
+        bounds = [0] + [i + 1 for i, cut in enumerate(cuts) if cut] + [len(lengths)]
+        cost = sum(lengths[e - 1] * (e - b) + overhead for b, e in zip(bounds, bounds[1:], strict=False))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_length_chunks_cover_the_batch_at_the_least_padded_cost() -> None:
+    from visualglm.demo.train import length_chunks
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = sorted(rng.randint(5, 200) for _ in range(rng.randint(1, 10)))
+        overhead = rng.choice((0, 30, 400))
+        chunks = length_chunks(lengths, overhead)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(chunks, chunks[1:], strict=False))
+        cost = sum(lengths[e - 1] * (e - b) + overhead for b, e in chunks)
+        assert cost == _brute_force_cost(lengths, overhead)
+    assert length_chunks([10] * 8 + [200] * 8, 100) == [(0, 8), (8, 16)]
+
+
+def test_the_step_loss_does_not_depend_on_how_the_batch_is_chunked() -> None:
+    import visualglm
+    from visualglm.demo import resolve_model
+    from visualglm.demo.dialogue import LANG_MODES, TurnMix, image_facts, sample_conversation
+    from visualglm.demo.train import make_example, step_loss
+
+    path = resolve_model(None)
+    model = visualglm.load(path, progress=False)
+    tokenizer = visualglm.load_tokenizer(path)
+    rng = random.Random(1)
+    facts = image_facts("test")[:6]
+    examples = [make_example(model, tokenizer, sample_conversation(f, rng.randint(1, 5), rng.choice(LANG_MODES),
+                                                                  rng, TurnMix()), row)
+                for row, f in enumerate(facts) for _ in range(3)]
+    assert len({len(e.ids) for e in examples}) > 5
+    embeds = torch.randn(len(facts), model.config.image_length, model.config.hidden_size)
+    with torch.no_grad():
+        whole = step_loss(model, examples, embeds, model.config.pad_token_id, buckets=1)
+        for buckets, overhead in ((4, 0), (18, 0), (0, 0), (0, 40), (0, 10**6)):
+            chunked = step_loss(model, examples, embeds, model.config.pad_token_id, buckets, overhead)
+            torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)

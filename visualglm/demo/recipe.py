@@ -56,7 +56,11 @@ class TrainRecipe:
     # image, and negations read: the slowest to learn), describe
     qtype_weights: tuple[float, float, float, float] = (0.2, 0.2, 0.4, 0.2)
     filler: float = 0.25  # share of in-scope training questions given 1-2 filler words (dialogue.add_filler)
-    length_buckets: int = 4  # a step's sequences, sorted by length, run in this many chunks (less padding)
+    recase: float = 0.0  # share of English turns in capitals or title case on top of the grammar's (dialogue.recase)
+    # A step's sequences, sorted by length, run in this many chunks of equal count (less padding); 0: in the
+    # chunks that minimise padded tokens + chunk_overhead_tokens per chunk (train.length_chunks)
+    length_buckets: int = 4
+    chunk_overhead_tokens: int = 400
     max_shift: int = 64  # random translation of each image (px), kept so the shape stays whole
     vocab_size: int = 1000  # SentencePiece target (byte fallback pieces included)
     threads: int = 0  # torch threads; 0 = torch's default
