@@ -40,3 +40,24 @@ def test_the_command_reports_a_bad_assignment_without_a_traceback(tmp_path) -> N
     assert result.returncode != 0
     assert "vocab_size" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"length_buckets": -1}, "length_buckets must be at least 0"),
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"recase": 1.5}, "recase is a share"),
+    ({"learning_rate": 0.0}, "learning_rate must be positive"),
+    ({"turn_weights": (0.0, 0.0)}, "turn_weights needs weights"),
+    ({"oos_weight": -1.0}, "oos_weight"),
+])
+def test_a_recipe_out_of_range_is_refused_before_training(change, message) -> None:
+    import dataclasses
+
+    from visualglm.demo.train import train
+
+    recipe = dataclasses.replace(TrainRecipe(), **change)
+    with pytest.raises(ValueError, match=message):
+        recipe.validate()
+    with pytest.raises(ValueError, match=message):
+        train("/nonexistent/never-written", recipe, progress=False, log=lambda *_: None)
+    TrainRecipe().validate()  # the shipped recipe is in range

@@ -85,9 +85,8 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = TrainRecipe()
     changes = recipe_changes(recipe, args.set)
     changes |= {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    if changes.get("steps", 1) < 1:
-        raise ValueError("--steps must be at least 1")
     recipe = dataclasses.replace(recipe, **changes)
+    recipe.validate()  # before --out is touched
     train(out, recipe, progress=not args.no_progress)
     return 0
 

@@ -65,6 +65,29 @@ class TrainRecipe:
     vocab_size: int = 1000  # SentencePiece target (byte fallback pieces included)
     threads: int = 0  # torch threads; 0 = torch's default
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field outside its range (before any training starts)."""
+        at_least = {"steps": 1, "images_per_step": 1, "questions_per_image": 1, "vision_steps": 0,
+                    "warmup_steps": 0, "qformer_hold_steps": 0, "length_buckets": 0, "chunk_overhead_tokens": 0,
+                    "max_shift": 0, "threads": 0, "vocab_size": 300}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"recipe field {name} must be at least {low}, got {getattr(self, name)}")
+        for name in ("filler", "recase"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"recipe field {name} is a share: 0..1, got {getattr(self, name)}")
+        for name in ("learning_rate", "vision_learning_rate", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"recipe field {name} must be positive, got {getattr(self, name)}")
+        for name in ("turn_weights", "lang_mode_weights", "qtype_weights"):
+            weights = getattr(self, name)
+            if not weights or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(f"recipe field {name} needs weights >= 0 with a positive sum, got {weights}")
+        if min(self.easyvqa_weight, self.phrasing_weight, self.oos_weight) < 0 or not (
+                self.easyvqa_weight + self.phrasing_weight + self.oos_weight > 0):
+            raise ValueError("recipe fields easyvqa_weight, phrasing_weight, oos_weight need weights >= 0 "
+                             "with a positive sum")
+
 
 def demo_config(tokenizer: ChatGLMTokenizer) -> VisualGLMConfig:
     """The demo model's config: VisualGLM-6B's architecture, small, with the tokenizer's special ids."""

@@ -173,7 +173,8 @@ def step_loss(model, examples: list[Example], image_embeds: torch.Tensor, pad_id
               overhead_tokens: int = 0) -> torch.Tensor:
     """Mean answer-token cross entropy of ``examples``, run in chunks of similar length (sorted by length, so
     little of each chunk is padding): ``buckets`` chunks of equal count, or with ``buckets=0`` the chunks
-    :func:`length_chunks` finds (a fifth fewer tokens than four equal chunks on the demo's mix)."""
+    :func:`length_chunks` finds (on the demo's mix 1.15x the real tokens
+    against 1.32x with four equal chunks)."""
     ordered = sorted(examples, key=lambda e: len(e.ids))
     if buckets:
         size = math.ceil(len(ordered) / buckets)
@@ -238,6 +239,7 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
     """Train the demo model and write it to ``out_dir`` (HF layout + tokenizer + ``training/`` with the
     recipe, the timings, the loss logs and their curves). The directory appears complete or not at all."""
     recipe = recipe or TrainRecipe()
+    recipe.validate()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
