@@ -86,7 +86,6 @@ def run_train(args: argparse.Namespace) -> int:
     changes = recipe_changes(recipe, args.set)
     changes |= {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     recipe = dataclasses.replace(recipe, **changes)
-    recipe.validate()  # before --out is touched
     train(out, recipe, progress=not args.no_progress)
     return 0
 

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 
 from visualglm.demo.data import LANGS, Record, image_contents, load_split
-from visualglm.demo.phrasings import QTYPES, phrase
+from visualglm.demo.phrasings import QTYPES, phrase, title_case
 from visualglm.demo.scope import out_of_scope
 from visualglm.demo.translate import question_type, translate_answer, translate_question
 
@@ -113,7 +113,7 @@ def recase(question: str, rng: random.Random) -> str:
     """
     if rng.random() < 0.5:
         return question.upper()
-    return " ".join(word[:1].upper() + word[1:] for word in question.split(" "))
+    return title_case(question)
 
 
 def sample_turn(facts: ImageFacts, lang: str, rng: random.Random, mix: TurnMix) -> Record:

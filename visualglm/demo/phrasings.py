@@ -544,6 +544,11 @@ def fill(frame: Frame, color: str, shape: str, rng: random.Random) -> tuple[str,
     return text, answer
 
 
+def title_case(text: str) -> str:
+    """Every space-separated word capitalised ("Is It Red?"), the rest of each word as it was."""
+    return " ".join(word[:1].upper() + word[1:] for word in text.split(" "))
+
+
 def surface(text: str, lang: str, rng: random.Random, imperative: bool | None = None) -> str:
     """A surface form of a filled frame: a polite prefix sometimes, capitals (English), end punctuation."""
     if imperative is None:
@@ -557,7 +562,7 @@ def surface(text: str, lang: str, rng: random.Random, imperative: bool | None = 
         elif roll < 0.55:
             text = text.upper()
         elif roll < 0.6:
-            text = " ".join(w[:1].upper() + w[1:] for w in text.split(" "))
+            text = title_case(text)
         text = re.sub(r"\bi\b", "I", text) if roll < 0.5 else text
         ends = (".", "", "!", "?") if imperative else ("?", "?", "?", "", "", " ?", "??", ".")
     else:

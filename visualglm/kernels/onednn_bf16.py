@@ -37,12 +37,14 @@ def onednn_bf16_available() -> bool:
     return bool((out == 32).all())
 
 
+def _onednn_linear(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
+
+
 # Run as it is inside a torch.compile'd forward (a graph break): Inductor (torch 2.13) lowers this op only for
 # weights it has frozen as constants and fails on the reordered weight of a module ("LoweringException" from
 # mkldnn_lowerings.linear_unary), which broke ``visualglm bench --compile`` on CPUs with AVX-512 BF16.
-@torch.compiler.disable
-def _onednn_linear_outside_graph(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
+_onednn_linear_outside_graph = torch.compiler.disable(_onednn_linear)
 
 
 class PackedBF16Linear(nn.Module):
@@ -79,10 +81,9 @@ class PackedBF16Linear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        if torch.compiler.is_compiling():
-            out = _onednn_linear_outside_graph(x2d, self.packed, self.bias)
-        else:  # (eager: the op itself, without the compiler's wrapper)
-            out = torch.ops.mkldnn._linear_pointwise(x2d, self.packed, self.bias, "none", [], "")
+        # (eager calls skip the compiler's wrapper)
+        linear = _onednn_linear_outside_graph if torch.compiler.is_compiling() else _onednn_linear
+        out = linear(x2d, self.packed, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
