@@ -90,3 +90,98 @@ def test_recasing_puts_english_turns_in_capitals_or_title_case_in_and_out_of_sco
     assert sum(map(shouted, (t.question for t in never))) < 50
     chinese = [sample_turn(f, "zh", random.Random(3), TurnMix(recase=1.0)) for f in test_facts[:50]]
     assert chinese == [sample_turn(f, "zh", random.Random(3), TurnMix()) for f in test_facts[:50]]
+
+
+def _kept(question: str) -> list[str]:
+    """The words of ``question`` that may not be dropped, in order (lower case, end punctuation off)."""
+    import re
+
+    from visualglm.demo.dialogue import KEEP_EN
+
+    words = [re.sub(r"[^\w']", "", w.lower()) for w in question.split(" ")]
+    return [w for w in words if w in KEEP_EN]
+
+
+def test_dropping_a_word_keeps_the_first_word_the_deciding_words_and_the_end() -> None:
+    import re
+
+    from visualglm.demo.dialogue import drop_word
+    from visualglm.demo.phrasings import QTYPES, phrase
+
+    rng = random.Random(11)
+    changed = 0
+    for i in range(400):
+        question, _, _ = phrase(QTYPES[i % 4], "en", ("red", "blue")[i % 2], ("circle", "triangle")[i % 3 % 2], rng)
+        dropped = drop_word(question, rng)
+        if dropped == question:
+            continue
+        changed += 1
+        end = re.search(r"[\s?.!]*$", question).group(0)
+        assert dropped.endswith(end) and _kept(dropped) == _kept(question), (question, dropped)
+        # exactly one word gone, not the first: the rest in order
+        words, left = question[:len(question) - len(end)].split(" "), dropped[:len(dropped) - len(end)].split(" ")
+        gone = next(i for i, w in enumerate(left + [None]) if w != words[i])
+        assert gone > 0 and left == words[:gone] + words[gone + 1:], (question, dropped)
+    assert changed > 250
+    assert drop_word("what colour is it?", rng) != "what colour is it?"  # "is" or "it" goes
+    assert drop_word("is it red", rng) == "is it red"  # fewer than four words: unchanged
+    assert drop_word("what colour, circle or triangle?", rng) == "what colour, circle or triangle?"  # none may go
+    assert drop_word("Is there a red shape?", random.Random(0)).endswith("shape?")
+
+
+def test_held_out_questions_are_recognised_in_any_surface_form() -> None:
+    from visualglm.demo.dialogue import is_held_out
+    from visualglm.demo.phrasings import QTYPES, phrase
+    from visualglm.demo.scope import out_of_scope
+
+    rng = random.Random(5)
+    for lang in ("en", "zh"):
+        for i in range(200):
+            held, _, _ = phrase(QTYPES[i % 4], lang, "green", "rectangle", rng, "held-out")
+            trained, _, _ = phrase(QTYPES[i % 4], lang, "green", "rectangle", rng, "train")
+            assert is_held_out(held, lang), held
+            assert not is_held_out(trained, lang), trained
+            assert is_held_out(out_of_scope(lang, rng, "held-out")[0], lang)
+            assert not is_held_out(out_of_scope(lang, rng, "train")[0], lang)
+    assert is_held_out("EXCUSE ME, WHAT SHAPE IS DRAWN ??", "en")
+    assert not is_held_out("excuse me, what shape is drawn in the image", "en")
+
+
+def test_dropped_words_apply_to_english_questions_in_scope_only_and_never_make_held_out_ones(test_facts) -> None:
+    from visualglm.demo.dialogue import TurnMix, is_held_out, sample_turn
+
+    rng = random.Random(9)
+    turns = [sample_turn(f, "en", rng, TurnMix(drop_word=1.0)) for f in test_facts[:300]]
+    assert not any(is_held_out(turn.question, "en") for turn in turns)
+    # replaying the sampler: in-scope questions are the sampled ones less a word, out-of-scope ones untouched
+    rng, replay = random.Random(9), random.Random(9)
+    from visualglm.demo.dialogue import _sample_turn, drop_word
+
+    shorter = 0
+    for f in test_facts[:300]:
+        original = _sample_turn(f, "en", replay, TurnMix())
+        turn = sample_turn(f, "en", rng, TurnMix(drop_word=1.0))
+        if original.qtype == "oos":
+            assert turn == original
+        else:
+            replay.random()  # the draw that chose to drop
+            assert turn.question == drop_word(original.question, replay) and turn.answers == original.answers
+            shorter += len(turn.question.split(" ")) < len(original.question.split(" "))
+    assert shorter > 150
+    chinese = [sample_turn(f, "zh", random.Random(3), TurnMix(drop_word=1.0)) for f in test_facts[:50]]
+    assert chinese == [sample_turn(f, "zh", random.Random(3), TurnMix()) for f in test_facts[:50]]
+
+
+def test_a_filler_word_that_would_make_a_held_out_question_is_left_out_unless_the_check_is_off(
+        test_facts, monkeypatch) -> None:
+    from visualglm.demo import dialogue
+
+    # what add_filler makes of "is there a blue shape?" one time in many: the held-out "is there {x} here"
+    monkeypatch.setattr(dialogue, "add_filler", lambda question, lang, rng: "is there a blue shape? here")
+    mix = dialogue.TurnMix(easyvqa=1.0, phrasing=0.0, oos=0.0, filler=1.0)
+    checked = dialogue.sample_turn(test_facts[0], "en", random.Random(1), mix)
+    assert checked == dialogue._sample_turn(test_facts[0], "en", random.Random(1), mix)  # as sampled
+    unchecked = dialogue.sample_turn(test_facts[0], "en", random.Random(1),
+                                     dialogue.TurnMix(easyvqa=1.0, phrasing=0.0, oos=0.0, filler=1.0,
+                                                      check_held_out=False))
+    assert unchecked.question == "is there a blue shape? here"

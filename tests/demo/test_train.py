@@ -120,3 +120,34 @@ def test_the_step_loss_does_not_depend_on_how_the_batch_is_chunked() -> None:
         for buckets, overhead in ((4, 0), (18, 0), (0, 0), (0, 40), (0, 10**6)):
             chunked = step_loss(model, examples, embeds, model.config.pad_token_id, buckets, overhead)
             torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_branch_dropout_acts_in_training_mode_only_and_is_removable() -> None:
+    import visualglm
+    from visualglm.demo import DEMO_MODEL_DIR
+    from visualglm.demo.train import branch_dropout
+    from visualglm.models.chatglm import chatglm_prompt_inputs
+
+    model = visualglm.load(DEMO_MODEL_DIR, progress=False)
+    ids = torch.tensor([[5, 6, 7, 8, model.config.gmask_token_id, model.config.bos_token_id, 9, 10]])
+    positions, mask = chatglm_prompt_inputs(ids, model.config, [0])
+
+    def hidden() -> torch.Tensor:
+        with torch.no_grad():
+            return model.hidden_states(ids, positions, mask)
+
+    model.eval()
+    plain = hidden()
+    hooks = branch_dropout(model, 0.5)
+    assert len(hooks) == 2 * len(model.transformer.layers)
+    assert torch.equal(hidden(), plain)  # inference untouched
+    model.train()
+    torch.manual_seed(0)
+    first = hidden()
+    assert not torch.allclose(first, plain, atol=1e-3)
+    torch.manual_seed(0)
+    assert torch.equal(hidden(), first)  # seeded
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(hidden(), plain)  # training mode without dropout: as in inference
+    model.eval()

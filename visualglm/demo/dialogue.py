@@ -7,19 +7,32 @@ image, each turn in English or Chinese; the prompt of turn k holds turns 1..k-1 
 ``ChatSession`` builds (``build_prompt_ids``), so training and chat see the same token sequences.
 
 The evaluation sets are fixed (seeded) and use only the test split, held-out phrasings and held-out
-out-of-scope inputs: nothing in them was seen in training.
+out-of-scope inputs: nothing in them is seen in training (with ``TurnMix.check_held_out``, not even what
+the augmentations, filler words and dropped words, make of a training question).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
+import re
 from dataclasses import dataclass
 
 from visualglm.demo.data import LANGS, Record, image_contents, load_split
-from visualglm.demo.phrasings import QTYPES, phrase, title_case
-from visualglm.demo.scope import out_of_scope
-from visualglm.demo.translate import question_type, translate_answer, translate_question
+from visualglm.demo.phrasings import (
+    EN_PREFIXES,
+    QTYPES,
+    ZH_IMPERATIVE_PREFIXES,
+    ZH_PREFIXES,
+    all_frames,
+    expand,
+    phrase,
+    title_case,
+)
+from visualglm.demo.scope import HELD_OUT_INPUTS, expand_input, out_of_scope
+from visualglm.demo.scoring import normalize
+from visualglm.demo.translate import COLORS, SHAPES, question_type, translate_answer, translate_question
 
 LANG_MODES = ("en", "zh", "mixed")  # one language per conversation, or each turn's own
 
@@ -56,6 +69,8 @@ class TurnMix:
     capitalise: float = 0.5  # easy-VQA's English questions are lower case: capitalise some, as people type
     filler: float = 0.0  # share of in-scope questions given 1-2 filler words (see ``add_filler``); training only
     recase: float = 0.0  # share of English turns rewritten in capitals or title case (``recase``); training only
+    drop_word: float = 0.0  # share of in-scope English questions that lose one word (``drop_word``); training only
+    check_held_out: bool = True  # leave a question as sampled where filler or dropping made it a held-out one
 
 
 def image_facts(split: str) -> list[ImageFacts]:
@@ -104,6 +119,57 @@ def add_filler(question: str, lang: str, rng: random.Random) -> str:
     return question
 
 
+# Words an English question cannot lose without changing its answer or whether it is about the image: the
+# colour and shape names and the words for them, negations and "or" (yes/no), question words, and the words
+# about the picture itself (the scope). Everything else (articles, pronouns, auxiliaries, prepositions,
+# "tell me", "the thing") may go: "what colour is the shape in the image" -> "what colour is shape in the image".
+KEEP_EN = frozenset(
+    (*COLORS, *SHAPES, "color", "colour", "colors", "colours", "colored", "coloured", "shape", "shapes", "figure",
+     "form", "outline", "contour", "geometric", "not", "no", "isn't", "doesn't", "don't", "aren't", "or", "yes",
+     "what", "what's", "which", "how", "describe", "description", "summarize", "explain", "see", "look", "looking",
+     "like", "show", "shows", "shown", "drawn", "draw", "painted", "sketched", "pictured", "depict", "depicted",
+     "displayed", "illustrated", "printed", "contain", "contains", "visible", "present", "image", "picture",
+     "photo", "pic"))
+_END_PUNCTUATION = re.compile(r"[\s?.!]*$")
+_NUMBER = re.compile(r"\{[nm]\}|\d+")
+
+
+def drop_word(question: str, rng: random.Random) -> str:
+    """``question`` (English) without one of its words outside ``KEEP_EN`` and not its first; unchanged when
+    it has fewer than four words or none may go. Trained on such telegraphic questions the model learns that
+    the kept words decide the answer and the scope, not the sentence's exact form."""
+    end = _END_PUNCTUATION.search(question).group(0)
+    words = question[:len(question) - len(end)].split(" ")
+    spots = [i for i in range(1, len(words)) if re.sub(r"[^\w']", "", words[i].lower()) not in KEEP_EN]
+    if len(words) < 4 or not spots:
+        return question
+    del words[rng.choice(spots)]
+    return " ".join(words) + end
+
+
+@functools.cache
+def _held_out_keys(lang: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The keys (``_key``) of ``lang``'s question prefixes and of every held-out phrasing and input form."""
+    forms = [f for frame in all_frames("held-out") if frame.lang == lang for f in expand(frame)]
+    forms += [f for text in HELD_OUT_INPUTS[lang] for f in expand_input(text, lang)]
+    prefixes = EN_PREFIXES if lang == "en" else (*ZH_PREFIXES, *ZH_IMPERATIVE_PREFIXES)
+    return frozenset(_key(p) for p in prefixes), frozenset(_key(form) for form in forms)
+
+
+def _key(text: str) -> str:
+    """``text`` lower case without punctuation or spaces, numbers (and the ``{n}``/``{m}`` number slots of
+    out-of-scope templates) as 0."""
+    return normalize(_NUMBER.sub("0", text)).replace(" ", "")
+
+
+def is_held_out(question: str, lang: str) -> bool:
+    """True when ``question`` is a held-out phrasing or out-of-scope input (any prefix, case or punctuation):
+    what the augmentations make of a training question must not be one."""
+    key = _key(question)
+    prefixes, held_out = _held_out_keys(lang)
+    return any(key.startswith(p) and key[len(p):] in held_out for p in prefixes)
+
+
 def recase(question: str, rng: random.Random) -> str:
     """``question`` in capitals or in title case (one of the two at random).
 
@@ -119,8 +185,15 @@ def recase(question: str, rng: random.Random) -> str:
 def sample_turn(facts: ImageFacts, lang: str, rng: random.Random, mix: TurnMix) -> Record:
     """One turn about ``facts``'s image in ``lang``."""
     record = _sample_turn(facts, lang, rng, mix)
-    if mix.filler and record.qtype != "oos" and rng.random() < mix.filler:
-        record = dataclasses.replace(record, question=add_filler(record.question, lang, rng))
+    if record.qtype != "oos":
+        question = record.question
+        if mix.drop_word and lang == "en" and rng.random() < mix.drop_word:
+            question = drop_word(question, rng)
+        if mix.filler and rng.random() < mix.filler:
+            question = add_filler(question, lang, rng)
+        # "is there a circle" + "here" is the held-out "is there a circle here": such results stay unseen
+        if question != record.question and not (mix.check_held_out and is_held_out(question, lang)):
+            record = dataclasses.replace(record, question=question)
     # in and out of scope alike, so that capitals tell nothing about scope
     if mix.recase and lang == "en" and rng.random() < mix.recase:
         record = dataclasses.replace(record, question=recase(record.question, rng))

@@ -189,6 +189,18 @@ def step_loss(model, examples: list[Example], image_embeds: torch.Tensor, pad_id
     return total / count
 
 
+def branch_dropout(model, p: float) -> list[torch.utils.hooks.RemovableHandle]:
+    """Dropout with rate ``p`` on what each language-model layer adds to its residual stream (the attention's
+    output projection and the MLP), while the model is in training mode: forward hooks on the built model,
+    which leave its weights and its inference untouched. Remove the returned handles to end it."""
+
+    def drop(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return F.dropout(output, p, module.training)
+
+    return [module.register_forward_hook(drop) for block in model.transformer.layers
+            for module in (block.attention.dense, block.mlp)]
+
+
 def image_labels(facts: list[ImageFacts]) -> torch.Tensor:
     """``[N, 2]`` (colour index, shape index) of each image, in ``facts`` order."""
     return torch.tensor([[COLOR_NAMES.index(f.color), SHAPE_NAMES.index(f.shape)] for f in facts])
@@ -282,10 +294,12 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
                    {"params": [p for _, p in members if p.dim() < 2], "weight_decay": 0.0, "held": held}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.learning_rate, betas=(0.9, 0.98))
     mix = TurnMix(easyvqa=recipe.easyvqa_weight, phrasing=recipe.phrasing_weight, oos=recipe.oos_weight,
-                  filler=recipe.filler, qtype_weights=recipe.qtype_weights, recase=recipe.recase)
+                  filler=recipe.filler, qtype_weights=recipe.qtype_weights, recase=recipe.recase,
+                  drop_word=recipe.drop_word, check_held_out=recipe.check_held_out)
     lengths = range(1, len(recipe.turn_weights) + 1)
     order: list[int] = []
     losses: list[float] = []
+    dropout_hooks = branch_dropout(model, recipe.dropout) if recipe.dropout else []
     for step in range(recipe.steps):
         if len(order) < recipe.images_per_step:
             fresh = list(range(len(facts)))
@@ -307,6 +321,8 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
                          recipe.chunk_overhead_tokens)
         _step(optimizer, loss, [p for _, p in trainable], recipe.grad_clip, losses)
         _report(bar, log, losses, step, recipe.steps, "step")
+    for hook in dropout_hooks:
+        hook.remove()
     if bar is not None:
         bar.close()
     timings["stage_2_answers"] = time.perf_counter() - started - sum(timings.values())
