@@ -11,6 +11,7 @@ questions about colour, shape and presence and describes the image. Everything r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -74,8 +75,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from visualglm.demo.recipe import TrainRecipe
     from visualglm.demo.train import train
 
@@ -94,8 +93,6 @@ def recipe_changes(recipe, assignments: list[str]) -> dict:
     """``NAME=VALUE`` strings as typed changes of ``recipe``'s fields (the type of each field's value:
     int, float, bool, or a tuple of floats written comma-separated, as long as the default's unless the
     field takes any length)."""
-    import dataclasses
-
     fields = {f.name: f for f in dataclasses.fields(recipe)}
     changes = {}
     for assignment in assignments:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from visualglm.config import EvaViTConfig, QFormerConfig, VisualGLMConfig
 from visualglm.demo.data import corpus_lines
+from visualglm.demo.dialogue import TurnMix
 from visualglm.demo.translate import DESCRIBE_EN, DESCRIBE_ZH
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
 from visualglm.tokenizers.tiny import train_chatglm_sentencepiece
@@ -70,6 +71,12 @@ class TrainRecipe:
     max_shift: int = 64  # random translation of each image (px), kept so the shape stays whole
     vocab_size: int = 1000  # SentencePiece target (byte fallback pieces included)
     threads: int = 0  # torch threads; 0 = torch's default
+
+    def turn_mix(self) -> TurnMix:
+        """Where stage 2's turns come from: the recipe's weights and augmentations as ``sample_turn`` reads them."""
+        return TurnMix(easyvqa=self.easyvqa_weight, phrasing=self.phrasing_weight, oos=self.oos_weight,
+                       filler=self.filler, qtype_weights=self.qtype_weights, recase=self.recase,
+                       drop_word=self.drop_word, check_held_out=self.check_held_out)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field outside its range (before any training starts)."""

@@ -35,7 +35,6 @@ from visualglm.demo.dialogue import (
     LANG_MODES,
     Conversation,
     ImageFacts,
-    TurnMix,
     history_of,
     image_facts,
     sample_conversation,
@@ -293,9 +292,7 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
                     "held": held},
                    {"params": [p for _, p in members if p.dim() < 2], "weight_decay": 0.0, "held": held}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.learning_rate, betas=(0.9, 0.98))
-    mix = TurnMix(easyvqa=recipe.easyvqa_weight, phrasing=recipe.phrasing_weight, oos=recipe.oos_weight,
-                  filler=recipe.filler, qtype_weights=recipe.qtype_weights, recase=recipe.recase,
-                  drop_word=recipe.drop_word, check_held_out=recipe.check_held_out)
+    mix = recipe.turn_mix()
     lengths = range(1, len(recipe.turn_weights) + 1)
     order: list[int] = []
     losses: list[float] = []
