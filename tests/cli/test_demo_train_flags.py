@@ -47,6 +47,7 @@ def test_the_command_reports_a_bad_assignment_without_a_traceback(tmp_path) -> N
     ({"steps": 0}, "steps must be at least 1"),
     ({"recase": 1.5}, "recase is a share"),
     ({"drop_word": -0.1}, "drop_word is a share"),
+    ({"synonym": 1.5}, "synonym is a share"),
     ({"learning_rate": 0.0}, "learning_rate must be positive"),
     ({"turn_weights": (0.0, 0.0)}, "turn_weights needs weights"),
     ({"oos_weight": -1.0}, "oos_weight"),

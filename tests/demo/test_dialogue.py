@@ -172,6 +172,59 @@ def test_dropped_words_apply_to_english_questions_in_scope_only_and_never_make_h
     assert chinese == [sample_turn(f, "zh", random.Random(3), TurnMix()) for f in test_facts[:50]]
 
 
+def test_a_synonym_swap_changes_one_participle_to_another_of_its_group_in_the_same_case() -> None:
+    from visualglm.demo.dialogue import SYNONYMS_EN, swap_synonym
+    from visualglm.demo.phrasings import QTYPES, phrase
+
+    rng = random.Random(4)
+    groups = {w: group for group in SYNONYMS_EN for w in group}
+    reached = set()
+    for i in range(2000):
+        question, _, _ = phrase(QTYPES[i % 4], "en", "teal", "circle", rng)
+        swapped = swap_synonym(question, rng)
+        before, after = question.split(" "), swapped.split(" ")
+        changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+        if not any(w.strip("?.!,").lower() in groups for w in before):
+            assert swapped == question
+            continue
+        assert len(changed) == 1, (question, swapped)
+        old, new = (w.strip("?.!,") for w in changed[0])
+        assert new.lower() in groups[old.lower()] and new.lower() != old.lower(), (question, swapped)
+        assert changed[0][0].replace(old, "") == changed[0][1].replace(new, "")  # the punctuation kept
+        reached.add(new.lower())
+    assert reached == set(SYNONYMS_EN[0])
+    assert swap_synonym("What is pictured here?", random.Random(0)) != "What is pictured here?"
+    assert swap_synonym("IS IT DRAWN", random.Random(1)).isupper()
+    assert swap_synonym("Drawn here: what colour?", random.Random(2))[0].isupper()
+    assert swap_synonym("what colour is it?", rng) == "what colour is it?"
+
+
+def test_synonym_swaps_apply_to_english_questions_in_scope_only_and_never_make_held_out_ones(test_facts) -> None:
+    from visualglm.demo.dialogue import TurnMix, _sample_turn, is_held_out, sample_turn, swap_synonym
+
+    mix = TurnMix(synonym=1.0, qtype_weights=(0.0, 0.0, 0.0, 1.0))  # describe phrasings: many participles
+    rng, replay = random.Random(6), random.Random(6)
+    swapped = kept = 0
+    for f in test_facts[:600]:
+        original = _sample_turn(f, "en", replay, TurnMix(qtype_weights=mix.qtype_weights))
+        turn = sample_turn(f, "en", rng, mix)
+        assert not is_held_out(turn.question, "en")
+        if original.qtype == "oos":
+            assert turn == original
+            continue
+        replay.random()  # the draw that chose to swap
+        expected = swap_synonym(original.question, replay)
+        if is_held_out(expected, "en"):  # e.g. "what is pictured here" -> "what is drawn here"
+            assert turn == original
+            kept += 1
+        else:
+            assert turn.question == expected and turn.answers == original.answers
+            swapped += turn.question != original.question
+    assert swapped > 20 and kept > 0
+    chinese = [sample_turn(f, "zh", random.Random(3), TurnMix(synonym=1.0)) for f in test_facts[:50]]
+    assert chinese == [sample_turn(f, "zh", random.Random(3), TurnMix()) for f in test_facts[:50]]
+
+
 def test_a_filler_word_that_would_make_a_held_out_question_is_left_out_unless_the_check_is_off(
         test_facts, monkeypatch) -> None:
     from visualglm.demo import dialogue

@@ -40,7 +40,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=None, help="random seed (default: the recipe's)")
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="change one TrainRecipe field (repeatable; tuples comma-separated), e.g. "
-                       "--set length_buckets=0 --set turn_weights=0.4,0.15,0.15,0.15,0.15")
+                       "--set vocab_size=2000 --set turn_weights=0.4,0.15,0.15,0.15,0.15")
     overwrite = train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_hidden_alias(train, "--force", overwrite)  # the earlier spelling
     train.add_argument("--no-progress", action="store_true", help="log every 100 steps instead of a bar")

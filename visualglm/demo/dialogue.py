@@ -70,7 +70,8 @@ class TurnMix:
     filler: float = 0.0  # share of in-scope questions given 1-2 filler words (see ``add_filler``); training only
     recase: float = 0.0  # share of English turns rewritten in capitals or title case (``recase``); training only
     drop_word: float = 0.0  # share of in-scope English questions that lose one word (``drop_word``); training only
-    check_held_out: bool = True  # leave a question as sampled where filler or dropping made it a held-out one
+    synonym: float = 0.0  # share of in-scope English questions whose participle is swapped (``swap_synonym``)
+    check_held_out: bool = True  # leave a question as sampled where an augmentation made it a held-out one
 
 
 def image_facts(split: str) -> list[ImageFacts]:
@@ -147,6 +148,35 @@ def drop_word(question: str, rng: random.Random) -> str:
     return " ".join(words) + end
 
 
+# Words the grammar uses alike in English questions ("what is pictured here", "in which colour is the shape
+# drawn"): any one may stand for another without changing the answer or the scope.
+SYNONYMS_EN = (("drawn", "pictured", "shown", "depicted", "painted", "sketched", "illustrated", "displayed",
+                "printed"),)
+_WORD_CORE = re.compile(r"^(\W*)([\w']+)(\W*)$")
+
+
+def swap_synonym(question: str, rng: random.Random) -> str:
+    """``question`` (English) with one of its ``SYNONYMS_EN`` words replaced by another of its group, in the
+    same case; unchanged when it has none. One frame of the grammar then stands for its whole group: trained
+    on "what is sketched here" as well as "what is pictured here", the model reads the participle as a kind
+    of word instead of learning each frame's own."""
+    words = question.split(" ")
+    spots = []
+    for i, word in enumerate(words):
+        match = _WORD_CORE.match(word)
+        group = match and next((g for g in SYNONYMS_EN if match.group(2).lower() in g), None)
+        if group:
+            spots.append((i, match, group))
+    if not spots:
+        return question
+    i, match, group = rng.choice(spots)
+    core = match.group(2)
+    other = rng.choice([w for w in group if w != core.lower()])
+    other = other.upper() if core.isupper() and len(core) > 1 else other.capitalize() if core[0].isupper() else other
+    words[i] = match.group(1) + other + match.group(3)
+    return " ".join(words)
+
+
 @functools.cache
 def _held_out_keys(lang: str) -> tuple[frozenset[str], frozenset[str]]:
     """The keys (``_key``) of ``lang``'s question prefixes and of every held-out phrasing and input form."""
@@ -189,9 +219,12 @@ def sample_turn(facts: ImageFacts, lang: str, rng: random.Random, mix: TurnMix) 
         question = record.question
         if mix.drop_word and lang == "en" and rng.random() < mix.drop_word:
             question = drop_word(question, rng)
+        if mix.synonym and lang == "en" and rng.random() < mix.synonym:
+            question = swap_synonym(question, rng)
         if mix.filler and rng.random() < mix.filler:
             question = add_filler(question, lang, rng)
-        # "is there a circle" + "here" is the held-out "is there a circle here": such results stay unseen
+        # "is there a circle" + "here" is the held-out "is there a circle here", "what is pictured here" with
+        # "drawn" the held-out "what is drawn here": such results stay unseen
         if question != record.question and not (mix.check_held_out and is_held_out(question, lang)):
             record = dataclasses.replace(record, question=question)
     # in and out of scope alike, so that capitals tell nothing about scope

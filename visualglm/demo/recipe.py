@@ -58,15 +58,16 @@ class TrainRecipe:
     # image, and negations read: the slowest to learn), describe
     qtype_weights: tuple[float, float, float, float] = (0.2, 0.2, 0.4, 0.2)
     filler: float = 0.25  # share of in-scope training questions given 1-2 filler words (dialogue.add_filler)
-    recase: float = 0.0  # share of English turns in capitals or title case on top of the grammar's (dialogue.recase)
-    drop_word: float = 0.0  # share of in-scope English questions that lose a word deciding nothing (dialogue.drop_word)
-    # Leave a training question as sampled where filler words or a dropped word made it a held-out phrasing
-    # (dialogue.is_held_out). Off only to rebuild the shipped model, trained before this check: in its mix
-    # about 7 of 400,000 English turns were such ("is there a blue shape?" + "here"). The next model turns it on.
-    check_held_out: bool = False
+    recase: float = 0.15  # share of English turns in capitals or title case on top of the grammar's (dialogue.recase)
+    drop_word: float = 0.25  # share of in-scope English questions that lose an unneeded word (dialogue.drop_word)
+    synonym: float = 0.5  # share of in-scope English questions whose participle is swapped (dialogue.swap_synonym)
+    # Leave a training question as sampled where filler words, a dropped word or a swapped participle made it a
+    # held-out phrasing (dialogue.is_held_out): "is there a blue shape?" + "here" is the held-out "is there
+    # {x} here". The model before this one was trained without the check (about 7 of 400,000 English turns).
+    check_held_out: bool = True
     # A step's sequences, sorted by length, run in this many chunks of equal count (less padding); 0: in the
     # chunks that minimise padded tokens + chunk_overhead_tokens per chunk (train.length_chunks)
-    length_buckets: int = 4
+    length_buckets: int = 0
     chunk_overhead_tokens: int = 400
     max_shift: int = 64  # random translation of each image (px), kept so the shape stays whole
     vocab_size: int = 1000  # SentencePiece target (byte fallback pieces included)
@@ -76,7 +77,7 @@ class TrainRecipe:
         """Where stage 2's turns come from: the recipe's weights and augmentations as ``sample_turn`` reads them."""
         return TurnMix(easyvqa=self.easyvqa_weight, phrasing=self.phrasing_weight, oos=self.oos_weight,
                        filler=self.filler, qtype_weights=self.qtype_weights, recase=self.recase,
-                       drop_word=self.drop_word, check_held_out=self.check_held_out)
+                       drop_word=self.drop_word, synonym=self.synonym, check_held_out=self.check_held_out)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field outside its range (before any training starts)."""
@@ -86,7 +87,7 @@ class TrainRecipe:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"recipe field {name} must be at least {low}, got {getattr(self, name)}")
-        for name in ("filler", "recase", "drop_word", "dropout"):
+        for name in ("filler", "recase", "drop_word", "synonym", "dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"recipe field {name} is a share: 0..1, got {getattr(self, name)}")
         for name in ("learning_rate", "vision_learning_rate", "grad_clip"):
