@@ -161,20 +161,28 @@ def swap_synonym(question: str, rng: random.Random) -> str:
     on "what is sketched here" as well as "what is pictured here", the model reads the participle as a kind
     of word instead of learning each frame's own."""
     words = question.split(" ")
-    spots = []
+    spots = []  # (word index, its match: leading punctuation, word, trailing punctuation; the word's group)
     for i, word in enumerate(words):
         match = _WORD_CORE.match(word)
-        group = match and next((g for g in SYNONYMS_EN if match.group(2).lower() in g), None)
-        if group:
+        if match is None:
+            continue
+        group = next((g for g in SYNONYMS_EN if match.group(2).lower() in g), None)
+        if group is not None:
             spots.append((i, match, group))
     if not spots:
         return question
     i, match, group = rng.choice(spots)
     core = match.group(2)
     other = rng.choice([w for w in group if w != core.lower()])
-    other = other.upper() if core.isupper() and len(core) > 1 else other.capitalize() if core[0].isupper() else other
-    words[i] = match.group(1) + other + match.group(3)
+    words[i] = match.group(1) + _in_case_of(other, core) + match.group(3)
     return " ".join(words)
+
+
+def _in_case_of(word: str, model: str) -> str:
+    """Lower-case ``word`` in ``model``'s case: capitals, capitalised or as it is."""
+    if model.isupper() and len(model) > 1:
+        return word.upper()
+    return word.capitalize() if model[:1].isupper() else word
 
 
 @functools.cache
