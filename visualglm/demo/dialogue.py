@@ -152,6 +152,7 @@ def drop_word(question: str, rng: random.Random) -> str:
 # drawn"): any one may stand for another without changing the answer or the scope.
 SYNONYMS_EN = (("drawn", "pictured", "shown", "depicted", "painted", "sketched", "illustrated", "displayed",
                 "printed"),)
+_SYNONYM_GROUP = {word: group for group in SYNONYMS_EN for word in group}
 _WORD_CORE = re.compile(r"^(\W*)([\w']+)(\W*)$")
 
 
@@ -164,11 +165,8 @@ def swap_synonym(question: str, rng: random.Random) -> str:
     spots = []  # (word index, its match: leading punctuation, word, trailing punctuation; the word's group)
     for i, word in enumerate(words):
         match = _WORD_CORE.match(word)
-        if match is None:
-            continue
-        group = next((g for g in SYNONYMS_EN if match.group(2).lower() in g), None)
-        if group is not None:
-            spots.append((i, match, group))
+        if match is not None and match.group(2).lower() in _SYNONYM_GROUP:
+            spots.append((i, match, _SYNONYM_GROUP[match.group(2).lower()]))
     if not spots:
         return question
     i, match, group = rng.choice(spots)
