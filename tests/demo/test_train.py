@@ -151,3 +151,36 @@ def test_branch_dropout_acts_in_training_mode_only_and_is_removable() -> None:
         hook.remove()
     assert torch.equal(hidden(), plain)  # training mode without dropout: as in inference
     model.eval()
+
+
+def test_the_yes_no_answers_get_whole_pieces_in_the_vocabulary(tmp_path) -> None:
+    """The vocabulary's corpus is deduplicated, so without weight the answer "yes" is spelled in letters and
+    starts with the bare "▁" that also starts "否" ("no"); with ``answer_pieces`` it is one piece."""
+    from visualglm.demo.recipe import train_tokenizer
+    from visualglm.tokenizers.chatglm import ChatGLMTokenizer
+
+    tokenizers = {flag: ChatGLMTokenizer(train_tokenizer(tmp_path / str(flag), 1000, flag))
+                  for flag in (True, False)}
+
+    def pieces(answer_pieces: bool, text: str) -> list[str]:
+        tokenizer = tokenizers[answer_pieces]
+        return [tokenizer.convert_ids_to_tokens(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+    assert pieces(True, "yes") == ["▁yes"] and pieces(True, "no") == ["▁no"]
+    assert pieces(False, "yes")[0] == "▁" == pieces(False, "否")[0]
+    assert pieces(True, "is there a red shape?") == pieces(False, "is there a red shape?")
+
+
+def test_the_recipe_rebuilds_the_shipped_vocabulary(tmp_path) -> None:
+    """The default recipe's vocabulary is the shipped model's, piece for piece and score for score (a change
+    to the corpus would make ``visualglm demo train`` build a different model from the one shipped)."""
+    import sentencepiece as spm
+
+    from visualglm.demo import DEMO_MODEL_DIR
+    from visualglm.demo.recipe import TrainRecipe, train_tokenizer
+
+    built = spm.SentencePieceProcessor(model_file=str(train_tokenizer(tmp_path, TrainRecipe().vocab_size)))
+    shipped = spm.SentencePieceProcessor(model_file=str(DEMO_MODEL_DIR / "ice_text.model"))
+    assert built.get_piece_size() == shipped.get_piece_size()
+    assert [(built.id_to_piece(i), built.get_score(i)) for i in range(built.get_piece_size())] == [
+        (shipped.id_to_piece(i), shipped.get_score(i)) for i in range(shipped.get_piece_size())]

@@ -14,7 +14,7 @@ from pathlib import Path
 from visualglm.config import EvaViTConfig, QFormerConfig, VisualGLMConfig
 from visualglm.demo.data import corpus_lines
 from visualglm.demo.dialogue import TurnMix
-from visualglm.demo.translate import DESCRIBE_EN, DESCRIBE_ZH
+from visualglm.demo.translate import DESCRIBE_EN, DESCRIBE_ZH, YES_NO
 from visualglm.tokenizers.chatglm import ChatGLMTokenizer
 from visualglm.tokenizers.tiny import train_chatglm_sentencepiece
 
@@ -71,6 +71,7 @@ class TrainRecipe:
     chunk_overhead_tokens: int = 400
     max_shift: int = 64  # random translation of each image (px), kept so the shape stays whole
     vocab_size: int = 1000  # SentencePiece target (byte fallback pieces included)
+    answer_pieces: bool = False  # the yes/no answers weigh in the vocabulary's corpus (recipe.tokenizer_corpus)
     threads: int = 0  # torch threads; 0 = torch's default
 
     def turn_mix(self) -> TurnMix:
@@ -120,9 +121,10 @@ def demo_config(tokenizer: ChatGLMTokenizer) -> VisualGLMConfig:
     return dataclasses.replace(config, extra={"architectures": ["ChatGLMModel"], "model_name": "visualglm-demo"})
 
 
-def tokenizer_corpus() -> list[str]:
+def tokenizer_corpus(answer_pieces: bool = False) -> list[str]:
     """The vocabulary's training text: easy-VQA's train questions and answers (both languages), every form
-    of the training phrasing frames, the training out-of-scope inputs, the replies and the prompt templates."""
+    of the training phrasing frames, the training out-of-scope inputs, the replies and the prompt templates.
+    ``answer_pieces``: the yes/no answers weigh as much as the replies (below; tried, not shipped)."""
     from visualglm.demo.data import build_records
     from visualglm.demo.phrasings import EN_PREFIXES, ZH_IMPERATIVE_PREFIXES, ZH_PREFIXES, all_frames, expand
     from visualglm.demo.scope import SCOPE_REPLY, TRAIN_INPUTS, expand_input
@@ -135,9 +137,10 @@ def tokenizer_corpus() -> list[str]:
     lines += [line[:1].upper() + line[1:] for line in lines if line[:1].islower()]  # "What ...", "Blue"
     # Chinese is learnt character by character: pieces spanning several words (v1 had "的形状是什么") split
     # new phrasings at odd places, single characters compose. The replies are frequent in the data, so
-    # they get whole-word pieces.
-    return [_CJK_RUN.sub(lambda m: " ".join(m.group(0)), line) for line in sorted(set(lines))
-            ] + [*SCOPE_REPLY.values()] * 100
+    # they get whole-word pieces. The deduplicated corpus spells the answer "yes" "▁ y e s", its first piece
+    # "▁" also the first of "否" (no); answer_pieces makes "▁yes" a piece (a run with it: docs/demo-model.md).
+    frequent = [*SCOPE_REPLY.values()] + ([*YES_NO, *YES_NO.values()] if answer_pieces else [])
+    return [_CJK_RUN.sub(lambda m: " ".join(m.group(0)), line) for line in sorted(set(lines))] + frequent * 100
 
 
 # Chinese "A-not-A" questions (是不是, 有没有, ...) ask yes or no; they negate nothing. Learnt character by
@@ -147,8 +150,8 @@ def tokenizer_corpus() -> list[str]:
 A_NOT_A_PIECES = ("是不是", "有没有", "对不对", "能不能")
 
 
-def train_tokenizer(directory: str | Path, vocab_size: int) -> Path:
+def train_tokenizer(directory: str | Path, vocab_size: int, answer_pieces: bool = False) -> Path:
     """SentencePiece vocabulary of the demo (ChatGLM-6B piece conventions) trained on
     :func:`tokenizer_corpus`, the A-not-A question words whole; returns the ``ice_text.model`` path."""
-    return train_chatglm_sentencepiece(directory, tokenizer_corpus(), vocab_size=vocab_size,
+    return train_chatglm_sentencepiece(directory, tokenizer_corpus(answer_pieces), vocab_size=vocab_size,
                                        whole_pieces=A_NOT_A_PIECES)

@@ -261,7 +261,7 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
     log(f"data: {len(facts):,} train images, {sum(len(f.questions) for f in facts):,} easy-VQA questions "
         "(+ Chinese, grammar phrasings, out-of-scope inputs, conversations)")
     with tempfile.TemporaryDirectory(prefix="visualglm-demo-tok-") as tmp:
-        vocab_file = train_tokenizer(tmp, recipe.vocab_size)
+        vocab_file = train_tokenizer(tmp, recipe.vocab_size, recipe.answer_pieces)
         vocab_bytes = vocab_file.read_bytes()
         tokenizer = ChatGLMTokenizer(vocab_file)
     config = demo_config(tokenizer)
