@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,14 +154,21 @@ def test_branch_dropout_acts_in_training_mode_only_and_is_removable() -> None:
     model.eval()
 
 
-def test_the_yes_no_answers_get_whole_pieces_in_the_vocabulary(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def vocabularies(tmp_path_factory) -> dict[bool, Path]:
+    """The recipe's vocabulary (``ice_text.model`` path) with and without ``answer_pieces``, trained once."""
+    from visualglm.demo.recipe import TrainRecipe, train_tokenizer
+
+    root = tmp_path_factory.mktemp("vocabularies")
+    return {flag: train_tokenizer(root / str(flag), TrainRecipe().vocab_size, flag) for flag in (True, False)}
+
+
+def test_the_yes_no_answers_get_whole_pieces_in_the_vocabulary(vocabularies) -> None:
     """The vocabulary's corpus is deduplicated, so without weight the answer "yes" is spelled in letters and
     starts with the bare "▁" that also starts "否" ("no"); with ``answer_pieces`` it is one piece."""
-    from visualglm.demo.recipe import train_tokenizer
     from visualglm.tokenizers.chatglm import ChatGLMTokenizer
 
-    tokenizers = {flag: ChatGLMTokenizer(train_tokenizer(tmp_path / str(flag), 1000, flag))
-                  for flag in (True, False)}
+    tokenizers = {flag: ChatGLMTokenizer(path) for flag, path in vocabularies.items()}
 
     def pieces(answer_pieces: bool, text: str) -> list[str]:
         tokenizer = tokenizers[answer_pieces]
@@ -171,15 +179,15 @@ def test_the_yes_no_answers_get_whole_pieces_in_the_vocabulary(tmp_path) -> None
     assert pieces(True, "is there a red shape?") == pieces(False, "is there a red shape?")
 
 
-def test_the_recipe_rebuilds_the_shipped_vocabulary(tmp_path) -> None:
+def test_the_recipe_rebuilds_the_shipped_vocabulary(vocabularies) -> None:
     """The default recipe's vocabulary is the shipped model's, piece for piece and score for score (a change
     to the corpus would make ``visualglm demo train`` build a different model from the one shipped)."""
     import sentencepiece as spm
 
     from visualglm.demo import DEMO_MODEL_DIR
-    from visualglm.demo.recipe import TrainRecipe, train_tokenizer
+    from visualglm.demo.recipe import TrainRecipe
 
-    built = spm.SentencePieceProcessor(model_file=str(train_tokenizer(tmp_path, TrainRecipe().vocab_size)))
+    built = spm.SentencePieceProcessor(model_file=str(vocabularies[TrainRecipe().answer_pieces]))
     shipped = spm.SentencePieceProcessor(model_file=str(DEMO_MODEL_DIR / "ice_text.model"))
     assert built.get_piece_size() == shipped.get_piece_size()
     assert [(built.id_to_piece(i), built.get_score(i)) for i in range(built.get_piece_size())] == [
