@@ -51,6 +51,7 @@ def test_the_command_reports_a_bad_assignment_without_a_traceback(tmp_path) -> N
     ({"learning_rate": 0.0}, "learning_rate must be positive"),
     ({"turn_weights": (0.0, 0.0)}, "turn_weights needs weights"),
     ({"oos_weight": -1.0}, "oos_weight"),
+    ({"name_alignment": -0.1}, "name_alignment must be at least 0"),
 ])
 def test_a_recipe_out_of_range_is_refused_before_training(change, message) -> None:
     import dataclasses

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from visualglm.demo.recipe import TrainRecipe
 from visualglm.demo.train import augment, lr_at
@@ -192,3 +193,70 @@ def test_the_recipe_rebuilds_the_shipped_vocabulary(vocabularies) -> None:
     assert built.get_piece_size() == shipped.get_piece_size()
     assert [(built.id_to_piece(i), built.get_score(i)) for i in range(built.get_piece_size())] == [
         (shipped.id_to_piece(i), shipped.get_score(i)) for i in range(shipped.get_piece_size())]
+
+
+def test_the_names_are_read_from_the_pieces_a_sentence_spells_them_with() -> None:
+    """Each colour and shape gets a piece of its own per language, the piece its name has inside a question."""
+    from visualglm.demo import DEMO_MODEL_DIR
+    from visualglm.demo.train import COLOR_NAMES, SHAPE_NAMES, name_piece_ids
+    from visualglm.demo.translate import COLORS, SHAPES
+    from visualglm.tokenizers.chatglm import ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer(DEMO_MODEL_DIR / "ice_text.model")
+    (colors_en, colors_zh), (shapes_en, shapes_zh) = name_piece_ids(tokenizer)
+    assert [tokenizer.decode([int(i)]).strip() for i in colors_en] == list(COLOR_NAMES)
+    assert [tokenizer.decode([int(i)]) for i in colors_zh] == [COLORS[name][0] for name in COLOR_NAMES]
+    assert [tokenizer.decode([int(i)]).strip() for i in shapes_en] == list(SHAPE_NAMES)
+    assert [tokenizer.decode([int(i)]) for i in shapes_zh] == ["圆", "矩", "三"]  # 三角形: not the shared 形
+    for ids in (colors_en, colors_zh, shapes_en, shapes_zh):
+        assert len(set(ids.tolist())) == len(ids)
+    for name, piece in zip(COLOR_NAMES, colors_zh.tolist(), strict=True):  # as a question spells it
+        assert piece in tokenizer.encode(f"图片里有{COLORS[name]}的形状吗？", add_special_tokens=False)
+    assert int(shapes_zh[2]) in tokenizer.encode(f"这是{SHAPES['triangle']}吗", add_special_tokens=False)
+
+
+def test_name_alignment_pulls_only_the_names_towards_the_images_they_name() -> None:
+    from visualglm.demo.train import name_alignment_loss
+
+    torch.manual_seed(0)
+    words = torch.randn(50, 16) * 0.02
+    names = [[torch.tensor([3, 4, 5]), torch.tensor([10, 11, 12])], [torch.tensor([20, 21]), torch.tensor([30, 31])]]
+    labels = torch.tensor([[0, 1], [2, 0], [1, 1]])
+    embeds = torch.randn(3, 8, 16)
+    aligned = words.clone()
+    for row, (colour, shape) in enumerate(labels.tolist()):  # each image's mean embedding is its names' direction
+        embeds[row] = 0
+        embeds[row, :, colour] = 1.0
+        embeds[row, :, 8 + shape] = 1.0
+        for ids in names[0]:
+            aligned[ids[colour]] = 0.02 * F.one_hot(torch.tensor(colour), 16)
+        for ids in names[1]:
+            aligned[ids[shape]] = 0.02 * F.one_hot(torch.tensor(8 + shape), 16)
+    words.requires_grad_(True)
+    loss = name_alignment_loss(embeds, words, names, labels)
+    loss.backward()
+    assert loss.item() > name_alignment_loss(embeds, aligned, names, labels).item() + 1.0
+    touched = {int(i) for kind in names for ids in kind for i in ids}
+    rows_with_gradient = {int(i) for i in words.grad.abs().sum(dim=1).nonzero()}
+    assert rows_with_gradient and rows_with_gradient <= touched  # no other word is moved
+    assert name_alignment_loss(embeds, aligned * 100, names, labels).item() == pytest.approx(
+        name_alignment_loss(embeds, aligned, names, labels).item(), rel=1e-5)  # cosines: scale-free
+
+
+def test_name_alignment_trains_the_names_in_stage_one(tmp_path) -> None:
+    """With the field on, stage 1 moves the names' word embeddings (and only theirs); off, it moves none."""
+    import visualglm
+    from visualglm.demo.train import name_piece_ids, train
+
+    def embeddings(name: str, weight: float) -> tuple[torch.Tensor, object]:
+        recipe = TrainRecipe(vision_steps=3, steps=1, images_per_step=4, questions_per_image=1,
+                             learning_rate=1e-12, name_alignment=weight)
+        out = train(tmp_path / name, recipe, progress=False, log=lambda *_: None)
+        return visualglm.load(out, progress=False).transformer.word_embeddings.weight.detach(), \
+            visualglm.load_tokenizer(out)
+
+    off, tokenizer = embeddings("off", 0.0)
+    on, _ = embeddings("on", 0.5)
+    moved = {int(i) for i in (on - off).abs().sum(dim=1).nonzero()}
+    named = {int(i) for kind in name_piece_ids(tokenizer) for ids in kind for i in ids}
+    assert moved == named

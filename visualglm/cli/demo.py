@@ -7,7 +7,7 @@ questions about colour, shape and presence and describes the image. Everything r
 ``visualglm demo train`` retrains it from scratch (seeded; 27 minutes on a
 2-vCPU Xeon with AMX, 40-44 on a 2-vCPU Zen 4 EPYC; ``--set NAME=VALUE`` changes one field of the recipe).
 The shipped model is seed 0; the recipe is not steady across seeds (seeds 1 and 2 each leave one
-language's yes/no questions half learnt).
+language's yes/no questions half learnt; ``--set name_alignment=0.1`` lifts both, see docs/demo-model.md).
 """
 
 from __future__ import annotations

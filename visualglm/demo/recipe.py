@@ -72,6 +72,10 @@ class TrainRecipe:
     max_shift: int = 64  # random translation of each image (px), kept so the shape stays whole
     vocab_size: int = 1000  # SentencePiece target (byte fallback pieces included)
     answer_pieces: bool = False  # the yes/no answers weigh in the vocabulary's corpus (recipe.tokenizer_corpus)
+    # Weight of train.name_alignment_loss in both stages (0: off): the mean image embedding is classified by its
+    # cosine with the word embeddings of the colour and shape names ("red" and "红" alike), so that a yes/no
+    # question's probe word and the image it names start close, in both languages.
+    name_alignment: float = 0.0
     threads: int = 0  # torch threads; 0 = torch's default
 
     def turn_mix(self) -> TurnMix:
@@ -91,6 +95,8 @@ class TrainRecipe:
         for name in ("filler", "recase", "drop_word", "synonym", "dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"recipe field {name} is a share: 0..1, got {getattr(self, name)}")
+        if self.name_alignment < 0:
+            raise ValueError(f"recipe field name_alignment must be at least 0, got {self.name_alignment}")
         for name in ("learning_rate", "vision_learning_rate", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"recipe field {name} must be positive, got {getattr(self, name)}")

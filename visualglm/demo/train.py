@@ -40,6 +40,7 @@ from visualglm.demo.dialogue import (
     sample_conversation,
 )
 from visualglm.demo.recipe import IMAGE_SIZE, TrainRecipe, demo_config, train_tokenizer
+from visualglm.demo.translate import COLORS, SHAPES
 from visualglm.finetune.plot import plot_losses
 from visualglm.generation.chat import build_prompt_ids
 from visualglm.image import CLIP_MEAN, CLIP_STD
@@ -205,8 +206,47 @@ def image_labels(facts: list[ImageFacts]) -> torch.Tensor:
     return torch.tensor([[COLOR_NAMES.index(f.color), SHAPE_NAMES.index(f.shape)] for f in facts])
 
 
+def name_piece_ids(tokenizer: ChatGLMTokenizer) -> list[list[torch.Tensor]]:
+    """The piece that names each colour and each shape inside a sentence, per language:
+    ``[[colour ids EN [8], colour ids ZH [8]], [shape ids EN [3], shape ids ZH [3]]]`` in
+    ``COLOR_NAMES`` / ``SHAPE_NAMES`` order ("▁red", "红" of "红色": a name's first piece that no other name of
+    its kind has, so the shared "色" / "形" is never chosen)."""
+    kinds = []
+    for names, chinese in ((COLOR_NAMES, COLORS), (SHAPE_NAMES, SHAPES)):
+        per_language = []
+        for prefix, words in (("a ", list(names)), ("有", [chinese[name] for name in names])):
+            pieces = [tokenizer.encode(prefix + word, add_special_tokens=False)[1:] for word in words]
+            chosen = []
+            for i, own in enumerate(pieces):
+                others = {p for j, other in enumerate(pieces) if j != i for p in other}
+                unique = [p for p in own if p not in others]
+                if not unique:
+                    raise ValueError(f"the vocabulary has no piece of its own for {words[i]!r}")
+                chosen.append(unique[0])
+            per_language.append(torch.tensor(chosen))
+        kinds.append(per_language)
+    return kinds
+
+
+def name_alignment_loss(image_embeds: torch.Tensor, word_embeddings: torch.Tensor,
+                        names: list[list[torch.Tensor]], labels: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
+    """Cross entropy of naming each image's colour and shape by the cosine of its mean image embedding with
+    the names' word embeddings, summed over the two kinds and the two languages. ``image_embeds``
+    ``[B, image_length, hidden]``, ``word_embeddings`` ``[vocab, hidden]``, ``names`` from
+    :func:`name_piece_ids`, ``labels`` ``[B, 2]``. Cosines (times ``scale``), so the names' embeddings keep
+    the scale of the other words' while they turn towards the images they name."""
+    features = F.normalize(image_embeds.mean(dim=1), dim=-1)
+    loss = torch.zeros(())
+    for kind, per_language in enumerate(names):
+        for ids in per_language:
+            logits = scale * features @ F.normalize(word_embeddings[ids], dim=-1).T
+            loss = loss + F.cross_entropy(logits, labels[:, kind])
+    return loss
+
+
 def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
-                    recipe: TrainRecipe, rng: random.Random, bar=None, log=print) -> list[float]:
+                    recipe: TrainRecipe, rng: random.Random, bar=None, log=print,
+                    names: list[list[torch.Tensor]] | None = None) -> list[float]:
     """Stage 1: train the image encoder (``model.image_encoder``: vision tower, Q-Former, projection) to tell
     colours and shapes apart, through temporary linear heads (dropped afterwards) over the mean-pooled
     tower tokens and over the mean of the image embeddings the language model will read. ``labels`` ``[N, 2]``.
@@ -214,6 +254,8 @@ def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: to
     The tower's head is v1's stage 1 (the role of a pretrained EVA-CLIP). The head on the Q-Former's output
     is BLIP-2's first stage in miniature: without it the image embeddings carried shape but not colour to the
     language model after 800 stage-2 steps (colour answers at chance), with it both from the start.
+    With ``recipe.name_alignment`` the names' word embeddings (``names``) learn too, through
+    :func:`name_alignment_loss`.
     """
     encoder = model.image_encoder
     generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -225,7 +267,12 @@ def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: to
             head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / head.in_features**0.5)
             head.bias.zero_()
     params = list(encoder.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.vision_learning_rate, weight_decay=recipe.weight_decay)
+    groups = [{"params": params, "weight_decay": recipe.weight_decay}]
+    align = recipe.name_alignment > 0 and names is not None
+    word_embeddings = model.transformer.word_embeddings.weight
+    if align:  # only the names' rows get a gradient; no decay, so the other rows stay as initialised
+        groups.append({"params": [word_embeddings], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=recipe.vision_learning_rate)
     colors = len(COLOR_NAMES)
     losses = []
     for step in range(recipe.vision_steps):
@@ -238,9 +285,11 @@ def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: to
             logits = head(features.mean(dim=1))
             loss = loss + (F.cross_entropy(logits[:, :colors], labels[rows, 0])
                            + F.cross_entropy(logits[:, colors:], labels[rows, 1]))
+        if align:
+            loss = loss + recipe.name_alignment * name_alignment_loss(embeds, word_embeddings, names, labels[rows])
         for group in optimizer.param_groups:
             group["lr"] = recipe.vision_learning_rate * min(1.0, (step + 1) / recipe.warmup_steps)
-        _step(optimizer, loss, params, recipe.grad_clip, losses)
+        _step(optimizer, loss, params + ([word_embeddings] if align else []), recipe.grad_clip, losses)
         _report(bar, log, losses, step, recipe.vision_steps, "vision step")
     return losses
 
@@ -272,8 +321,10 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
     pixels, boxes = load_pixels(facts)
     timings["data_and_vocabulary"] = time.perf_counter() - started
     bar = _progress(recipe.vision_steps + recipe.steps, progress)
-    vision_losses = pretrain_vision(model, pixels, boxes, image_labels(facts), recipe, rng, bar,
-                                    log) if recipe.vision_steps else []
+    labels = image_labels(facts)
+    names = name_piece_ids(tokenizer) if recipe.name_alignment else None
+    vision_losses = pretrain_vision(model, pixels, boxes, labels, recipe, rng, bar, log,
+                                    names) if recipe.vision_steps else []
     timings["stage_1_vision"] = time.perf_counter() - started - sum(timings.values())
     if recipe.freeze_vision:
         # As BLIP-2 and VisualGLM-6B keep their image encoder frozen. Left trainable, stage 2's early,
@@ -314,8 +365,12 @@ def train(out_dir: str | Path, recipe: TrainRecipe | None = None, *, progress: b
         images = augment(pixels[rows], boxes[rows], rng, recipe.max_shift)
         for group in optimizer.param_groups:
             group["lr"] = 0.0 if group["held"] and step < recipe.qformer_hold_steps else lr_at(step, recipe)
-        loss = step_loss(model, batch, model.image_encoder(images), config.pad_token_id, recipe.length_buckets,
+        image_embeds = model.image_encoder(images)
+        loss = step_loss(model, batch, image_embeds, config.pad_token_id, recipe.length_buckets,
                          recipe.chunk_overhead_tokens)
+        if names is not None:
+            loss = loss + recipe.name_alignment * name_alignment_loss(
+                image_embeds, model.transformer.word_embeddings.weight, names, labels[rows])
         _step(optimizer, loss, [p for _, p in trainable], recipe.grad_clip, losses)
         _report(bar, log, losses, step, recipe.steps, "step")
     for hook in dropout_hooks:
