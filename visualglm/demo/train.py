@@ -211,21 +211,21 @@ def name_piece_ids(tokenizer: ChatGLMTokenizer) -> list[list[torch.Tensor]]:
     ``[[colour ids EN [8], colour ids ZH [8]], [shape ids EN [3], shape ids ZH [3]]]`` in
     ``COLOR_NAMES`` / ``SHAPE_NAMES`` order ("▁red", "红" of "红色": a name's first piece that no other name of
     its kind has, so the shared "色" / "形" is never chosen)."""
-    kinds = []
-    for names, chinese in ((COLOR_NAMES, COLORS), (SHAPE_NAMES, SHAPES)):
-        per_language = []
-        for prefix, words in (("a ", list(names)), ("有", [chinese[name] for name in names])):
-            pieces = [tokenizer.encode(prefix + word, add_special_tokens=False)[1:] for word in words]
-            chosen = []
-            for i, own in enumerate(pieces):
-                others = {p for j, other in enumerate(pieces) if j != i for p in other}
-                unique = [p for p in own if p not in others]
-                if not unique:
-                    raise ValueError(f"the vocabulary has no piece of its own for {words[i]!r}")
-                chosen.append(unique[0])
-            per_language.append(torch.tensor(chosen))
-        kinds.append(per_language)
-    return kinds
+    return [[_own_pieces(tokenizer, "a ", list(names)), _own_pieces(tokenizer, "有", [chinese[n] for n in names])]
+            for names, chinese in ((COLOR_NAMES, COLORS), (SHAPE_NAMES, SHAPES))]
+
+
+def _own_pieces(tokenizer: ChatGLMTokenizer, prefix: str, words: list[str]) -> torch.Tensor:
+    """``[len(words)]``: each word's first piece, as spelt after ``prefix``, that none of the other words has."""
+    pieces = [tokenizer.encode(prefix + word, add_special_tokens=False)[1:] for word in words]
+    chosen = []
+    for i, own in enumerate(pieces):
+        others = {p for j, other in enumerate(pieces) if j != i for p in other}
+        unique = [p for p in own if p not in others]
+        if not unique:
+            raise ValueError(f"the vocabulary has no piece of its own for {words[i]!r}")
+        chosen.append(unique[0])
+    return torch.tensor(chosen)
 
 
 def name_alignment_loss(image_embeds: torch.Tensor, word_embeddings: torch.Tensor,
@@ -254,8 +254,8 @@ def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: to
     The tower's head is v1's stage 1 (the role of a pretrained EVA-CLIP). The head on the Q-Former's output
     is BLIP-2's first stage in miniature: without it the image embeddings carried shape but not colour to the
     language model after 800 stage-2 steps (colour answers at chance), with it both from the start.
-    With ``recipe.name_alignment`` the names' word embeddings (``names``) learn too, through
-    :func:`name_alignment_loss`.
+    Given ``names`` (:func:`name_piece_ids`, when ``recipe.name_alignment`` is on) the names' word embeddings
+    learn too, through :func:`name_alignment_loss`.
     """
     encoder = model.image_encoder
     generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -268,11 +268,11 @@ def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: to
             head.bias.zero_()
     params = list(encoder.parameters()) + list(heads.parameters())
     groups = [{"params": params, "weight_decay": recipe.weight_decay}]
-    align = recipe.name_alignment > 0 and names is not None
     word_embeddings = model.transformer.word_embeddings.weight
-    if align:  # only the names' rows get a gradient; no decay, so the other rows stay as initialised
+    if names is not None:  # only the names' rows get a gradient; no decay, so the other rows stay as initialised
         groups.append({"params": [word_embeddings], "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=recipe.vision_learning_rate)
+    clipped = [p for group in groups for p in group["params"]]
     colors = len(COLOR_NAMES)
     losses = []
     for step in range(recipe.vision_steps):
@@ -285,11 +285,11 @@ def pretrain_vision(model, pixels: torch.Tensor, boxes: torch.Tensor, labels: to
             logits = head(features.mean(dim=1))
             loss = loss + (F.cross_entropy(logits[:, :colors], labels[rows, 0])
                            + F.cross_entropy(logits[:, colors:], labels[rows, 1]))
-        if align:
+        if names is not None:
             loss = loss + recipe.name_alignment * name_alignment_loss(embeds, word_embeddings, names, labels[rows])
         for group in optimizer.param_groups:
             group["lr"] = recipe.vision_learning_rate * min(1.0, (step + 1) / recipe.warmup_steps)
-        _step(optimizer, loss, params + ([word_embeddings] if align else []), recipe.grad_clip, losses)
+        _step(optimizer, loss, clipped, recipe.grad_clip, losses)
         _report(bar, log, losses, step, recipe.vision_steps, "vision step")
     return losses
 
